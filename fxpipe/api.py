@@ -1,0 +1,294 @@
+"""The user-facing entry points: `fxpipe.compile`, `fxpipe.plan` and `CompiledModel`.
+
+Example:
+    >>> cm = fxpipe.compile(model, devices=["cpu", "cpu"], example_inputs=(x,), microbatches=4)  # doctest: +SKIP
+    >>> y = cm(x)                                                                                 # doctest: +SKIP
+    >>> loss = cm.step(x, target=t, loss_fn=torch.nn.functional.cross_entropy)                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from fxpipe.compiler.capture import Captured
+from fxpipe.compiler.cluster import Cluster, Device
+from fxpipe.compiler.pipeline import Compilation, build_plan, microbatch_sizes, normalize_inputs
+from fxpipe.compiler.plan import Plan
+from fxpipe.errors import PlanError, RuntimeMismatchError
+from fxpipe.passes.emit_schedule import emit_schedule
+from fxpipe.passes.split_stages import StageGraph, build_stage_module, resolve_attr, split_stages
+from fxpipe.runtime.local import LocalRuntime, StageRunner, _StepState
+from fxpipe.runtime.program import compile_program
+
+__all__ = ["compile", "plan", "CompiledModel"]
+
+
+def plan(model: nn.Module, devices: Sequence[str | Device] | Cluster, example_inputs: Any = None, *,
+         example_kwargs: dict | None = None, microbatches: int = 4, schedule: str = "1f1b", train: bool = True,
+         optimizer: str = "adam", capture_method: str = "auto", leaf_modules: tuple[type, ...] = (),
+         progress: bool = False) -> Plan:
+    """Plan `model` for `devices` offline: decides stages, placement and schedule, runs nothing.
+
+    Works for models on the meta device (no memory is allocated for parameters).
+
+    Example:
+        >>> p = fxpipe.plan(model, ["cpu"] * 3, example_inputs=(x,))   # doctest: +SKIP
+        >>> print(p.summary())                                        # doctest: +SKIP
+    """
+    return build_plan(model, devices, example_inputs, example_kwargs, microbatches=microbatches, schedule=schedule,
+                      train=train, optimizer=optimizer, capture_method=capture_method, leaf_modules=leaf_modules,
+                      progress=progress).plan
+
+
+def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None = None, example_inputs: Any = None, *,
+            example_kwargs: dict | None = None, microbatches: int = 4, schedule: str = "1f1b",
+            optimizer: str = "adam", plan: Plan | str | None = None, capture_method: str = "auto",
+            leaf_modules: tuple[type, ...] = (), timeout: float = 300.0, progress: bool = False) -> "CompiledModel":
+    """Compile `model` into a pipeline over `devices`.
+
+    Args:
+        model: any nn.Module; its parameters are moved to the devices of the stages using them.
+        devices: e.g. ["cpu", "cpu"] or ["cuda:0", "cuda:1"], or a Cluster.
+        example_inputs: a real call's arguments (tensor, tuple or dict); dim 0 is the batch.
+        microbatches: m, the number of microbatches a batch is split into.
+        schedule: "1f1b" or "gpipe".
+        optimizer: optimizer kind for the memory model ("adam", "sgd", "sgd-momentum").
+        plan: a Plan (or a plan file path) to use instead of planning; it must be for this model.
+        timeout: seconds a worker waits for a message before failing.
+
+    Returns:
+        A CompiledModel: call it for inference, `.step(...)` for a training step.
+    """
+    if plan is not None and not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    if devices is None:
+        if plan is None:
+            raise PlanError("devices is required (e.g. devices=['cpu', 'cpu']) unless a plan is given")
+        devices = plan.cluster
+    if plan is not None:
+        microbatches, schedule, optimizer = plan.microbatches, plan.schedule.kind, plan.optimizer
+        devices = plan.cluster if devices is None else devices
+    comp = build_plan(model, devices, example_inputs, example_kwargs, microbatches=microbatches,
+                      schedule=schedule if schedule in ("gpipe", "1f1b") else "1f1b", train=True,
+                      optimizer=optimizer, capture_method=capture_method, leaf_modules=leaf_modules,
+                      progress=progress)
+    if plan is not None:
+        plan.require_fingerprint(comp.plan.fingerprint)
+        if len(plan.costs.unit_names) != len(comp.units):
+            raise PlanError(f"plan has {len(plan.costs.unit_names)} units but this model groups into {len(comp.units)}; "
+                            "re-plan it with this fxpipe version")
+        comp.plan = plan
+    return CompiledModel(model, comp, timeout=timeout)
+
+
+class CompiledModel:
+    """A model compiled into a pipeline. Trains with `step`, infers with `__call__`.
+
+    `parameters()` are the original model's parameters (moved to their stage's device), so any
+    torch.optim optimizer works; `state_dict()` has the original keys.
+    """
+
+    def __init__(self, model: nn.Module, comp: Compilation, timeout: float = 300.0):
+        self.model = model
+        self.plan: Plan = comp.plan
+        self._cap: Captured = comp.captured
+        p = self.plan
+        self.devices = [torch.device(d.name) if d.kind != "meta" else None for d in p.cluster.devices]
+        if any(d is None for d in self.devices):
+            raise PlanError("a plan for 'meta' devices can be inspected but not run; compile for real devices")
+        if any(t.is_meta for t in model.parameters()):
+            raise PlanError("the model's parameters are on the meta device: materialize them (e.g. load a state dict) "
+                            "before compiling, or use fxpipe.plan for offline planning")
+        self.stage_graphs: list[StageGraph] = split_stages(self._cap.gm, [s.units for s in p.stages])
+        self._replicas: list[tuple[torch.Tensor, torch.Tensor]] = []  # (canonical, replica)
+        runners = self._build_runners()
+        threads = [d.threads for d in p.cluster.devices]
+        self._rt = LocalRuntime(runners, threads, timeout=timeout)
+        names = [d.name for d in p.cluster.devices]
+        self._train_prog = [compile_program(p.schedule, d, names) for d in range(len(names))]
+        infer = emit_schedule("forward", p.num_stages, p.microbatches, stage_device=p.schedule.stage_device, train=False)
+        self._infer_sched = infer
+        self._infer_prog = [compile_program(infer, d, names) for d in range(len(names))]
+
+    # ---- construction ------------------------------------------------------------------
+    def _build_runners(self) -> list[StageRunner]:
+        owner: dict[int, int] = {}  # id(tensor) -> stage that owns the canonical copy
+        runners = []
+        for sg, sp in zip(self.stage_graphs, self.plan.stages):
+            dev = self.devices[sp.device]
+            objects: dict[str, Any] = {}
+            for target in sg.attrs + sg.modules:
+                obj = resolve_attr(self.model, self._cap.gm, target)
+                objects[target] = self._place(obj, sg.index, dev, owner)
+            module = build_stage_module(sg, objects)
+            positions = tuple(self._cap.input_names.index(n) for n in sg.model_inputs)
+            runners.append(StageRunner(sg.index, module, dev, sp.device, len(sg.recv), positions,
+                                       sg.index == len(self.stage_graphs) - 1))
+        return runners
+
+    def _place(self, obj: Any, stage: int, dev: torch.device, owner: dict[int, int]) -> Any:
+        """Move a parameter/buffer/module to its stage's device; a tensor a second stage
+        also uses becomes a replica there (tied weights), kept in sync by the runtime."""
+        if isinstance(obj, nn.Module):
+            tensors = list(obj.parameters()) + list(obj.buffers())
+            if all(owner.setdefault(id(t), stage) == stage for t in tensors):
+                return obj.to(dev)
+            import copy
+
+            rep = copy.deepcopy(obj).to(dev)
+            for a, b in zip(tensors, list(rep.parameters()) + list(rep.buffers())):
+                self._replicas.append((a, b))
+            return rep
+        if not isinstance(obj, torch.Tensor):
+            return obj
+        if owner.setdefault(id(obj), stage) == stage:
+            if obj.device != dev:
+                obj.data = obj.data.to(dev)
+            return obj
+        rep = obj.detach().to(dev, copy=True)
+        if isinstance(obj, nn.Parameter):
+            rep = nn.Parameter(rep, requires_grad=obj.requires_grad)
+        self._replicas.append((obj, rep))
+        return rep
+
+    # ---- running -----------------------------------------------------------------------
+    def _split(self, args: tuple, kwargs: dict) -> tuple[list[list[torch.Tensor]], list[int], int]:
+        flat = self._cap.flat_inputs(args, kwargs)
+        batch = {t.shape[0] for t in flat if t.dim() > 0}
+        if len(batch) != 1:
+            raise RuntimeMismatchError(f"input tensors disagree on the batch size (dim 0): {sorted(batch)}")
+        b = batch.pop()
+        for name, t, ref in zip(self._cap.input_names, flat, self._ref_inputs()):
+            if ref is not None and (t.dtype != ref.dtype or tuple(t.shape[1:]) != tuple(ref.shape[1:])):
+                raise RuntimeMismatchError(
+                    f"input {name!r} has shape {tuple(t.shape)} and dtype {t.dtype}, but the plan was made for "
+                    f"(batch, {', '.join(map(str, ref.shape[1:]))}) of {ref.dtype}; only the batch size may change: recompile for new shapes")
+        sizes = microbatch_sizes(b, self.plan.microbatches)
+        chunks = [torch.tensor_split(t, self.plan.microbatches) if t.dim() else [t] * self.plan.microbatches for t in flat]
+        per_mb = [[c[i] for c in chunks] for i in range(self.plan.microbatches)]
+        return per_mb, sizes, b
+
+    def _ref_inputs(self) -> list[torch.Tensor | None]:
+        vals = {n.target: n.meta.get("fxpipe.val") for n in self._cap.gm.graph.nodes if n.op == "placeholder"}
+        return [vals.get(n) for n in self._cap.input_names]
+
+    def _sync_replicas(self) -> None:
+        with torch.no_grad():
+            for canon, rep in self._replicas:
+                rep.copy_(canon.to(rep.device))
+
+    def _reduce_replica_grads(self) -> None:
+        with torch.no_grad():
+            for canon, rep in self._replicas:
+                if rep.grad is None:
+                    continue
+                g = rep.grad.to(canon.device)
+                canon.grad = g.clone() if canon.grad is None else canon.grad.add_(g)
+                rep.grad = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Pipelined inference: equals `model(*args, **kwargs)` (outputs concatenated over microbatches)."""
+        per_mb, sizes, _ = self._split(args, kwargs)
+        self._sync_replicas()
+        state = _StepState(inputs=per_mb, train=False)
+        self._rt.run([f for _, f in self._infer_prog], state)
+        flat = []
+        for k in range(len(state.results[0])):
+            vals = [state.results[mb][k] for mb in range(len(per_mb))]
+            flat.append(_concat(vals, sizes))
+        return _unflatten(self._cap.out_spec, flat)
+
+    def step(self, *args: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor], **kwargs: Any) -> torch.Tensor:
+        """One pipelined forward+backward; gradients accumulate into `.grad` as in eager.
+
+        `loss_fn(output, target)` sees the model's own output structure for one microbatch
+        and must return a scalar mean over that microbatch's samples; fxpipe weights each
+        microbatch by its share of the batch, so the gradients equal those of
+        `loss_fn(model(x), target).backward()` on the whole batch. Returns that loss (detached).
+        """
+        per_mb, sizes, b = self._split(args, kwargs)
+        targets = _split_target(target, self.plan.microbatches, b)
+        self._sync_replicas()
+        state = _StepState(inputs=per_mb, train=True, targets=targets, loss_fn=loss_fn,
+                           scales=[s / b for s in sizes], out_unflatten=lambda flat: _unflatten(self._cap.out_spec, flat))
+        self._rt.run([f for _, f in self._train_prog], state)
+        self._reduce_replica_grads()
+        last = self.devices[self.plan.stages[-1].device]
+        return sum(l.detach().to(last) for l in state.losses.values())
+
+    # ---- the nn.Module-like surface ----------------------------------------------------
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.model.parameters()
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return self.model.named_parameters()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor], strict: bool = True) -> Any:
+        res = self.model.load_state_dict(sd, strict=strict)
+        self._sync_replicas()
+        return res
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.model.zero_grad(set_to_none=set_to_none)
+
+    def code(self, device: int, train: bool = True) -> str:
+        """The generated program device `device` runs (training step, or inference)."""
+        progs = self._train_prog if train else self._infer_prog
+        if not 0 <= device < len(progs):
+            raise PlanError(f"device {device} does not exist; this plan has devices 0..{len(progs) - 1}")
+        return progs[device][0]
+
+    def stage_code(self, stage: int) -> str:
+        """The fx-generated forward of one stage."""
+        return self.stage_graphs[stage].code()
+
+    @property
+    def schedule(self):
+        return self.plan.schedule
+
+    def __repr__(self) -> str:
+        return f"CompiledModel({type(self.model).__name__}, {self.plan.num_stages} stages, {self.plan.microbatches} microbatches)"
+
+
+def _concat(vals: list[Any], sizes: list[int]) -> Any:
+    v0 = vals[0]
+    if isinstance(v0, torch.Tensor):
+        if v0.dim() > 0 and all(v.shape[0] == s for v, s in zip(vals, sizes)):
+            return torch.cat([v.to(v0.device) for v in vals], 0)
+        if len(vals) == 1:
+            return v0
+        raise RuntimeMismatchError(
+            f"an output of shape {tuple(v0.shape)} has no batch dimension, so microbatch results cannot be "
+            "concatenated; return per-sample outputs (batch first) from the model")
+    return v0  # constants are the same for every microbatch
+
+
+def _unflatten(spec: pytree.TreeSpec, flat: list) -> Any:
+    out = pytree.tree_unflatten(flat, spec)
+    # fx hands out immutable containers; users expect the ordinary ones
+    from torch.fx.immutable_collections import immutable_dict, immutable_list
+
+    if isinstance(out, immutable_dict):
+        return dict(out)
+    if isinstance(out, immutable_list):
+        return list(out)
+    return out
+
+
+def _split_target(target: Any, m: int, batch: int) -> list[Any]:
+    leaves, spec = pytree.tree_flatten(target)
+    parts = []
+    for t in leaves:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != batch:
+            raise RuntimeMismatchError(
+                f"target must be a tensor (or a structure of tensors) with the batch ({batch}) as dim 0, "
+                f"got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        parts.append(torch.tensor_split(t, m))
+    return [pytree.tree_unflatten([p[i] for p in parts], spec) for i in range(m)]

@@ -1,0 +1,315 @@
+"""Capture: an `nn.Module` and example inputs -> one flat fx graph.
+
+torch.fx `symbolic_trace` is tried first; when it cannot trace (data-dependent control flow,
+decorated forwards as in `transformers` 5.x) `torch.export` (non-strict, batch dimension
+dynamic) takes over, whose graph is fx too. Either way the result is normalised to the same
+shape so later passes never ask which path was used:
+
+* placeholders are the model's tensor inputs, in signature order (`Captured.input_names`);
+  non-tensor arguments are baked in as constants (`Captured.constants`);
+* the output node returns a flat tuple; `Captured.out_spec` rebuilds the user's structure
+  (tensor, tuple, dict, HF ModelOutput);
+* parameters and buffers are `get_attr` nodes whose targets are the original state_dict keys.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch import nn
+
+from fxpipe.errors import TraceError
+
+__all__ = ["Captured", "capture", "bind_inputs"]
+
+
+@dataclass
+class Captured:
+    """A model captured as a flat fx graph (see module docstring for the conventions)."""
+
+    gm: fx.GraphModule
+    path: str  # "fx" or "export"
+    input_names: tuple[str, ...]
+    constants: dict[str, Any]
+    out_spec: pytree.TreeSpec
+    signature: inspect.Signature
+    batch_size: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def flat_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        """The tensors to feed the graph, from a call like the user's `model(*args, **kwargs)`."""
+        bound = bind_inputs(self.signature, args, kwargs)
+        from fxpipe.errors import RuntimeMismatchError
+
+        missing = [n for n in self.input_names if n not in bound]
+        if missing:
+            raise RuntimeMismatchError(
+                f"the model was compiled with tensor inputs {list(self.input_names)} but this call "
+                f"does not give {missing}; call it with the same arguments as example_inputs")
+        for name, value in bound.items():
+            if name in self.constants and not _same_constant(value, self.constants[name]):
+                raise RuntimeMismatchError(
+                    f"argument {name!r} was {self.constants[name]!r} when the model was compiled and is "
+                    f"{value!r} now; non-tensor arguments are baked into the graph: recompile to change it")
+            if name not in self.constants and name not in self.input_names and value is not None:
+                raise RuntimeMismatchError(
+                    f"argument {name!r} was not given when the model was compiled; recompile with it in example_inputs")
+        out = []
+        for n in self.input_names:
+            v = bound[n]
+            if not isinstance(v, torch.Tensor):
+                raise RuntimeMismatchError(f"argument {n!r} must be a tensor (it was one at compile time), got {type(v).__name__}")
+            out.append(v)
+        return out
+
+
+def _same_constant(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:
+        return a is b
+
+
+def bind_inputs(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Bind a call to the model's forward signature (defaults not applied)."""
+    try:
+        ba = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        from fxpipe.errors import RuntimeMismatchError
+
+        raise RuntimeMismatchError(f"inputs do not match the model's forward{sig}: {e}") from None
+    out = dict(ba.arguments)
+    for name, p in sig.parameters.items():
+        if p.kind == inspect.Parameter.VAR_KEYWORD and name in out:
+            out.update(out.pop(name))
+        elif p.kind == inspect.Parameter.VAR_POSITIONAL and name in out:
+            if out[name]:
+                from fxpipe.errors import RuntimeMismatchError
+
+                raise RuntimeMismatchError(f"forward(*{name}) with positional varargs is not supported; pass them by name")
+            out.pop(name)
+    return out
+
+
+def capture(
+    model: nn.Module,
+    example_args: tuple = (),
+    example_kwargs: dict | None = None,
+    *,
+    method: str = "auto",
+    leaf_modules: tuple[type, ...] = (),
+    check: bool = True,
+) -> Captured:
+    """Trace `model` into a flat fx graph; fx first, torch.export when fx cannot.
+
+    Args:
+        model: the module to capture (not modified).
+        example_args / example_kwargs: a real call; tensors' dim 0 is the batch.
+        method: "auto" (fx then export), "fx" or "export".
+        leaf_modules: module types fx keeps as single call_module nodes.
+        check: re-run the graph at a second batch size and compare with eager (skipped for
+            models on the meta device), so a silently specialised graph is caught here.
+
+    Example:
+        >>> cap = capture(torch.nn.Linear(4, 2), (torch.randn(3, 4),))
+        >>> cap.path, cap.input_names
+        ('fx', ('input',))
+    """
+    example_kwargs = dict(example_kwargs or {})
+    if method not in ("auto", "fx", "export"):
+        raise TraceError(f"capture method must be 'auto', 'fx' or 'export', got {method!r}")
+    sig = inspect.signature(model.forward)
+    bound = bind_inputs(sig, tuple(example_args), example_kwargs)
+    tensors = {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
+    constants = {k: v for k, v in bound.items() if not isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise TraceError("example_inputs contain no tensor: give at least one input tensor whose dim 0 is the batch")
+    batch = _batch_size(tensors)
+    on_meta = any(p.is_meta for p in model.parameters()) or any(t.is_meta for t in tensors.values())
+    errors: dict[str, BaseException] = {}
+    t0 = time.perf_counter()
+    # transformers caches are outputs no pipeline wants, and export cannot flatten them.
+    restore = _disable_hf_cache(model)
+    try:
+        for path in (("fx", "export") if method == "auto" else (method,)):
+            try:
+                if path == "fx":
+                    gm, out_spec = _trace_fx(model, tensors, constants, leaf_modules)
+                else:
+                    gm, out_spec = _trace_export(model, tensors, constants)
+            except Exception as e:  # any tracer failure is a reason to try the next path
+                errors[path] = e
+                continue
+            cap = Captured(gm, path, tuple(tensors), constants, out_spec, sig, batch,
+                           time.perf_counter() - t0)
+            if check and not on_meta:
+                problem = _check_second_size(model, cap, tensors, constants)
+                if problem:
+                    errors[path] = TraceError(problem)
+                    continue
+            if "fx" in errors:
+                cap.notes.append(f"fx symbolic_trace failed ({_first_line(errors['fx'])}); used torch.export")
+            return cap
+    finally:
+        restore()
+    raise TraceError(_explain(model, errors))
+
+
+# ---- fx ---------------------------------------------------------------------------------
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaves: tuple[type, ...]):
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
+
+
+def _trace_fx(model, tensors, constants, leaf_modules):
+    tracer = _LeafTracer(tuple(leaf_modules))
+    graph = tracer.trace(model, concrete_args=dict(constants) or None)
+    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    g = gm.graph
+    for node in list(g.nodes):
+        if node.op != "placeholder":
+            continue
+        name = node.target.lstrip("*")
+        base = name.rsplit("_", 1)[0] if name not in tensors and name not in constants else name
+        if name in tensors:
+            continue
+        value = constants.get(name, constants.get(base, node.args[0] if node.args else None))
+        node.replace_all_uses_with(value) if node.users else None
+        g.erase_node(node)
+    # placeholders in signature order
+    ph = {n.target: n for n in g.nodes if n.op == "placeholder"}
+    if set(ph) != set(tensors):
+        raise TraceError(f"fx placeholders {sorted(ph)} do not match the tensor inputs {sorted(tensors)}")
+    out_node = next(n for n in g.nodes if n.op == "output")
+    leaves, spec = pytree.tree_flatten(out_node.args[0])
+    out_node.args = (tuple(leaves),)
+    _reorder_placeholders(g, list(tensors))
+    g.lint()
+    gm.recompile()
+    return gm, spec
+
+
+# ---- torch.export ----------------------------------------------------------------------
+
+def _trace_export(model, tensors, constants):
+    from torch.export import Dim
+
+    kwargs = {**tensors, **constants}
+    dyn = {k: ({0: Dim.AUTO} if k in tensors and tensors[k].dim() > 0 else None) for k in kwargs}
+    ep = torch.export.export(model, (), kwargs, dynamic_shapes=dyn, strict=False)
+    gm = ep.module()
+    g = gm.graph
+    out_spec = gm._out_spec if hasattr(gm, "_out_spec") else g._codegen.pytree_info.out_spec
+    g._codegen = fx.graph.CodeGen()  # plain positional calling convention, flat outputs
+    for node in list(g.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            g.erase_node(node)  # input guards; we check inputs ourselves
+    for node in list(g.nodes):
+        if node.op == "placeholder" and node.target not in tensors:
+            node.replace_all_uses_with(constants.get(node.target)) if node.users else None
+            g.erase_node(node)
+    out_node = next(n for n in g.nodes if n.op == "output")
+    leaves = out_node.args[0]
+    out_node.args = (tuple(leaves) if isinstance(leaves, (list, tuple)) else (leaves,),)
+    _reorder_placeholders(g, list(tensors))
+    g.lint()
+    # A fresh GraphModule drops export's pytree calling hooks; it keeps only what g uses.
+    return fx.GraphModule(gm, g, type(model).__name__), out_spec
+
+
+def _reorder_placeholders(g: fx.Graph, order: list[str]) -> None:
+    ph = {n.target: n for n in g.nodes if n.op == "placeholder"}
+    anchor = None
+    for name in order:
+        node = ph[name]
+        if anchor is None:
+            next(iter(g.nodes)).prepend(node)
+        else:
+            anchor.append(node)
+        anchor = node
+
+
+# ---- checks and messages ----------------------------------------------------------------
+
+def _batch_size(tensors: dict[str, torch.Tensor]) -> int:
+    sizes = {k: t.shape[0] for k, t in tensors.items() if t.dim() > 0}
+    if not sizes:
+        raise TraceError("no input tensor has a batch dimension (dim 0); pipelining splits dim 0 into microbatches")
+    values = set(sizes.values())
+    if len(values) > 1:
+        raise TraceError(f"input tensors disagree on the batch size (dim 0): {sizes}; every tensor input must be batch-first")
+    return values.pop()
+
+
+def _check_second_size(model, cap: Captured, tensors, constants) -> str | None:
+    """Run the graph at batch 1 and compare with eager: catches shapes baked in at trace time."""
+    if cap.batch_size < 2:
+        return None
+    small = {k: v[:1] for k, v in tensors.items()}
+    try:
+        with torch.no_grad():
+            got = cap.gm(*small.values())
+            want = pytree.tree_leaves(model(**small, **constants))
+    except Exception as e:
+        return f"the {cap.path} graph fails at batch size 1 ({_first_line(e)}): shapes were specialised to the example batch"
+    want = [w for w in want if isinstance(w, torch.Tensor)]
+    got = [g for g in got if isinstance(g, torch.Tensor)]
+    if len(got) != len(want):
+        return f"the {cap.path} graph returns {len(got)} tensors where the model returns {len(want)}"
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a.shape != b.shape or not torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4):
+            return (f"the {cap.path} graph's output {i} differs from eager at batch size 1 (shape {tuple(a.shape)} vs "
+                    f"{tuple(b.shape)}): the trace specialised on the example batch")
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {s[0] if s else ''}"[:300]
+
+
+def _user_frame(e: BaseException) -> str:
+    """The deepest frame of the traceback that is not torch's own code: where the user's model is."""
+    frames = traceback.extract_tb(e.__traceback__)
+    user = [f for f in frames if "site-packages/torch" not in f.filename and "/fxpipe/" not in f.filename]
+    if not user:
+        return ""
+    f = user[-1]
+    return f"{f.filename}:{f.lineno} in {f.name}: {f.line}"
+
+
+def _explain(model: nn.Module, errors: dict[str, BaseException]) -> str:
+    lines = [f"could not capture {type(model).__name__} as a graph."]
+    for path, e in errors.items():
+        where = _user_frame(e)
+        lines.append(f"  {path}: {_first_line(e)}" + (f"\n      at {where}" if where else ""))
+    lines.append(
+        "What to try: make control flow independent of tensor values (use torch.where / torch.cond), "
+        "mark the offending submodule as a leaf (leaf_modules=(MyBlock,)) so fx does not look inside it, "
+        "pass non-tensor arguments as constants, or give an example batch of at least 2.")
+    return "\n".join(lines)
+
+
+def _disable_hf_cache(model: nn.Module) -> Callable[[], None]:
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "use_cache", False):
+        cfg.use_cache = False
+
+        def restore():
+            cfg.use_cache = True
+
+        return restore
+    return lambda: None

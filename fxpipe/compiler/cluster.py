@@ -1,0 +1,322 @@
+"""Devices, links and clusters: what the planner plans for.
+
+A `Cluster` is an ordered tuple of `Device`s and the `Link`s between them. Planning never
+needs the devices to exist: speeds and memory are numbers, taken from a calibration (CPU),
+from torch's device properties (CUDA) or from a JSON file.
+
+Example:
+    >>> c = Cluster.from_devices(["cpu", "cpu"])
+    >>> c.link(0, 1).bandwidth > 0
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from fxpipe.errors import PlanError
+
+__all__ = ["Device", "Link", "Cluster", "cpu_calibration", "CUDA_PRESETS"]
+
+GiB = 1024**3
+
+# Dense fp32 peak and memory bandwidth of common GPUs (spec sheets, non-tensor-core fp32
+# would be far lower; we take TF32 tensor-core rates since torch uses them for fp32 matmul
+# only when allowed, so the fp32 column is the conservative SIMT rate).
+CUDA_PRESETS: dict[str, dict[str, float]] = {
+    "h100": {"peak_flops": 67e12, "mem_bandwidth": 3.35e12, "memory": 80 * GiB},
+    "h200": {"peak_flops": 67e12, "mem_bandwidth": 4.8e12, "memory": 141 * GiB},
+    "a100": {"peak_flops": 19.5e12, "mem_bandwidth": 2.0e12, "memory": 80 * GiB},
+    "l4": {"peak_flops": 30e12, "mem_bandwidth": 0.3e12, "memory": 24 * GiB},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """One device a stage can run on.
+
+    Attributes:
+        name: torch device string ("cpu", "cuda:0") or a free label for planning only.
+        kind: "cpu", "cuda" or "meta" (planning only).
+        peak_flops: sustained FLOP/s for dense math.
+        mem_bandwidth: sustained bytes/s for memory-bound ops.
+        memory: usable bytes for this device's stages.
+        launch_overhead: seconds per op dispatched (Python + kernel launch).
+        threads: CPU intra-op threads this device's worker may use (CPU only).
+    """
+
+    name: str
+    kind: str
+    peak_flops: float
+    mem_bandwidth: float
+    memory: float
+    launch_overhead: float = 5e-6
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        for f in ("peak_flops", "mem_bandwidth", "memory"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise PlanError(f"device {self.name!r}: {f} must be a positive number, got {v!r}")
+        if self.launch_overhead < 0:
+            raise PlanError(f"device {self.name!r}: launch_overhead must be >= 0")
+        if self.kind not in ("cpu", "cuda", "meta"):
+            raise PlanError(f"device {self.name!r}: kind must be cpu, cuda or meta, got {self.kind!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """A directed connection between two devices of a cluster (by index)."""
+
+    src: int
+    dst: int
+    bandwidth: float  # bytes/s
+    latency: float = 0.0  # seconds per message
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.bandwidth, (int, float)) and self.bandwidth > 0 and math.isfinite(self.bandwidth)):
+            raise PlanError(f"link {self.src}->{self.dst}: bandwidth must be a positive number of bytes/s, got {self.bandwidth!r}")
+        if not (isinstance(self.latency, (int, float)) and self.latency >= 0):
+            raise PlanError(f"link {self.src}->{self.dst}: latency must be >= 0 seconds, got {self.latency!r}")
+
+    def transfer_time(self, nbytes: float) -> float:
+        return 0.0 if nbytes <= 0 else self.latency + nbytes / self.bandwidth
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Devices in pipeline order plus the links between them.
+
+    Links not listed default to `default_link` bandwidth/latency (same-kind CPU devices share
+    memory, so their default link is a memory copy).
+    """
+
+    devices: tuple[Device, ...]
+    links: tuple[Link, ...] = ()
+    _index: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.devices:
+            raise PlanError("a cluster needs at least one device; got an empty device list")
+        n = len(self.devices)
+        for l in self.links:
+            if not (0 <= l.src < n and 0 <= l.dst < n) or l.src == l.dst:
+                raise PlanError(f"link {l.src}->{l.dst} names a device outside 0..{n - 1} or itself")
+            self._index[(l.src, l.dst)] = l
+
+    def __len__(self) -> int:
+        return len(self.devices)
+
+    def link(self, i: int, j: int) -> Link:
+        """The link from device i to device j (a default one when not listed)."""
+        if (i, j) in self._index:
+            return self._index[(i, j)]
+        if (j, i) in self._index:
+            l = self._index[(j, i)]
+            return Link(i, j, l.bandwidth, l.latency)
+        return _default_link(self.devices[i], self.devices[j], i, j)
+
+    def subset(self, order: Sequence[int]) -> "Cluster":
+        """A cluster of the given devices in the given order, links re-indexed."""
+        pos = {d: k for k, d in enumerate(order)}
+        links = tuple(
+            Link(pos[l.src], pos[l.dst], l.bandwidth, l.latency)
+            for l in self.links
+            if l.src in pos and l.dst in pos
+        )
+        return Cluster(tuple(self.devices[d] for d in order), links)
+
+    # ---- construction -------------------------------------------------------------------
+    @staticmethod
+    def from_devices(devices: Sequence[str | Device], *, memory: float | None = None) -> "Cluster":
+        """Build a cluster from torch device strings (or Device values).
+
+        Several "cpu" entries are distinct workers sharing the machine's cores and memory:
+        each gets cores // n intra-op threads and memory / n.
+
+        Example:
+            >>> Cluster.from_devices(["cpu"] * 3).devices[2].name
+            'cpu'
+        """
+        if isinstance(devices, (str, Device)):
+            devices = [devices]
+        devices = list(devices)
+        if not devices:
+            raise PlanError("devices is empty: pass at least one device, e.g. devices=['cpu', 'cpu']")
+        n_cpu = sum(1 for d in devices if isinstance(d, str) and _kind(d) == "cpu")
+        out: list[Device] = []
+        for d in devices:
+            if isinstance(d, Device):
+                out.append(d)
+            elif isinstance(d, str):
+                out.append(_device_from_string(d, n_cpu, memory))
+            else:
+                raise PlanError(f"device {d!r} is neither a string like 'cpu'/'cuda:0' nor a fxpipe.Device")
+        return Cluster(tuple(out))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "devices": [asdict(d) for d in self.devices],
+            "links": [asdict(l) for l in self.links],
+        }
+
+    @staticmethod
+    def from_dict(data: Any, where: str = "cluster") -> "Cluster":
+        """Validate and build a cluster from its JSON form; PlanError names the bad field."""
+        if not isinstance(data, dict) or "devices" not in data:
+            raise PlanError(f"{where}: expected an object with a 'devices' list (and optional 'links')")
+        if not isinstance(data["devices"], list) or not data["devices"]:
+            raise PlanError(f"{where}: 'devices' must be a non-empty list")
+        devs = []
+        required = ("name", "kind", "peak_flops", "mem_bandwidth", "memory")
+        for k, d in enumerate(data["devices"]):
+            if not isinstance(d, dict):
+                raise PlanError(f"{where}: devices[{k}] must be an object")
+            missing = [f for f in required if f not in d]
+            if missing:
+                raise PlanError(f"{where}: devices[{k}] is missing {', '.join(missing)} (required: {', '.join(required)})")
+            extra = set(d) - set(Device.__dataclass_fields__)
+            if extra:
+                raise PlanError(f"{where}: devices[{k}] has unknown fields {sorted(extra)}")
+            devs.append(Device(**d))
+        links = []
+        for k, l in enumerate(data.get("links", [])):
+            if not isinstance(l, dict):
+                raise PlanError(f"{where}: links[{k}] must be an object")
+            missing = [f for f in ("src", "dst", "bandwidth") if f not in l]
+            if missing:
+                raise PlanError(f"{where}: links[{k}] is missing {', '.join(missing)}")
+            links.append(Link(int(l["src"]), int(l["dst"]), float(l["bandwidth"]), float(l.get("latency", 0.0))))
+        return Cluster(tuple(devs), tuple(links))
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> "Cluster":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise PlanError(f"cluster file {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise PlanError(f"cluster file {path} is not valid JSON: {e}") from None
+        return Cluster.from_dict(data, where=str(path))
+
+
+def _kind(name: str) -> str:
+    return name.split(":")[0]
+
+
+def _device_from_string(name: str, n_cpu: int, memory: float | None) -> Device:
+    import torch
+
+    kind = _kind(name)
+    if kind == "cpu":
+        cal = cpu_calibration()
+        threads = max(1, (os.cpu_count() or 1) // max(1, n_cpu))
+        mem = memory if memory is not None else _host_memory() / max(1, n_cpu)
+        return Device(name, "cpu", cal["flops_per_thread"] * threads, cal["copy_bandwidth"],
+                      mem, cal["launch_overhead"], threads)
+    if kind == "cuda":
+        try:
+            idx = torch.device(name).index or 0
+        except RuntimeError:
+            raise PlanError(f"device {name!r} is not a valid torch device string") from None
+        if not torch.cuda.is_available():
+            raise PlanError(f"device {name!r} was asked for but CUDA is not available on this machine; "
+                            "use 'cpu' devices, or plan offline with a cluster file / Cluster.preset")
+        if idx >= torch.cuda.device_count():
+            raise PlanError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        props = torch.cuda.get_device_properties(idx)
+        preset = next((v for k, v in CUDA_PRESETS.items() if k in props.name.lower()), CUDA_PRESETS["a100"])
+        mem = memory if memory is not None else props.total_memory * 0.9
+        return Device(f"cuda:{idx}", "cuda", preset["peak_flops"], preset["mem_bandwidth"], mem, 8e-6, 1)
+    if kind == "meta":
+        return Device(name, "meta", 1e12, 1e11, memory or 16 * GiB, 5e-6, 1)
+    raise PlanError(f"unknown device {name!r}: use 'cpu', 'cuda', 'cuda:N', or a fxpipe.Device")
+
+
+def _default_link(a: Device, b: Device, i: int, j: int) -> Link:
+    if a.kind == "cpu" and b.kind == "cpu":
+        # Same process, same memory: a "transfer" hands over a reference; price a copy anyway
+        # so the planner still prefers small boundaries.
+        return Link(i, j, min(a.mem_bandwidth, b.mem_bandwidth) * 4, 2e-6)
+    if a.kind == "cuda" and b.kind == "cuda":
+        return Link(i, j, 50e9, 10e-6)  # conservative PCIe/NVLink-agnostic default
+    return Link(i, j, 12e9, 15e-6)  # host <-> device over PCIe
+
+
+def _host_memory() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8
+    except (ValueError, OSError, AttributeError):
+        return 8 * GiB
+
+
+_CAL_CACHE: dict[str, float] | None = None
+
+
+def cpu_calibration() -> dict[str, float]:
+    """Measure (once, then cache on disk) one CPU thread's matmul FLOP/s and copy bandwidth.
+
+    The cache lives in $FXPIPE_CACHE_DIR (default ~/.cache/fxpipe) keyed by torch version and
+    core count; delete it to re-measure.
+    """
+    global _CAL_CACHE
+    if _CAL_CACHE is not None:
+        return _CAL_CACHE
+    import torch
+
+    cache_dir = Path(os.environ.get("FXPIPE_CACHE_DIR", Path.home() / ".cache" / "fxpipe"))
+    key = f"cpu-{torch.__version__}-{os.cpu_count()}"
+    path = cache_dir / "calibration.json"
+    try:
+        data = json.loads(path.read_text())
+        if key in data:
+            _CAL_CACHE = data[key]
+            return _CAL_CACHE
+    except (OSError, ValueError):
+        data = {}
+    _CAL_CACHE = _measure_cpu()
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        data[key] = _CAL_CACHE
+        path.write_text(json.dumps(data, indent=1))
+    except OSError:
+        pass  # a read-only home only costs a re-measure next time
+    return _CAL_CACHE
+
+
+def _measure_cpu() -> dict[str, float]:
+    import time
+
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(384, 384)
+        b = torch.randn(384, 384)
+        for _ in range(2):
+            a @ b
+        reps, t0 = 6, time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        flops = 2 * 384**3 * reps / (time.perf_counter() - t0)
+        src = torch.randn(4 * 1024 * 1024)  # 16 MiB
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        reps, t0 = 5, time.perf_counter()
+        for _ in range(reps):
+            dst.copy_(src)
+        bw = 2 * src.numel() * 4 * reps / (time.perf_counter() - t0)
+        x = torch.randn(8)
+        reps, t0 = 200, time.perf_counter()
+        for _ in range(reps):
+            torch.add(x, x)
+        launch = (time.perf_counter() - t0) / reps
+    finally:
+        torch.set_num_threads(prev)
+    return {"flops_per_thread": flops, "copy_bandwidth": bw, "launch_overhead": launch}

@@ -1,0 +1,220 @@
+"""The compiler pipeline: the one place that lists the passes in order.
+
+Reading `build_plan` top to bottom tells the whole compiler: capture, shapes, units, costs,
+partition, schedule, simulate, plan. `FXPIPE_DUMP=dir` writes each step's text form.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from fxpipe.compiler.capture import Captured, capture
+from fxpipe.compiler.cluster import Cluster, Device
+from fxpipe.compiler.plan import OPTIMIZER_STATE_FACTOR, Plan, StagePlan, graph_fingerprint
+from fxpipe.errors import PlanError
+from fxpipe.passes.annotate_costs import CostTable, annotate_costs, device_unit_times
+from fxpipe.passes.emit_schedule import Schedule, emit_schedule, peak_inflight, validate_schedule
+from fxpipe.passes.group_units import Units, group_units
+from fxpipe.passes.partition_stages import (Partition, PartitionProblem, params_partition, partition_stages,
+                                            uniform_partition)
+from fxpipe.passes.propagate_shapes import propagate_shapes
+from fxpipe.passes.simulate_schedule import simulate_schedule
+
+__all__ = ["build_plan", "Compilation", "normalize_inputs", "microbatch_sizes", "SCHEDULES"]
+
+SCHEDULES = ("gpipe", "1f1b")
+
+
+@dataclass
+class Compilation:
+    """What planning produced: the plan plus the graph it was made from (not saved)."""
+
+    plan: Plan
+    captured: Captured
+    units: Units
+
+
+def normalize_inputs(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
+    """Accept a tensor, a tuple of args, or a dict of kwargs as example inputs."""
+    kwargs = dict(example_kwargs or {})
+    if example_inputs is None:
+        args: tuple = ()
+    elif isinstance(example_inputs, torch.Tensor):
+        args = (example_inputs,)
+    elif isinstance(example_inputs, dict):
+        args, kwargs = (), {**example_inputs, **kwargs}
+    elif isinstance(example_inputs, (list, tuple)):
+        args = tuple(example_inputs)
+    else:
+        raise PlanError(f"example_inputs must be a tensor, a tuple of arguments or a dict of keyword arguments, "
+                        f"got {type(example_inputs).__name__}")
+    if not args and not kwargs:
+        raise PlanError("example_inputs are required: pass a real batch, e.g. example_inputs=(x,)")
+    return args, kwargs
+
+
+def microbatch_sizes(batch: int, m: int) -> list[int]:
+    """Sizes of m microbatches of a batch (torch.tensor_split's: the first ones one larger)."""
+    if m > batch:
+        raise PlanError(f"{m} microbatches asked for a batch of {batch} samples: each microbatch needs at least "
+                        f"one sample; use microbatches <= {batch} or a larger batch")
+    return [batch // m + (1 if i < batch % m else 0) for i in range(m)]
+
+
+class _Progress:
+    """One line per phase on stderr with its time; silent when disabled."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.timings: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def start(self, what: str) -> None:
+        self._t = time.perf_counter()
+        if self.enabled:
+            print(f"fxpipe: {what} ...", end="", file=sys.stderr, flush=True)
+
+    def done(self, key: str, extra: str = "") -> None:
+        dt = time.perf_counter() - self._t
+        self.timings[key] = round(dt, 4)
+        if self.enabled:
+            print(f" {dt:.2f}s{(' ' + extra) if extra else ''}", file=sys.stderr, flush=True)
+
+
+def _dump(name: str, text: str) -> None:
+    d = os.environ.get("FXPIPE_DUMP")
+    if d:
+        Path(d).mkdir(parents=True, exist_ok=True)
+        (Path(d) / f"{name}.txt").write_text(text)
+
+
+def _inflight(kind: str, p: int, m: int, train: bool) -> tuple[int, ...]:
+    if not train:
+        return tuple(1 for _ in range(p))
+    if kind == "gpipe":
+        return tuple(m for _ in range(p))
+    return tuple(min(p - j, m) for j in range(p))
+
+
+def build_plan(
+    model: nn.Module,
+    devices: Sequence[str | Device] | Cluster,
+    example_inputs: Any = None,
+    example_kwargs: dict | None = None,
+    *,
+    microbatches: int = 4,
+    schedule: str = "1f1b",
+    train: bool = True,
+    optimizer: str = "adam",
+    capture_method: str = "auto",
+    leaf_modules: tuple[type, ...] = (),
+    progress: bool = False,
+) -> Compilation:
+    """Run the planning passes; decide everything, execute nothing."""
+    if schedule not in SCHEDULES:
+        raise PlanError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if optimizer not in OPTIMIZER_STATE_FACTOR:
+        raise PlanError(f"optimizer must be one of {', '.join(OPTIMIZER_STATE_FACTOR)}, got {optimizer!r}")
+    if not isinstance(microbatches, int) or microbatches < 1:
+        raise PlanError(f"microbatches must be a positive integer, got {microbatches!r}")
+    cluster = devices if isinstance(devices, Cluster) else Cluster.from_devices(devices)
+    args, kwargs = normalize_inputs(example_inputs, example_kwargs)
+    prog = _Progress(progress)
+    p, m = len(cluster), microbatches
+
+    # capture first: everything after works on the one flat fx graph it returns
+    prog.start("capture")
+    cap = capture(model, args, kwargs, method=capture_method, leaf_modules=leaf_modules)
+    prog.done("capture", f"({cap.path}, {len(cap.gm.graph.nodes)} nodes)")
+    sizes = microbatch_sizes(cap.batch_size, m)
+    _dump("capture", cap.gm.code)
+
+    # shapes at the largest microbatch: what each stage really sees per step
+    prog.start("shapes")
+    flat = cap.flat_inputs(args, kwargs)
+    propagate_shapes(cap.gm, [x[: sizes[0]] if x.dim() else x for x in flat])
+    prog.done("shapes")
+
+    # units before costs: costs are aggregated per unit, the partitioner's atoms
+    prog.start("units+costs")
+    units = group_units(cap.gm, min_units=max(8, 4 * p))
+    if len(units) < p:
+        units = group_units(cap.gm, min_units=10**9)  # finest: one unit per node
+    costs = annotate_costs(cap.gm, units)
+    prog.done("costs", f"({len(units)} units)")
+    _dump("units", "\n".join(f"{i}: {n} ({len(units.nodes[i])} nodes)" for i, n in enumerate(units.names)))
+
+    # partition with the schedule's in-flight counts: memory depends on the schedule
+    prog.start("partition")
+    problem = _problem(costs, cluster, _inflight(schedule, p, m, train), train, optimizer)
+    part = partition_stages(problem)
+    baselines = {}
+    for name, b in (("uniform", uniform_partition(problem)),
+                    ("params", params_partition(problem, costs.param_bytes))):
+        baselines[name] = {"bounds": [list(x) for x in b.bounds], "bottleneck_ms": b.bottleneck * 1e3, "fits": b.fits}
+    prog.done("partition", f"({p} stages)")
+
+    # schedule as data, validated before anything runs
+    prog.start("schedule")
+    sched = emit_schedule(schedule, p, m, train=train)
+    validate_schedule(sched)
+    stages = _stage_plans(part, costs, cluster, problem, train, peak_inflight(sched))
+    tl = simulate_schedule(sched, [s.fwd_ms / 1e3 for s in stages], [s.bwd_ms / 1e3 for s in stages],
+                           [s.send_ms / 1e3 for s in stages])
+    prog.done("schedule")
+    predicted = {
+        "step_ms": tl.step_time * 1e3,
+        "bottleneck_ms": part.bottleneck * 1e3,
+        "bubble": sum(tl.bubble_fraction) / len(tl.bubble_fraction),
+        "bubble_per_device": list(tl.bubble_fraction),
+        "peak_memory_bytes": [s.memory_bytes for s in stages],
+    }
+    params = {k: v for k, v in list(model.named_parameters()) + list(model.named_buffers())}
+    plan = Plan(
+        fingerprint=graph_fingerprint(cap.gm, params), model_name=type(model).__name__, capture_path=cap.path,
+        input_names=cap.input_names, batch_size=cap.batch_size, microbatches=m, train=train, optimizer=optimizer,
+        cluster=cluster, stages=tuple(stages), schedule=sched, costs=costs, predicted=predicted,
+        baselines=baselines, timings=prog.timings)
+    _dump("plan", plan.summary())
+    _dump("schedule", sched.listing())
+    return Compilation(plan, cap, units)
+
+
+def _problem(costs: CostTable, cluster: Cluster, inflight: Sequence[int], train: bool, optimizer: str) -> PartitionProblem:
+    n, p = len(costs.unit_names), len(cluster)
+    times = device_unit_times(costs, cluster.devices, train)
+    direction = 2.0 if train else 1.0  # activations forward, gradients back
+    btime = tuple(tuple(cluster.link(j, j + 1).transfer_time(costs.boundary_bytes[k]) * direction for j in range(p - 1))
+                  for k in range(n - 1))
+    factor = OPTIMIZER_STATE_FACTOR[optimizer] if train else 0.0
+    static = tuple(pb + (tb * (1.0 + factor) if train else 0.0) for pb, tb in zip(costs.param_bytes, costs.trainable_bytes))
+    act = costs.activation_bytes if train else tuple(0.0 for _ in range(n))
+    return PartitionProblem(
+        unit_names=costs.unit_names, unit_time=tuple(map(tuple, times)), boundary_time=btime,
+        unit_static_bytes=static, unit_activation_bytes=act, boundary_bytes=costs.boundary_bytes,
+        inflight=tuple(inflight), device_memory=tuple(d.memory for d in cluster.devices),
+        device_names=tuple(d.name for d in cluster.devices))
+
+
+def _stage_plans(part: Partition, costs: CostTable, cluster: Cluster, problem: PartitionProblem, train: bool,
+                 inflight: Sequence[int]) -> list[StagePlan]:
+    out = []
+    p = len(part.bounds)
+    for s, (a, b) in enumerate(part.bounds):
+        dev = cluster.devices[s]
+        fwd = sum(costs.fwd_time(u, dev) for u in range(a, b))
+        send_bytes = costs.boundary_bytes[b - 1] if s < p - 1 else 0.0
+        send = cluster.link(s, s + 1).transfer_time(send_bytes) if s < p - 1 else 0.0
+        out.append(StagePlan(index=s, device=s, units=(a, b), param_bytes=sum(costs.param_bytes[a:b]),
+                             fwd_ms=fwd * 1e3, bwd_ms=(fwd * 2.0 * 1e3) if train else 0.0, send_ms=send * 1e3,
+                             send_bytes=send_bytes, memory_bytes=part.stage_memory[s], inflight=int(inflight[s])))
+    return out

@@ -1,0 +1,696 @@
+"""Exact min-max contiguous partition of a unit sequence onto an ordered list of devices.
+
+The model is a sequence of n units (coarse blocks in a topological order); the devices are p
+positions in a fixed order (placement chooses the order and calls this pass once per order).
+Stage j is a non-empty contiguous run of units and runs on position j. A stage's time per
+microbatch is its units' compute time on that device plus the time to send its outgoing
+boundary over the link to position j+1; the pipeline's steady-state throughput is set by the
+slowest stage, so the objective is the bottleneck ``max_j stage_time_j``. Each stage must
+also fit in its device's memory:
+
+    static bytes (params + grads + optimizer state)
+    + inflight[j] * (activation bytes + incoming boundary + outgoing boundary)
+
+`partition_stages` returns the exact optimum by dynamic programming over (cut, position)
+with every cut considered: the objective is not monotone in a stage's length (a shorter
+stage can end on a heavier boundary), so greedy or binary-search feasibility tests are not
+exact here. Ties on the bottleneck are broken by the smaller sum of stage times (a second
+exact DP restricted to stages no slower than the bottleneck), then by the earliest cuts.
+
+The baselines users and other tools apply by hand, `uniform_partition` (equal unit counts)
+and `params_partition` (equal parameter bytes, as DeepSpeed's
+``partition_method="parameters"`` and ``torch.distributed.pipelining``'s
+``split_into_equal_size``), are evaluated with the same cost model so that reports compare
+like with like.
+
+Example:
+    >>> prob = PartitionProblem(
+    ...     unit_names=("a", "b", "c", "d"),
+    ...     unit_time=((1.0, 1.0),) * 4,
+    ...     boundary_time=((0.0,),) * 3,
+    ...     unit_static_bytes=(1.0,) * 4,
+    ...     unit_activation_bytes=(1.0,) * 4,
+    ...     boundary_bytes=(1.0,) * 3,
+    ...     inflight=(2, 1),
+    ...     device_memory=(100.0, 100.0),
+    ...     device_names=("cuda:0", "cuda:1"),
+    ... )
+    >>> partition_stages(prob).bounds
+    ((0, 2), (2, 4))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from fxpipe.errors import PlanError
+
+__all__ = [
+    "PartitionProblem",
+    "Partition",
+    "stage_time",
+    "stage_memory",
+    "evaluate_partition",
+    "partition_stages",
+    "uniform_partition",
+    "params_partition",
+]
+
+_GiB = float(1024**3)
+
+
+# --------------------------------------------------------------------------------------
+# Problem and result
+# --------------------------------------------------------------------------------------
+
+
+def _as_floats(name: str, values: Sequence[float], *, allow_inf: bool = False) -> tuple[float, ...]:
+    """Coerce to a tuple of non-negative floats, naming the field and index on failure."""
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as exc:
+        raise PlanError(f"PartitionProblem.{name} must hold numbers: {exc}") from None
+    for i, v in enumerate(out):
+        # NaN compares false with everything and would silently poison the DP's min/max.
+        if math.isnan(v) or v < 0 or (math.isinf(v) and not allow_inf):
+            allowed = (
+                "a non-negative number (inf allowed)" if allow_inf
+                else "a finite non-negative number"
+            )
+            raise PlanError(f"PartitionProblem.{name}[{i}] must be {allowed}, got {v!r}")
+    return out
+
+
+def _as_matrix(name: str, rows: Sequence[Sequence[float]], n_rows: int, n_cols: int,
+               shape_text: str) -> tuple[tuple[float, ...], ...]:
+    """Coerce to an n_rows x n_cols tuple-of-tuples of finite non-negative floats."""
+    rows = tuple(rows)
+    if len(rows) != n_rows:
+        raise PlanError(
+            f"PartitionProblem.{name} must be {shape_text} = {n_rows} rows, got {len(rows)} rows"
+        )
+    out = []
+    for i, row in enumerate(rows):
+        row = _as_floats(f"{name}[{i}]", row)
+        if len(row) != n_cols:
+            raise PlanError(
+                f"PartitionProblem.{name}[{i}] must have {n_cols} entries ({shape_text}), "
+                f"got {len(row)}"
+            )
+        out.append(row)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class PartitionProblem:
+    """Everything the partitioner needs, already reduced to numbers per unit and position.
+
+    n is the number of units and p the number of device positions (stage j runs on
+    position j). Lists are accepted and stored as tuples so that problems are hashable.
+
+    Attributes:
+        unit_names: n unit names, for messages.
+        unit_time: n x p; seconds unit u takes on position j per microbatch (forward and
+            backward already summed by the caller).
+        boundary_time: (n-1) x (p-1); seconds to move the boundary after unit k over the
+            link from position j to j+1 per microbatch (both directions already included).
+        unit_static_bytes: n; parameters + gradients + optimizer state of each unit.
+        unit_activation_bytes: n; activation bytes one in-flight microbatch keeps alive.
+        boundary_bytes: n-1; bytes of the boundary after unit k, per microbatch.
+        inflight: p; microbatches whose activations are alive at once on position j
+            (schedule-dependent: GPipe keeps m, 1F1B keeps p - j).
+        device_memory: p; bytes available on position j (``math.inf`` means unbounded).
+        device_names: p; device names, for messages.
+    """
+
+    unit_names: tuple[str, ...]
+    unit_time: tuple[tuple[float, ...], ...]
+    boundary_time: tuple[tuple[float, ...], ...]
+    unit_static_bytes: tuple[float, ...]
+    unit_activation_bytes: tuple[float, ...]
+    boundary_bytes: tuple[float, ...]
+    inflight: tuple[int, ...]
+    device_memory: tuple[float, ...]
+    device_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        # Validate once here so that the DP and the helpers can index without checks.
+        names = tuple(self.unit_names)
+        devices = tuple(self.device_names)
+        n, p = len(names), len(devices)
+        if n == 0:
+            raise PlanError("PartitionProblem needs at least one unit, got 0 unit_names")
+        if p == 0:
+            raise PlanError("PartitionProblem needs at least one device, got 0 device_names")
+        for field_name, seq in (("unit_names", names), ("device_names", devices)):
+            for i, s in enumerate(seq):
+                if not isinstance(s, str):
+                    raise PlanError(f"PartitionProblem.{field_name}[{i}] must be a str, got {s!r}")
+
+        def vec(name: str, values: Sequence[float], length: int, what: str,
+                allow_inf: bool = False) -> tuple[float, ...]:
+            out = _as_floats(name, values, allow_inf=allow_inf)
+            if len(out) != length:
+                raise PlanError(
+                    f"PartitionProblem.{name} must have {what} = {length} entries, got {len(out)}"
+                )
+            return out
+
+        unit_time = _as_matrix("unit_time", self.unit_time, n, p, f"n x p = {n} x {p}")
+        boundary_time = _as_matrix(
+            "boundary_time", self.boundary_time, n - 1, p - 1, f"(n-1) x (p-1) = {n - 1} x {p - 1}"
+        )
+        static = vec("unit_static_bytes", self.unit_static_bytes, n, "n")
+        act = vec("unit_activation_bytes", self.unit_activation_bytes, n, "n")
+        bbytes = vec("boundary_bytes", self.boundary_bytes, n - 1, "n-1")
+        memory = vec("device_memory", self.device_memory, p, "p", allow_inf=True)
+        inflight = tuple(self.inflight)
+        if len(inflight) != p:
+            raise PlanError(
+                f"PartitionProblem.inflight must have p = {p} entries, got {len(inflight)}"
+            )
+        for j, k in enumerate(inflight):
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+                raise PlanError(
+                    f"PartitionProblem.inflight[{j}] must be a non-negative int "
+                    f"(microbatches alive on {devices[j]!r}), got {k!r}"
+                )
+        inflight = tuple(int(k) for k in inflight)
+
+        for name, value in (
+            ("unit_names", names), ("unit_time", unit_time), ("boundary_time", boundary_time),
+            ("unit_static_bytes", static), ("unit_activation_bytes", act),
+            ("boundary_bytes", bbytes), ("inflight", inflight), ("device_memory", memory),
+            ("device_names", devices),
+        ):
+            object.__setattr__(self, name, value)
+
+    @property
+    def n(self) -> int:
+        """Number of units."""
+        return len(self.unit_names)
+
+    @property
+    def p(self) -> int:
+        """Number of device positions (and of stages)."""
+        return len(self.device_names)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A contiguous partition evaluated with the cost model.
+
+    Attributes:
+        bounds: per stage ``(start, end)`` unit indices, half-open; contiguous, covering
+            ``0..n``, stage j on position j.
+        stage_time: per stage, compute + outgoing boundary time (the last stage has none).
+        stage_memory: per stage, bytes needed (see `stage_memory`).
+        bottleneck: ``max(stage_time)``; the time per microbatch in steady state.
+        method: how it was obtained: "optimal", "uniform", "params" or "given".
+        fits: True when every stage's memory is within its device's memory.
+    """
+
+    bounds: tuple[tuple[int, int], ...]
+    stage_time: tuple[float, ...]
+    stage_memory: tuple[float, ...]
+    bottleneck: float
+    method: str
+    fits: bool
+
+
+# --------------------------------------------------------------------------------------
+# Cost of one stage
+# --------------------------------------------------------------------------------------
+#
+# Segment sums are accumulated from the last unit of the stage backwards, one addition at a
+# time. The vectorised DP accumulates in exactly the same order (np.add.accumulate is
+# sequential), so the helpers and the DP produce bit-identical floats: a stage the DP
+# accepts as fitting is never reported as overflowing by `evaluate_partition`, even when a
+# device's memory equals a stage's need to the last byte. Summing directly, rather than
+# subtracting prefix sums, also avoids cancellation when a few units dominate the total.
+
+
+def _segment_sum(values: Sequence[float], start: int, end: int) -> float:
+    acc = 0.0
+    for u in range(end - 1, start - 1, -1):
+        acc += values[u]
+    return acc
+
+
+def _check_stage(problem: PartitionProblem, start: int, end: int, j: int) -> None:
+    if not (0 <= start < end <= problem.n):
+        raise PlanError(
+            f"stage [{start}, {end}) is not a non-empty range of the {problem.n} units"
+        )
+    if not 0 <= j < problem.p:
+        raise PlanError(f"device position {j} is out of range for {problem.p} devices")
+
+
+def stage_time(problem: PartitionProblem, start: int, end: int, j: int) -> float:
+    """Seconds per microbatch of the stage holding units ``[start, end)`` on position j.
+
+    Args:
+        problem: The partitioning problem.
+        start: First unit of the stage.
+        end: One past the last unit of the stage.
+        j: Device position the stage runs on.
+
+    Returns:
+        The units' compute time on position j plus the time to send the boundary after
+        unit ``end - 1`` to position j+1; there is no outgoing boundary for the last
+        position or for a stage that ends the model.
+
+    Raises:
+        PlanError: If the range is empty or out of bounds, or j is not a position.
+    """
+    _check_stage(problem, start, end, j)
+    acc = 0.0
+    for u in range(end - 1, start - 1, -1):
+        acc += problem.unit_time[u][j]
+    if j < problem.p - 1 and end < problem.n:
+        acc = acc + problem.boundary_time[end - 1][j]
+    return acc
+
+
+def stage_memory(problem: PartitionProblem, start: int, end: int, j: int) -> float:
+    """Bytes the stage holding units ``[start, end)`` needs on position j.
+
+    ``static + inflight[j] * (activations + bytes_in + bytes_out)``: static state lives
+    once, while activations and both boundary buffers exist once per microbatch in flight.
+
+    Args:
+        problem: The partitioning problem.
+        start: First unit of the stage.
+        end: One past the last unit of the stage.
+        j: Device position the stage runs on.
+
+    Returns:
+        The stage's peak memory in bytes under the caller's in-flight count.
+
+    Raises:
+        PlanError: If the range is empty or out of bounds, or j is not a position.
+    """
+    _check_stage(problem, start, end, j)
+    static = _segment_sum(problem.unit_static_bytes, start, end)
+    act = _segment_sum(problem.unit_activation_bytes, start, end)
+    bytes_in = problem.boundary_bytes[start - 1] if start > 0 else 0.0
+    bytes_out = problem.boundary_bytes[end - 1] if end < problem.n else 0.0
+    return static + float(problem.inflight[j]) * ((act + bytes_in) + bytes_out)
+
+
+def evaluate_partition(
+    problem: PartitionProblem,
+    bounds: Sequence[tuple[int, int]],
+    method: str = "given",
+) -> Partition:
+    """Check a partition's shape and evaluate its stage times and memory.
+
+    Args:
+        problem: The partitioning problem.
+        bounds: One ``(start, end)`` pair per device position, half-open, contiguous,
+            non-empty and covering all units.
+        method: Recorded in the result ("given" for a user's own split).
+
+    Returns:
+        The evaluated `Partition`; ``fits`` tells whether every stage is within memory.
+
+    Raises:
+        PlanError: If there is not one stage per device, or the stages are not
+            non-empty, contiguous and covering ``0..n``.
+    """
+    n, p = problem.n, problem.p
+    try:
+        bounds = tuple((int(s), int(e)) for s, e in bounds)
+    except (TypeError, ValueError):
+        raise PlanError(
+            f"partition bounds must be (start, end) pairs of ints, got {bounds!r}"
+        ) from None
+    if len(bounds) != p:
+        raise PlanError(
+            f"a partition needs exactly one stage per device: {p} devices but {len(bounds)} "
+            f"stages in {list(bounds)}"
+        )
+    expected_start = 0
+    for j, (s, e) in enumerate(bounds):
+        if s != expected_start:
+            raise PlanError(
+                f"stage {j} starts at unit {s} but must start at {expected_start}: stages must "
+                f"be contiguous and cover units 0..{n} (bounds {list(bounds)})"
+            )
+        if e <= s:
+            raise PlanError(f"stage {j} [{s}, {e}) is empty: every stage needs at least one unit")
+        expected_start = e
+    if expected_start != n:
+        raise PlanError(
+            f"the stages end at unit {expected_start} but the model has {n} units "
+            f"(bounds {list(bounds)})"
+        )
+    times = tuple(stage_time(problem, s, e, j) for j, (s, e) in enumerate(bounds))
+    mems = tuple(stage_memory(problem, s, e, j) for j, (s, e) in enumerate(bounds))
+    fits = all(m <= cap for m, cap in zip(mems, problem.device_memory))
+    return Partition(
+        bounds=bounds,
+        stage_time=times,
+        stage_memory=mems,
+        bottleneck=max(times),
+        method=method,
+        fits=fits,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The exact DP
+# --------------------------------------------------------------------------------------
+
+
+def _check_enough_units(problem: PartitionProblem) -> None:
+    if problem.n < problem.p:
+        raise PlanError(
+            f"the model has {problem.n} units but {problem.p} devices were given; "
+            f"use at most {problem.n} devices, or finer units"
+        )
+
+
+def _stage_tables(problem: PartitionProblem) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield ``(end, time, memory)`` for end = 1..n; arrays are (end, p), row = start.
+
+    Row s, column j holds the time / memory of the stage [s, end) on position j, computed
+    with the same operation order as `stage_time` / `stage_memory`.
+    """
+    n, p = problem.n, problem.p
+    unit_time = np.asarray(problem.unit_time, dtype=np.float64).reshape(n, p)
+    btime = np.zeros((n, p), dtype=np.float64)  # row end-1; row n-1 and column p-1 stay 0
+    if n > 1 and p > 1:
+        btime[: n - 1, : p - 1] = np.asarray(problem.boundary_time, dtype=np.float64)
+    static = np.asarray(problem.unit_static_bytes, dtype=np.float64)
+    act = np.asarray(problem.unit_activation_bytes, dtype=np.float64)
+    # bytes_in[s] is the boundary entering a stage that starts at s (none for s = 0).
+    bytes_in = np.zeros(n, dtype=np.float64)
+    bytes_in[1:] = np.asarray(problem.boundary_bytes, dtype=np.float64)
+    inflight = np.asarray(problem.inflight, dtype=np.float64)
+    for end in range(1, n + 1):
+        # Sums over [s, end) for every s, accumulated from end-1 backwards like the helpers.
+        seg_time = np.add.accumulate(unit_time[end - 1 :: -1], axis=0)[::-1]
+        seg_static = np.add.accumulate(static[end - 1 :: -1])[::-1]
+        seg_act = np.add.accumulate(act[end - 1 :: -1])[::-1]
+        if end < n:
+            time = seg_time + btime[end - 1]
+            bytes_out = problem.boundary_bytes[end - 1]
+        else:
+            time = seg_time  # the model's end: no outgoing boundary on any position
+            bytes_out = 0.0
+        per_mb = (seg_act + bytes_in[:end]) + bytes_out
+        memory = seg_static[:, None] + inflight[None, :] * per_mb[:, None]
+        yield end, time, memory
+
+
+def _minmax_dp(
+    problem: PartitionProblem,
+    cost: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    start_value: float,
+    combine: Callable[[np.ndarray, np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Generic DP over (end, position): best[end, j] = min_s combine(best[s, j-1], cost).
+
+    ``cost(time, memory)`` gives each candidate stage's cost (inf where forbidden). All
+    positions are updated at once for a given end: best[., j] only reads ends s < end,
+    which are final by then. Returns ``(best, parent)`` with parent[end, j] the argmin
+    start (the smallest on ties, so results are deterministic).
+    """
+    n, p = problem.n, problem.p
+    # prev[s, j] = best value of units [0, s) on positions 0..j-1; the empty prefix on no
+    # positions costs start_value, anything else with j = 0 is impossible.
+    prev = np.full((n + 1, p), np.inf)
+    prev[0, 0] = start_value
+    best = np.full((n + 1, p), np.inf)
+    parent = np.zeros((n + 1, p), dtype=np.int64)
+    for end, time, memory in _stage_tables(problem):
+        cand = combine(prev[:end], cost(time, memory))
+        arg = np.argmin(cand, axis=0)
+        best[end] = cand[arg, np.arange(p)]
+        parent[end] = arg
+        if p > 1:
+            prev[end, 1:] = best[end, :-1]
+    return best, parent
+
+
+def _trace_back(parent: np.ndarray, n: int, p: int) -> tuple[tuple[int, int], ...]:
+    bounds = []
+    end = n
+    for j in range(p - 1, -1, -1):
+        start = int(parent[end, j])
+        bounds.append((start, end))
+        end = start
+    return tuple(reversed(bounds))
+
+
+def partition_stages(problem: PartitionProblem) -> Partition:
+    """The exact min-max contiguous partition under each device's memory.
+
+    Minimises the bottleneck (slowest stage's compute + outgoing boundary time) over every
+    partition into p non-empty contiguous stages, stage j on position j, subject to
+    ``stage_memory <= device_memory`` on every position. Among partitions with the optimal
+    bottleneck it returns one with the smallest sum of stage times, and among those the one
+    with the earliest cuts (counted from the last stage backwards).
+
+    Runs in O(n^2 p) time, vectorised over starts and positions with numpy.
+
+    Args:
+        problem: The partitioning problem.
+
+    Returns:
+        The optimal `Partition` with ``method="optimal"`` and ``fits=True``.
+
+    Raises:
+        PlanError: If there are fewer units than devices, or no partition fits in memory
+            (the message gives the closest partition's needs, each device's memory and
+            what would make it fit).
+    """
+    _check_enough_units(problem)
+    n, p = problem.n, problem.p
+    caps = np.asarray(problem.device_memory, dtype=np.float64)[None, :]
+
+    def feasible_time(time: np.ndarray, memory: np.ndarray) -> np.ndarray:
+        return np.where(memory <= caps, time, np.inf)
+
+    # Pass 1: the optimal bottleneck. max() is monotone, so keeping only the best value per
+    # (prefix, position) is exact.
+    best, _ = _minmax_dp(problem, feasible_time, 0.0, np.maximum)
+    bottleneck = best[n, p - 1]
+    if not math.isfinite(bottleneck):
+        raise PlanError(_infeasible_message(problem))
+
+    # Pass 2: among stages no slower than the bottleneck, minimise the sum of stage times.
+    # A lexicographic (max, sum) DP in one pass would not be exact (a prefix with a worse
+    # max can still finish with the same overall max and a smaller sum), hence two passes.
+    # Both passes see bit-identical stage times, so the optimum's stages all pass the test.
+    def within_bottleneck(time: np.ndarray, memory: np.ndarray) -> np.ndarray:
+        return np.where((memory <= caps) & (time <= bottleneck), time, np.inf)
+
+    total, parent = _minmax_dp(problem, within_bottleneck, 0.0, np.add)
+    if not math.isfinite(total[n, p - 1]):  # pragma: no cover - impossible by construction
+        raise AssertionError("partition_stages: the optimal bottleneck has no realisation")
+    result = evaluate_partition(problem, _trace_back(parent, n, p), method="optimal")
+    if not result.fits or result.bottleneck != bottleneck:  # pragma: no cover
+        raise AssertionError("partition_stages: DP and evaluate_partition disagree")
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# Infeasibility report
+# --------------------------------------------------------------------------------------
+
+
+def _gib(x: float) -> str:
+    text = f"{x / _GiB:.2f} GiB"
+    if 0 < abs(x) < 0.005 * _GiB:  # would print as 0.00 GiB: show the bytes too
+        text += f" ({x:.0f} bytes)"
+    return text
+
+
+def _closest_partition(problem: PartitionProblem) -> Partition:
+    """The partition whose worst memory overshoot (need - capacity, bytes) is smallest."""
+    caps = np.asarray(problem.device_memory, dtype=np.float64)[None, :]
+    _, parent = _minmax_dp(
+        problem, lambda time, memory: memory - caps, -np.inf, np.maximum
+    )
+    return evaluate_partition(problem, _trace_back(parent, problem.n, problem.p), method="given")
+
+
+def _device_summary(problem: PartitionProblem) -> str:
+    """Each device's memory, consecutive equal capacities merged so 64 GPUs stay one line."""
+    names, caps = problem.device_names, problem.device_memory
+    if all(c == caps[0] for c in caps):
+        if len(caps) == 1:
+            return f"Device {names[0]} has {_gib(caps[0])}."
+        return f"Each of the {len(caps)} devices has {_gib(caps[0])}."
+    runs: list[tuple[int, int]] = []  # [first, last] positions with equal capacity
+    for j in range(len(caps)):
+        if runs and caps[runs[-1][1]] == caps[j]:
+            runs[-1] = (runs[-1][0], j)
+        else:
+            runs.append((j, j))
+    parts = [
+        f"{names[a]} {_gib(caps[a])}" if a == b else f"{names[a]}..{names[b]} {_gib(caps[a])} each"
+        for a, b in runs
+    ]
+    return "Devices have: " + ", ".join(parts) + "."
+
+
+_MAX_STAGES_LISTED = 3
+_MAX_BOUNDS_LISTED = 8
+
+
+def _infeasible_message(problem: PartitionProblem) -> str:
+    n, p = problem.n, problem.p
+    caps = problem.device_memory
+    names = problem.unit_names
+    closest = _closest_partition(problem)
+    over = [
+        (need - caps[j], j)
+        for j, need in enumerate(closest.stage_memory)
+        if need > caps[j]
+    ]
+    over.sort(key=lambda t: (-t[0], t[1]))
+    lines = [
+        f"no partition of the {n} units onto the {p} devices fits in memory (each stage needs "
+        f"params + grads + optimizer state + microbatches in flight x (activations + boundary "
+        f"buffers) <= its device's memory).",
+        # Spell the bounds out only while they stay readable.
+        f"The closest partition"
+        + (f" {list(closest.bounds)}" if p <= _MAX_BOUNDS_LISTED else "")
+        + f" (smallest worst shortfall) still overflows on {len(over)} of {p} devices:",
+    ]
+    for short, j in over[:_MAX_STAGES_LISTED]:
+        s, e = closest.bounds[j]
+        need = closest.stage_memory[j]
+        static = _segment_sum(problem.unit_static_bytes, s, e)
+        per_mb = (
+            _segment_sum(problem.unit_activation_bytes, s, e)
+            + (problem.boundary_bytes[s - 1] if s > 0 else 0.0)
+            + (problem.boundary_bytes[e - 1] if e < n else 0.0)
+        )
+        units = names[s] if e - s == 1 else f"{names[s]}..{names[e - 1]}"
+        lines.append(
+            f"  stage {j} (units {s}-{e - 1}: {units}) on {problem.device_names[j]} needs "
+            f"{_gib(need)} (static {_gib(static)} + {problem.inflight[j]} in flight x "
+            f"{_gib(per_mb)} activations and boundaries) but the device has {_gib(caps[j])}: "
+            f"{_gib(short)} short"
+        )
+    if len(over) > _MAX_STAGES_LISTED:
+        lines.append(
+            f"  ... and {len(over) - _MAX_STAGES_LISTED} more stages over their device's memory"
+        )
+    lines.append(_device_summary(problem))
+
+    # Which remedy can work depends on what overflows: static state only shrinks with more
+    # (or bigger) devices; activations also shrink with recomputation or smaller microbatches.
+    total_static = math.fsum(problem.unit_static_bytes)
+    total_memory = math.fsum(caps)
+    largest = max(caps)
+    heaviest = max(range(n), key=lambda u: (problem.unit_static_bytes[u], -u))
+    heaviest_static = problem.unit_static_bytes[heaviest]
+    if heaviest_static > largest:
+        fix = (
+            f"unit {names[heaviest]!r} alone holds {_gib(heaviest_static)} of params, grads and "
+            f"optimizer state, more than the largest device ({_gib(largest)}), so more devices "
+            f"cannot help: use devices with more memory, finer units (split that block), or a "
+            f"lighter optimizer / lower precision"
+        )
+    elif total_static > total_memory:
+        fix = (
+            f"params, grads and optimizer state alone total {_gib(total_static)} but the {p} "
+            f"devices hold {_gib(total_memory)} together: use more devices (at least "
+            f"{math.ceil(total_static / largest)} of {_gib(largest)}) or devices with more "
+            f"memory; recomputation and more microbatches do not shrink this part"
+        )
+    else:
+        fix = (
+            f"params, grads and optimizer state total {_gib(total_static)} of the "
+            f"{_gib(total_memory)} all devices hold, so activations and boundary buffers "
+            f"overflow: use activation recomputation, more microbatches (fewer bytes per "
+            f"microbatch), a schedule with fewer microbatches in flight (1F1B instead of "
+            f"GPipe), more devices, or devices with more memory"
+        )
+    lines.append("To make it fit: " + fix + ".")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# Baselines
+# --------------------------------------------------------------------------------------
+
+
+def uniform_partition(problem: PartitionProblem) -> Partition:
+    """Baseline: equal unit counts per stage, as users split by hand.
+
+    With n = q*p + r the first r stages get q+1 units and the rest q. The result is
+    evaluated with the same cost model and returned even if it does not fit in memory;
+    check ``fits``.
+
+    Args:
+        problem: The partitioning problem.
+
+    Returns:
+        The uniform `Partition` with ``method="uniform"``.
+
+    Raises:
+        PlanError: If there are fewer units than devices.
+    """
+    _check_enough_units(problem)
+    q, r = divmod(problem.n, problem.p)
+    bounds = []
+    start = 0
+    for j in range(problem.p):
+        end = start + q + (1 if j < r else 0)
+        bounds.append((start, end))
+        start = end
+    return evaluate_partition(problem, bounds, method="uniform")
+
+
+def params_partition(problem: PartitionProblem, unit_param_bytes: Sequence[float]) -> Partition:
+    """Baseline: equal parameter bytes per stage (DeepSpeed / torch pipelining style).
+
+    Cut k (k = 1..p-1) is placed greedily, in order, at the unit boundary whose parameter
+    prefix sum is closest to ``k * total / p`` (the earlier boundary on ties), while leaving
+    at least one unit for this and every later stage. With no parameters at all the
+    targets carry no information, so it falls back to equal unit counts. The result is
+    returned even if it does not fit in memory; check ``fits``.
+
+    Args:
+        problem: The partitioning problem.
+        unit_param_bytes: n; parameter bytes of each unit.
+
+    Returns:
+        The `Partition` with ``method="params"``.
+
+    Raises:
+        PlanError: If there are fewer units than devices, or unit_param_bytes does not have
+            one finite non-negative number per unit.
+    """
+    _check_enough_units(problem)
+    n, p = problem.n, problem.p
+    params = _as_floats("unit_param_bytes", unit_param_bytes)
+    if len(params) != n:
+        raise PlanError(f"unit_param_bytes must have one entry per unit ({n}), got {len(params)}")
+    prefix = [0.0]
+    for v in params:
+        prefix.append(prefix[-1] + v)
+    total = prefix[-1]
+    if total == 0:
+        uniform = uniform_partition(problem)
+        return evaluate_partition(problem, uniform.bounds, method="params")
+    cuts = [0]
+    for k in range(1, p):
+        target = k * total / p
+        lo = cuts[-1] + 1  # this stage non-empty
+        hi = n - (p - k)  # one unit left for each later stage
+        cut = min(range(lo, hi + 1), key=lambda c: (abs(prefix[c] - target), c))
+        cuts.append(cut)
+    cuts.append(n)
+    bounds = [(cuts[j], cuts[j + 1]) for j in range(p)]
+    return evaluate_partition(problem, bounds, method="params")

@@ -1,0 +1,244 @@
+"""The local runtime: one process, one worker thread per device, mailboxes between them.
+
+Each worker runs its device's generated program (runtime/program.py). Torch ops release
+the GIL, so several "cpu" workers really compute in parallel; each worker sets its own
+intra-op thread count (OpenMP's is per thread) so they do not oversubscribe the cores. CUDA
+workers compute on their own stream; a send records an event that the receiver's stream
+waits on before copying, so no host synchronisation sits on the hot path.
+
+A failure in any worker aborts the others at their next blocking receive; a receive that
+waits longer than `timeout` fails naming the device and the instruction it waited on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from fxpipe.errors import FxpipeError, RuntimeMismatchError
+
+__all__ = ["StageRunner", "LocalRuntime", "PipelineAborted"]
+
+
+class PipelineAborted(FxpipeError):
+    """Raised in a worker when another worker failed first."""
+
+
+@dataclass
+class StageRunner:
+    """What the runtime needs to execute one stage."""
+
+    index: int
+    module: fx.GraphModule
+    device: torch.device
+    device_index: int
+    n_recv: int
+    input_positions: tuple[int, ...]  # which flat model inputs the stage reads
+    is_last: bool
+
+
+class _Mailbox:
+    def __init__(self) -> None:
+        self.cv = threading.Condition()
+        self.items: dict[tuple, Any] = {}
+
+    def put(self, key: tuple, value: Any) -> None:
+        with self.cv:
+            self.items[key] = value
+            self.cv.notify_all()
+
+    def get(self, key: tuple, deadline: float, aborted: threading.Event) -> Any:
+        with self.cv:
+            while key not in self.items:
+                if aborted.is_set():
+                    raise PipelineAborted("another worker failed")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.cv.wait(min(left, 0.2))
+            return self.items.pop(key)
+
+
+@dataclass
+class _StepState:
+    inputs: list[list[torch.Tensor]]  # per microbatch, the flat model inputs
+    train: bool
+    targets: list[Any] | None = None
+    loss_fn: Callable | None = None
+    scales: list[float] | None = None
+    out_unflatten: Callable[[list], Any] | None = None
+    stash: dict[tuple[int, int], Any] = field(default_factory=dict)  # (stage, mb) -> (leaves, outputs)
+    results: dict[int, list] = field(default_factory=dict)  # mb -> last stage's flat outputs
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    grads_out: dict[tuple[int, int], list] = field(default_factory=dict)
+
+
+class LocalRuntime:
+    """Executes per-device programs over stage runners in worker threads.
+
+    The methods below (forward, backward, send_*, recv_*) are the instruction set the
+    generated programs call.
+    """
+
+    def __init__(self, stages: Sequence[StageRunner], threads: Sequence[int], timeout: float = 300.0):
+        self.stages = list(stages)
+        self.threads = list(threads)
+        self.timeout = timeout
+        self.mailboxes = [_Mailbox() for _ in threads]
+        self.aborted = threading.Event()
+        self.current: list[str] = ["idle"] * len(threads)
+        self.state: _StepState | None = None
+        self.streams: dict[int, Any] = {}
+        for st in self.stages:
+            if st.device.type == "cuda" and st.device_index not in self.streams:
+                self.streams[st.device_index] = torch.cuda.Stream(device=st.device)
+
+    # ---- driver ------------------------------------------------------------------------
+    def run(self, programs: Sequence[Callable], state: _StepState) -> _StepState:
+        """Run one step: every device's program in its own thread; re-raise the first error."""
+        self.state = state
+        self.aborted.clear()
+        for mb in self.mailboxes:
+            mb.items.clear()
+        errors: list[tuple[int, BaseException]] = []
+        lock = threading.Lock()
+
+        def work(d: int, prog: Callable) -> None:
+            torch.set_num_threads(max(1, self.threads[d]))
+            try:
+                stream = self.streams.get(d)
+                if stream is not None:
+                    with torch.cuda.stream(stream):
+                        prog(self)
+                else:
+                    prog(self)
+            except BaseException as e:  # reported by the driver below
+                with lock:
+                    errors.append((d, e))
+                self.aborted.set()
+                for m in self.mailboxes:
+                    with m.cv:
+                        m.cv.notify_all()
+
+        prev_threads = torch.get_num_threads()
+        workers = [threading.Thread(target=work, args=(d, p), name=f"fxpipe-device-{d}", daemon=True)
+                   for d, p in enumerate(programs)]
+        try:
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+        finally:
+            torch.set_num_threads(prev_threads)
+        for s in self.streams.values():
+            s.synchronize()
+        real = [(d, e) for d, e in errors if not isinstance(e, PipelineAborted)]
+        if real:
+            d, e = real[0]
+            if isinstance(e, FxpipeError):
+                raise e
+            raise RuntimeMismatchError(f"device {d} failed while running {self.current[d]}: {type(e).__name__}: {e}") from e
+        self.state = None
+        return state
+
+    # ---- instruction set ---------------------------------------------------------------
+    def _to(self, value: Any, device: torch.device) -> Any:
+        def move(t: Any) -> Any:
+            if isinstance(t, torch.Tensor) and t.device != device:
+                return t.to(device, non_blocking=device.type == "cuda")
+            return t
+
+        return pytree.tree_map(move, value)
+
+    def forward(self, s: int, mb: int) -> None:
+        st, state = self.stages[s], self.state
+        self.current[st.device_index] = f"F(s{s},mb{mb})"
+        recv = state.stash.pop((s, mb), ([], None))[0] if s > 0 else []
+        leaves = []
+        for v in recv:
+            if state.train and isinstance(v, torch.Tensor) and v.is_floating_point():
+                v = v.detach().requires_grad_(True)
+            leaves.append(v)
+        model_in = [self._to(state.inputs[mb][i], st.device) for i in st.input_positions]
+        with torch.set_grad_enabled(state.train):
+            out = list(st.module(*leaves, *model_in))
+        if st.is_last:
+            if state.train:
+                structured = state.out_unflatten(out)
+                loss = state.loss_fn(structured, self._to(state.targets[mb], st.device))
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                    raise RuntimeMismatchError(
+                        f"loss_fn must return a scalar tensor, got {shape}; reduce it (e.g. .mean()) inside loss_fn")
+                loss = loss.reshape(()) * state.scales[mb]
+                state.losses[mb] = loss
+                state.stash[(s, mb)] = (leaves, [loss])
+            else:
+                state.results[mb] = [o.detach() if isinstance(o, torch.Tensor) else o for o in out]
+        else:
+            state.stash[(s, mb)] = (leaves, out) if state.train else (None, out)
+
+    def backward(self, s: int, mb: int) -> None:
+        st, state = self.stages[s], self.state
+        self.current[st.device_index] = f"B(s{s},mb{mb})"
+        leaves, outs = state.stash.pop((s, mb))
+        if st.is_last:
+            tensors, grads = outs, [None]
+        else:
+            g = state.stash.pop(("grad", s, mb))
+            pairs = [(o, gi) for o, gi in zip(outs, g) if isinstance(o, torch.Tensor) and o.requires_grad and gi is not None]
+            tensors, grads = [p[0] for p in pairs], [p[1] for p in pairs]
+        if tensors:
+            torch.autograd.backward(tensors, grads)
+        state.grads_out[(s, mb)] = [(v.grad if isinstance(v, torch.Tensor) and v.requires_grad else None) for v in leaves]
+
+    def send_act(self, s: int, mb: int, dst: int) -> None:
+        st, state = self.stages[s], self.state
+        self.current[st.device_index] = f"SEND_ACT(s{s},mb{mb}->d{dst})"
+        _, out = state.stash[(s, mb)]
+        if not state.train:
+            state.stash.pop((s, mb))
+        payload = [o.detach() if isinstance(o, torch.Tensor) else o for o in out]
+        self.mailboxes[dst].put(("act", s + 1, mb), (payload, self._event(st)))
+
+    def recv_act(self, s: int, mb: int, src: int) -> None:
+        st, state = self.stages[s], self.state
+        payload = self._recv(st, ("act", s, mb), f"RECV_ACT(s{s},mb{mb}<-d{src})")
+        state.stash[(s, mb)] = (self._to(payload, st.device), None)
+
+    def send_grad(self, s: int, mb: int, dst: int) -> None:
+        st, state = self.stages[s], self.state
+        self.current[st.device_index] = f"SEND_GRAD(s{s},mb{mb}->d{dst})"
+        grads = state.grads_out.pop((s, mb))
+        self.mailboxes[dst].put(("grad", s - 1, mb), (grads, self._event(st)))
+
+    def recv_grad(self, s: int, mb: int, src: int) -> None:
+        st, state = self.stages[s], self.state
+        grads = self._recv(st, ("grad", s, mb), f"RECV_GRAD(s{s},mb{mb}<-d{src})")
+        state.stash[("grad", s, mb)] = self._to(grads, st.device)
+
+    # ---- helpers -----------------------------------------------------------------------
+    def _event(self, st: StageRunner) -> Any:
+        if st.device.type != "cuda":
+            return None
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(st.device))
+        return ev
+
+    def _recv(self, st: StageRunner, key: tuple, what: str) -> Any:
+        self.current[st.device_index] = what
+        try:
+            payload, event = self.mailboxes[st.device_index].get(key, time.monotonic() + self.timeout, self.aborted)
+        except TimeoutError:
+            raise RuntimeMismatchError(
+                f"device {st.device_index} waited {self.timeout:.0f}s on {what} and nothing arrived; "
+                "the peer is stuck or the schedule is broken (raise timeout= for very slow stages)") from None
+        if event is not None and st.device.type == "cuda":
+            torch.cuda.current_stream(st.device).wait_event(event)
+        return payload
