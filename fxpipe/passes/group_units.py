@@ -37,7 +37,7 @@ def _module_path(node: fx.Node) -> list[str]:
     out = []
     for v in stack.values():
         fqn = v[0] if isinstance(v, tuple) else str(v)
-        if fqn.startswith("_empty_nn_module_stack"):
+        if not fqn or fqn.startswith("_empty_nn_module_stack"):  # root module / export's placeholder
             continue
         out.append(fqn)
     return out
