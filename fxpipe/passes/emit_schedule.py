@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -75,6 +76,16 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _index(v: Any) -> int | None:
+    """`v` as a plain int if it is an integer (numpy ints included, bools not), else None."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class Instr:
     """One instruction of a device program.
@@ -101,8 +112,10 @@ class Instr:
         object.__setattr__(self, "op", op)  # accept "F" as well as Op.FWD
         for name in ("stage", "mb", "peer"):
             v = getattr(self, name)
-            if not _is_int(v):
+            iv = _index(v)
+            if iv is None:
                 raise ScheduleError(f"instruction {op.value}: {name} must be an int, got {v!r}")
+            object.__setattr__(self, name, iv)  # numpy ints from a planner become plain ints
         if self.stage < 0 or self.mb < 0:
             raise ScheduleError(
                 f"instruction {op.value}: stage and mb must be >= 0, got stage={self.stage}, mb={self.mb}"
@@ -171,8 +184,10 @@ class Schedule:
             raise ScheduleError(f"schedule kind must be a non-empty string, got {self.kind!r}")
         for name in ("num_stages", "num_microbatches"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 1:
+            iv = _index(v)
+            if iv is None or iv < 1:
                 raise ScheduleError(f"schedule {name} must be an int >= 1, got {v!r}")
+            object.__setattr__(self, name, iv)
         if not isinstance(self.train, bool):
             raise ScheduleError(f"schedule train must be True or False, got {self.train!r}")
         # Accept lists (convenient when building custom schedules) but store tuples so the
@@ -196,12 +211,13 @@ class Schedule:
                 "give exactly one device index per stage"
             )
         for s, d in enumerate(stage_device):
-            if not _is_int(d) or not 0 <= d < len(programs):
+            di = _index(d)
+            if di is None or not 0 <= di < len(programs):
                 raise ScheduleError(
                     f"schedule stage_device[{s}] = {d!r} is not a device index in 0..{len(programs) - 1} "
                     f"(there are {len(programs)} device programs)"
                 )
-        object.__setattr__(self, "stage_device", stage_device)
+        object.__setattr__(self, "stage_device", tuple(_index(d) for d in stage_device))
 
     @property
     def num_devices(self) -> int:
@@ -389,9 +405,10 @@ def emit_schedule(
     """
     if kind not in SCHEDULE_KINDS:
         raise ScheduleError(f"unknown schedule kind {kind!r}; use one of {list(SCHEDULE_KINDS)}")
-    if not _is_int(num_stages) or num_stages < 1:
+    p, m = _index(num_stages), _index(num_microbatches)
+    if p is None or p < 1:
         raise ScheduleError(f"num_stages must be an int >= 1, got {num_stages!r}; a pipeline needs at least one stage")
-    if not _is_int(num_microbatches) or num_microbatches < 1:
+    if m is None or m < 1:
         raise ScheduleError(
             f"num_microbatches must be an int >= 1, got {num_microbatches!r}; split the batch into at least one microbatch"
         )
@@ -399,19 +416,20 @@ def emit_schedule(
         raise ScheduleError(f"train must be True or False, got {train!r}")
     if kind == "forward" and train:
         raise ScheduleError("kind 'forward' runs no backward; pass train=False, or use 'gpipe'/'1f1b' to train")
-    p, m = num_stages, num_microbatches
     if stage_device is None:
         sd = tuple(range(p))
     else:
-        sd = tuple(stage_device)
-        if len(sd) != p:
+        raw = tuple(stage_device)
+        if len(raw) != p:
             raise ScheduleError(
-                f"stage_device has {len(sd)} entries for {p} stages; give one device index per stage "
+                f"stage_device has {len(raw)} entries for {p} stages; give one device index per stage "
                 "(or None for stage s on device s)"
             )
-        for s, d in enumerate(sd):
-            if not _is_int(d) or d < 0:
+        for s, d in enumerate(raw):
+            di = _index(d)
+            if di is None or di < 0:
                 raise ScheduleError(f"stage_device[{s}] = {d!r} is not a device index (an int >= 0)")
+        sd = tuple(_index(d) for d in raw)
     num_devices = max(sd) + 1
     last = p - 1
 

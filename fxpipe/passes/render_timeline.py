@@ -19,7 +19,7 @@ Example:
     0,1,..; a-z = backward of mb 0,1,..;
     F/B/* = several fwd/bwd/both in one
     column; . = idle; symbols repeat past z
-    step 9 ms | bubble: d0 33.3% | d1 33.3%
+    step 9 ms; bubble: d0 33.3%, d1 33.3%
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def render_timeline(tl: Timeline, width: int = 100, device_names: Sequence[str] 
             last = min(cells - 1, int(e.end / dt))
             for c in range(first, last + 1):
                 ov = min(e.end, (c + 1) * dt) - max(e.start, c * dt)
-                if ov <= 0:
+                if ov <= 1e-9 * dt:  # float dust at column edges is not a second event
                     continue
                 acc[e.device][c] += ov
                 if ov > best[e.device][c][0]:
@@ -113,7 +113,7 @@ def render_timeline(tl: Timeline, width: int = 100, device_names: Sequence[str] 
         "legend: 0-9,A-Z (no B,F) = forward of mb 0,1,..; a-z = backward of mb 0,1,..; "
         "F/B/* = several fwd/bwd/both in one column; . = idle; symbols repeat past z"
     )
-    footer = f"step {_fmt_ms(step)} | bubble: " + " | ".join(
+    footer = f"step {_fmt_ms(step)}; bubble: " + ", ".join(
         f"{names[d]} {100 * tl.bubble_fraction[d]:.1f}%" for d in range(D)
     )
     for text in (legend, footer):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import random
 
 import pytest
 from hypothesis import given, settings
@@ -331,46 +332,51 @@ def test_params_partition_validates_length():
 
 # ----------------------------------------------------------------------------- properties
 
-_value = st.one_of(
-    st.sampled_from([0.5, 1.0, 2.0]),  # round values make ties on the bottleneck common
-    st.floats(min_value=0.01, max_value=10.0, allow_nan=False, allow_infinity=False),
-)
-_bytes = st.one_of(
-    st.sampled_from([0.0, 1.0, 4.0]),
-    st.floats(min_value=0.0, max_value=10.0, allow_nan=False, allow_infinity=False),
-)
+# Numbers come from a seeded generator rather than one Hypothesis draw each: drawing ~100
+# values per example through Hypothesis dominated the run time, and the seed (shown on
+# failure) reproduces an example just as well. Hypothesis still picks the sizes, the style
+# and the seed, deterministically under derandomize=True.
+_STYLES = ("round", "float", "mixed")  # round values make ties on the bottleneck common
+
+
+def _value(rng, style, low):
+    if style == "round" or (style == "mixed" and rng.random() < 0.5):
+        return rng.choice([low, 0.5, 1.0, 2.0]) if low == 0.0 else rng.choice([0.5, 1.0, 2.0])
+    return rng.uniform(max(low, 0.01), 10.0)
 
 
 @st.composite
 def problems(draw):
     n = draw(st.integers(1, 9))
     p = draw(st.integers(1, min(4, n)))
+    style = draw(st.sampled_from(_STYLES))
+    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
     prob = PartitionProblem(
         unit_names=tuple(f"u{i}" for i in range(n)),
-        unit_time=tuple(tuple(draw(_value) for _ in range(p)) for _ in range(n)),
+        unit_time=tuple(tuple(_value(rng, style, 0.01) for _ in range(p)) for _ in range(n)),
         boundary_time=tuple(
-            tuple(draw(st.one_of(st.just(0.0), _value)) for _ in range(p - 1))
+            tuple(0.0 if rng.random() < 0.3 else _value(rng, style, 0.01) for _ in range(p - 1))
             for _ in range(n - 1)
         ),
-        unit_static_bytes=tuple(draw(_bytes) for _ in range(n)),
-        unit_activation_bytes=tuple(draw(_bytes) for _ in range(n)),
-        boundary_bytes=tuple(draw(_bytes) for _ in range(n - 1)),
-        inflight=tuple(draw(st.integers(0, 4)) for _ in range(p)),
+        unit_static_bytes=tuple(_value(rng, style, 0.0) for _ in range(n)),
+        unit_activation_bytes=tuple(_value(rng, style, 0.0) for _ in range(n)),
+        boundary_bytes=tuple(_value(rng, style, 0.0) for _ in range(n - 1)),
+        inflight=tuple(rng.randint(0, 4) for _ in range(p)),
         device_memory=(math.inf,) * p,
         device_names=tuple(f"d{j}" for j in range(p)),
     )
     caps = []
     for j in range(p):
-        kind = draw(st.sampled_from(["inf", "random", "exact"]))
+        kind = rng.choice(["inf", "random", "exact"])
         if kind == "inf":
             caps.append(math.inf)
         elif kind == "random":
-            caps.append(draw(st.floats(min_value=0.0, max_value=120.0)))
+            caps.append(rng.uniform(0.0, 120.0))
         else:
             # Exactly some stage's need on this device: exercises the <= boundary.
-            s = draw(st.integers(0, n - 1))
-            e = draw(st.integers(s + 1, n))
-            caps.append(stage_memory(prob, s, e, j))
+            start = rng.randrange(n)
+            end = rng.randint(start + 1, n)
+            caps.append(stage_memory(prob, start, end, j))
     return dataclasses.replace(prob, device_memory=tuple(caps))
 
 
@@ -385,7 +391,7 @@ def close(a, b):
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
-@settings(max_examples=250, deadline=None, derandomize=True)
+@settings(max_examples=500, deadline=None, derandomize=True)
 @given(problems())
 def test_dp_matches_brute_force(prob):
     feasible = [part for part in all_partitions(prob) if part.fits]
@@ -414,7 +420,7 @@ def test_dp_matches_brute_force(prob):
     assert dataclasses.replace(part, method="given") == evaluate_partition(prob, part.bounds)
 
 
-@settings(max_examples=80, deadline=None, derandomize=True)
+@settings(max_examples=100, deadline=None, derandomize=True)
 @given(problems())
 def test_helpers_match_the_formulas(prob):
     n, p = prob.n, prob.p
@@ -433,10 +439,11 @@ def test_helpers_match_the_formulas(prob):
                 assert close(stage_memory(prob, s, e, j), m)
 
 
-@settings(max_examples=100, deadline=None, derandomize=True)
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(problems(), st.data())
 def test_optimal_beats_baselines_when_they_fit(prob, data):
-    params = [data.draw(_bytes) for _ in range(prob.n)]
+    rng = random.Random(data.draw(st.integers(0, 2**32 - 1)))
+    params = [rng.choice([0.0, 1.0, rng.uniform(0.0, 10.0)]) for _ in range(prob.n)]
     baselines = [uniform_partition(prob), params_partition(prob, params)]
     for base in baselines:
         assert len(base.bounds) == prob.p and all(s < e for s, e in base.bounds)
