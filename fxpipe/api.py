@@ -124,7 +124,7 @@ class CompiledModel:
             for target in sg.attrs + sg.modules:
                 obj = resolve_attr(self.model, self._cap.gm, target)
                 objects[target] = self._place(obj, sg.index, dev, owner)
-            module = build_stage_module(sg, objects)
+            module = build_stage_module(sg, objects, dev)
             positions = tuple(self._cap.input_names.index(n) for n in sg.model_inputs)
             runners.append(StageRunner(sg.index, module, dev, sp.device, len(sg.recv), positions,
                                        sg.index == len(self.stage_graphs) - 1))

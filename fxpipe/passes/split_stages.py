@@ -129,6 +129,19 @@ def resolve_attr(model: nn.Module, gm: fx.GraphModule, target: str) -> Any:
     raise KeyError(target)
 
 
-def build_stage_module(stage: StageGraph, objects: dict[str, Any]) -> fx.GraphModule:
-    """An executable GraphModule for `stage` whose attributes are the given objects."""
-    return fx.GraphModule(objects, stage.graph, f"Stage{stage.index}")
+def build_stage_module(stage: StageGraph, objects: dict[str, Any], device: torch.device | None = None) -> fx.GraphModule:
+    """An executable GraphModule for `stage` whose attributes are the given objects.
+
+    With `device`, factory and conversion ops whose device was baked in at trace time
+    (torch.export records `arange(..., device=cpu)`) are retargeted to the stage's device.
+    """
+    graph = stage.graph
+    if device is not None:
+        graph = fx.Graph()
+        out = graph.graph_copy(stage.graph, {})
+        graph.output(out)
+        for node in graph.nodes:
+            d = node.kwargs.get("device")
+            if isinstance(d, (torch.device, str)) and torch.device(d) != device:
+                node.update_kwarg("device", device)
+    return fx.GraphModule(objects, graph, f"Stage{stage.index}")
