@@ -21,7 +21,7 @@ from fxpipe.compiler.capture import Captured, capture
 from fxpipe.compiler.cluster import Cluster, Device
 from fxpipe.compiler.plan import OPTIMIZER_STATE_FACTOR, Plan, StagePlan, graph_fingerprint
 from fxpipe.errors import PlanError
-from fxpipe.passes.annotate_costs import CostTable, annotate_costs, device_unit_times
+from fxpipe.passes.annotate_costs import BWD_FACTOR, CostTable, annotate_costs, device_unit_times
 from fxpipe.passes.emit_schedule import Schedule, emit_schedule, peak_inflight, validate_schedule
 from fxpipe.passes.group_units import Units, group_units
 from fxpipe.passes.partition_stages import (Partition, PartitionProblem, params_partition, partition_stages,
@@ -147,8 +147,6 @@ def build_plan(
     # units before costs: costs are aggregated per unit, the partitioner's atoms
     prog.start("units+costs")
     units = group_units(cap.gm, min_units=max(8, 4 * p))
-    if len(units) < p:
-        units = group_units(cap.gm, min_units=10**9)  # finest: one unit per node
     costs = annotate_costs(cap.gm, units)
     prog.done("costs", f"({len(units)} units)")
     _dump("units", "\n".join(f"{i}: {n} ({len(units.nodes[i])} nodes)" for i, n in enumerate(units.names)))
@@ -215,6 +213,6 @@ def _stage_plans(part: Partition, costs: CostTable, cluster: Cluster, problem: P
         send_bytes = costs.boundary_bytes[b - 1] if s < p - 1 else 0.0
         send = cluster.link(s, s + 1).transfer_time(send_bytes) if s < p - 1 else 0.0
         out.append(StagePlan(index=s, device=s, units=(a, b), param_bytes=sum(costs.param_bytes[a:b]),
-                             fwd_ms=fwd * 1e3, bwd_ms=(fwd * 2.0 * 1e3) if train else 0.0, send_ms=send * 1e3,
+                             fwd_ms=fwd * 1e3, bwd_ms=(fwd * BWD_FACTOR * 1e3) if train else 0.0, send_ms=send * 1e3,
                              send_bytes=send_bytes, memory_bytes=part.stage_memory[s], inflight=int(inflight[s])))
     return out

@@ -136,7 +136,7 @@ class Plan:
             raise PlanError(f"{where} has plan format version {v!r}; this fxpipe reads versions 1..{FORMAT_VERSION}. "
                             "Upgrade fxpipe, or re-plan the model with this version.")
         try:
-            stages = tuple(StagePlan(**{**s, "units": tuple(s["units"])}) for s in d["stages"])
+            stages = tuple(_stage_from_dict(s) for s in d["stages"])
             plan = Plan(
                 fingerprint=str(d["fingerprint"]), model_name=str(d["model_name"]), capture_path=str(d["capture_path"]),
                 input_names=tuple(d["input_names"]), batch_size=int(d["batch_size"]), microbatches=int(d["microbatches"]),
@@ -144,11 +144,15 @@ class Plan:
                 stages=stages, schedule=Schedule.from_dict(d["schedule"]), costs=CostTable.from_dict(d["costs"]),
                 predicted=dict(d["predicted"]), baselines=dict(d.get("baselines", {})), timings=dict(d.get("timings", {})),
                 version=v)
+            for key in ("step_ms", "bottleneck_ms", "bubble"):
+                float(plan.predicted[key])
+            for b in plan.baselines.values():
+                float(b["bottleneck_ms"]), bool(b["fits"])
+            plan.check()
         except FxpipeError as e:
             raise PlanError(f"{where} is damaged: {e}") from None
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
             raise PlanError(f"{where} is damaged or incomplete ({type(e).__name__}: {e}); re-create it with `fxpipe plan`") from None
-        plan.check()
         return plan
 
     def check(self) -> None:
@@ -202,6 +206,26 @@ class Plan:
 
     def with_(self, **changes: Any) -> "Plan":
         return replace(self, **changes)
+
+
+def _stage_from_dict(s: Any) -> StagePlan:
+    if not isinstance(s, dict):
+        raise TypeError(f"a stage must be an object, got {type(s).__name__}")
+    ints = ("index", "device", "inflight")
+    floats = ("param_bytes", "fwd_ms", "bwd_ms", "send_ms", "send_bytes", "memory_bytes")
+    for k in ints:
+        if not isinstance(s[k], int) or isinstance(s[k], bool):
+            raise TypeError(f"stage field {k!r} must be an integer, got {s[k]!r}")
+    for k in floats:
+        if not isinstance(s[k], (int, float)) or isinstance(s[k], bool):
+            raise TypeError(f"stage field {k!r} must be a number, got {s[k]!r}")
+    units = s["units"]
+    if not (isinstance(units, list) and len(units) == 2 and all(isinstance(u, int) for u in units)):
+        raise TypeError(f"stage field 'units' must be [start, end], got {units!r}")
+    extra = set(s) - set(StagePlan.__slots__)
+    if extra:
+        raise TypeError(f"unknown stage fields {sorted(extra)}")
+    return StagePlan(**{**s, "units": (units[0], units[1])})
 
 
 def graph_fingerprint(gm: fx.GraphModule, params: dict[str, Any]) -> str:

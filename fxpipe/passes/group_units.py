@@ -81,8 +81,9 @@ def _runs(compute: list[fx.Node], depth: int) -> list[tuple[str, list[fx.Node]]]
 def group_units(gm: fx.GraphModule, min_units: int = 8, max_units: int = 512) -> Units:
     """Choose a module depth and group compute nodes into units; tag each node with its unit.
 
-    The shallowest depth giving at least `min_units` units is used (capped at `max_units`);
-    if no depth gives enough, the finest depth, then single nodes.
+    The shallowest depth giving at least `min_units` units is used (a depth beyond
+    `max_units` is not tried once a coarser one exists); if no depth gives `min_units`, every
+    compute node is its own unit.
 
     Reads `nn_module_stack`. Writes `node.meta["fxpipe.unit"]`; may move getitem nodes next to
     their producer (a valid topological reorder). Returns the Units.
@@ -106,9 +107,8 @@ def group_units(gm: fx.GraphModule, min_units: int = 8, max_units: int = 512) ->
         chosen = (depth, runs)
         if len(runs) >= min_units:
             break
-    if chosen is None or len(chosen[1]) < min(min_units, len(compute)) and max_depth == 0:
-        chosen = (0, _runs(compute, 0))
-    elif len(chosen[1]) < min_units and len(compute) >= min_units and len(chosen[1]) < 2:
+    if chosen is None or len(chosen[1]) < min_units:
+        # no module depth is fine enough: one unit per compute node
         chosen = (0, _runs(compute, 0))
     depth, runs = chosen
     seen: dict[str, int] = {}

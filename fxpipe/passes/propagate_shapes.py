@@ -30,6 +30,25 @@ def _to_meta(x: Any) -> Any:
     return x
 
 
+def _as_meta_device(a: Any) -> Any:
+    if isinstance(a, torch.device) and a.type != "meta":
+        return torch.device("meta")
+    if isinstance(a, str):
+        try:
+            return torch.device("meta") if torch.device(a).type != "meta" else a
+        except RuntimeError:
+            return a
+    return a
+
+
+def _meta_devices(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    # Device arguments (factory ops, .to(device)) would otherwise make or copy real tensors.
+    args = tuple(torch.device("meta") if isinstance(a, torch.device) else a for a in args)
+    if "device" in kwargs:
+        kwargs = {**kwargs, "device": torch.device("meta")}
+    return args, kwargs
+
+
 class _MetaInterpreter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm, garbage_collect_values=True)
@@ -50,9 +69,16 @@ class _MetaInterpreter(fx.Interpreter):
         return fx.Interpreter.fetch_attr(self, target)
 
     def call_function(self, target, args, kwargs):
-        if "device" in kwargs:  # factory ops (arange, ones) would otherwise make real CPU tensors
-            kwargs = {**kwargs, "device": torch.device("meta")}
+        args, kwargs = _meta_devices(args, kwargs)
         return super().call_function(target, args, kwargs)
+
+    def call_method(self, target, args, kwargs):
+        if target in ("cpu", "cuda"):
+            return args[0]  # stays on meta
+        if target == "to":
+            args = tuple(_as_meta_device(a) for a in args)
+        args, kwargs = _meta_devices(args, kwargs)
+        return super().call_method(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         before = self.counter.get_total_flops()

@@ -114,6 +114,7 @@ class LocalRuntime:
             try:
                 stream = self.streams.get(d)
                 if stream is not None:
+                    torch.cuda.set_device(stream.device)  # a fresh thread has no CUDA context
                     with torch.cuda.stream(stream):
                         prog(self)
                 else:

@@ -1,0 +1,432 @@
+"""The `fxpipe` command line: plan a model offline, inspect a plan, run a demo.
+
+    fxpipe plan model.py:make --devices 'cpu*2' -o plan.json
+    fxpipe inspect plan.json --format text|trace|code
+    fxpipe demo
+
+`main(argv)` returns the exit status instead of exiting, so tests call it in-process:
+0 = success, 1 = the demo's correctness check failed, 2 = a usage or fxpipe error, reported
+as one "fxpipe: error: ..." line on stderr without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from fxpipe.compiler.plan import Plan
+    from fxpipe.passes.simulate_schedule import Timeline
+
+__all__ = ["main", "build_parser", "parse_devices", "load_factory", "timeline_text", "CliError"]
+
+_MAIN_HELP = """\
+fxpipe compiles a PyTorch nn.Module into a pipeline across several devices.
+
+Start with `fxpipe demo` (a small GPT trained across two CPU workers), then plan your own
+model: write a file with a function that returns (model, example_args), plan it, and look
+at what was decided.
+"""
+
+_MAIN_EPILOG = """\
+examples:
+  fxpipe demo                                        # compile + check + train a small GPT
+  fxpipe plan mymodel.py:make --devices 'cpu*2' -o plan.json
+  fxpipe inspect plan.json                           # stage table + timeline per device
+  fxpipe inspect plan.json --format trace            # Chrome/Perfetto trace
+  fxpipe <command> --help                            # options of one command
+"""
+
+_PLAN_EPILOG = """\
+The factory is a function in FILE that returns (model, example_args) or
+(model, example_args, example_kwargs); example_args is a tensor or a tuple, with the batch
+as dim 0. For example, mymodel.py:
+
+    import torch
+    def make():
+        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+        return model, torch.randn(32, 64)
+
+examples:
+  fxpipe plan mymodel.py:make --devices cpu,cpu -o plan.json
+  fxpipe plan mymodel.py:make --devices 'cpu*4' --microbatches 8 --schedule gpipe -o plan.json
+  fxpipe plan mymodel.py:make --devices cuda:0,cuda:1 --optimizer sgd -o plan.json
+  fxpipe plan mymodel.py:make --cluster cluster.json --inference -o plan.json
+
+A cluster file describes devices that need not exist here (plan for GPUs on a laptop):
+  {"devices": [{"name": "gpu0", "kind": "cuda", "peak_flops": 6.7e13,
+                "mem_bandwidth": 3.35e12, "memory": 8.5e10}, ...],
+   "links": [{"src": 0, "dst": 1, "bandwidth": 4.5e11, "latency": 1e-5}]}
+"""
+
+_INSPECT_EPILOG = """\
+formats:
+  text   the stage table and a predicted timeline, one row per device (default)
+  trace  a Chrome trace JSON: open it in https://ui.perfetto.dev or chrome://tracing
+         (written to PLAN's name with .trace.json unless -o is given)
+  code   the generated program each device runs, as Python source
+
+examples:
+  fxpipe inspect plan.json
+  fxpipe inspect plan.json --format trace -o step.trace.json
+  fxpipe inspect plan.json --format code
+"""
+
+_DEMO_EPILOG = """\
+Builds a small GPT-2 (transformers, random init, no download) or, without transformers or
+with --model builtin, fxpipe's own TinyGPT; compiles it across the devices; checks outputs
+and gradients against the untouched model; trains a few AdamW steps; shows the timeline
+and device 0's generated program. Exits 1 if the check fails.
+
+examples:
+  fxpipe demo
+  fxpipe demo --devices 'cpu*3' --microbatches 6 --steps 5
+  fxpipe demo --model builtin --schedule gpipe
+"""
+
+
+class CliError(Exception):
+    """A usage problem (bad argument, missing file, bad factory); exit status 2."""
+
+
+# ---- helpers ------------------------------------------------------------------------------
+def parse_devices(text: str) -> list[str]:
+    """'cpu,cpu' -> ['cpu', 'cpu']; 'cpu*4' -> four 'cpu'; 'cuda:0,cuda:1' as given."""
+    out: list[str] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            raise CliError(f"--devices {text!r} has an empty entry; write e.g. 'cpu,cpu' or 'cpu*2'")
+        name, star, count = item.partition("*")
+        name = name.strip()
+        n = 1
+        if star:
+            try:
+                n = int(count)
+            except ValueError:
+                n = 0
+            if not 1 <= n <= 65536:
+                raise CliError(f"--devices entry {item!r}: the count after '*' must be a positive integer, e.g. 'cpu*4'")
+        if not name:
+            raise CliError(f"--devices entry {item!r} has no device name; write e.g. 'cpu*4'")
+        out += [name] * n
+    return out
+
+
+def load_factory(spec: str) -> tuple[Any, tuple, dict]:
+    """Import FILE from 'FILE:FACTORY', call FACTORY() and check it returns a model and inputs."""
+    from torch import Tensor, nn
+
+    path_text, colon, name = spec.rpartition(":")
+    if not colon or not path_text or not name:
+        raise CliError(f"model {spec!r} is not of the form FILE.py:FACTORY (e.g. mymodel.py:make)")
+    path = Path(path_text)
+    if not path.is_file():
+        raise CliError(f"model file {path} does not exist")
+    mod_name = f"_fxpipe_user_{path.stem}"
+    mspec = importlib.util.spec_from_file_location(mod_name, path)
+    if mspec is None or mspec.loader is None:
+        raise CliError(f"cannot import {path}: not a Python file")
+    module = importlib.util.module_from_spec(mspec)
+    sys.modules[mod_name] = module
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)  # so the file (and its factory) can import its neighbours
+    try:
+        try:
+            mspec.loader.exec_module(module)
+        except Exception as e:  # the user's code: report it in one line
+            sys.modules.pop(mod_name, None)
+            raise CliError(f"importing {path} failed: {type(e).__name__}: {e}") from None
+        factory = getattr(module, name, None)
+        if factory is None:
+            found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
+                           and getattr(v, "__module__", None) == mod_name)
+            raise CliError(f"{path} has no function {name!r}" + (f"; it defines {', '.join(found)}" if found else ""))
+        if not callable(factory):
+            raise CliError(f"{path}:{name} is a {type(factory).__name__}, not a function")
+        try:
+            result = factory()
+        except Exception as e:
+            raise CliError(f"{path}:{name}() raised {type(e).__name__}: {e}") from None
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
+    want = "(model, example_args) or (model, example_args, example_kwargs)"
+    if not isinstance(result, tuple) or len(result) not in (2, 3):
+        raise CliError(f"{path}:{name}() returned {type(result).__name__}; it must return {want}")
+    model, args = result[0], result[1]
+    kwargs = result[2] if len(result) == 3 else {}
+    if not isinstance(model, nn.Module):
+        raise CliError(f"{path}:{name}() returned a {type(model).__name__} as the model; it must be a torch.nn.Module")
+    if isinstance(args, Tensor):
+        args = (args,)
+    if not isinstance(args, tuple):
+        raise CliError(f"{path}:{name}() returned example_args of type {type(args).__name__}; "
+                       "give a tensor or a tuple of arguments")
+    if not isinstance(kwargs, dict):
+        raise CliError(f"{path}:{name}() returned example_kwargs of type {type(kwargs).__name__}; give a dict")
+    return model, args, kwargs
+
+
+def timeline_text(plan: "Plan", width: int = 100) -> str:
+    """The plan's schedule simulated with its predicted stage times, as a text Gantt chart."""
+    from fxpipe.passes.render_timeline import render_timeline
+
+    tl = _simulate(plan)
+    names = [f"d{i} {d.name}" for i, d in enumerate(plan.cluster.devices)]
+    kind = "training step" if plan.schedule.train else "inference pass"
+    return f"predicted timeline of one {kind} ({plan.schedule.kind}):\n" + render_timeline(tl, width, names)
+
+
+def _simulate(plan: "Plan") -> "Timeline":
+    """simulate_schedule on the plan's schedule with its predicted per-stage times (seconds)."""
+    from fxpipe.passes.simulate_schedule import simulate_schedule
+
+    st = plan.stages
+    return simulate_schedule(plan.schedule, [s.fwd_ms / 1e3 for s in st], [s.bwd_ms / 1e3 for s in st],
+                             [s.send_ms / 1e3 for s in st])
+
+
+def _code_text(plan: "Plan") -> str:
+    from fxpipe.runtime.program import device_source
+
+    names = [d.name for d in plan.cluster.devices]
+    return "\n".join(device_source(plan.schedule, d, names) for d in range(len(names)))
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise CliError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+# ---- commands -----------------------------------------------------------------------------
+def _cmd_plan(a: argparse.Namespace) -> int:
+    import fxpipe
+
+    if a.microbatches < 1:
+        raise CliError(f"--microbatches must be >= 1, got {a.microbatches}")
+    devices: Any = fxpipe.Cluster.load(a.cluster) if a.cluster else parse_devices(a.devices)
+    out = Path(a.output)
+    if not out.parent.is_dir():
+        raise CliError(f"cannot write {out}: folder {out.parent} does not exist")
+    t0 = time.perf_counter()
+    print(f"fxpipe: building the model from {a.model} ...", end="", file=sys.stderr, flush=True)
+    model, args, kwargs = load_factory(a.model)
+    print(f" {time.perf_counter() - t0:.2f}s ({type(model).__name__})", file=sys.stderr, flush=True)
+    plan = fxpipe.plan(model, devices, args, example_kwargs=kwargs or None, microbatches=a.microbatches,
+                       schedule=a.schedule, train=not a.inference, optimizer=a.optimizer, progress=True)
+    try:
+        plan.save(out)
+    except OSError as e:
+        raise CliError(f"cannot write {out}: {e.strerror or e}") from None
+    print(plan.summary())
+    print(f"wrote {out}; look at it with: fxpipe inspect {out}")
+    return 0
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    from fxpipe.compiler.plan import Plan
+
+    src = Path(a.plan)
+    try:
+        plan = Plan.load(src)
+        if a.format == "trace":
+            tl = _simulate(plan)
+        else:
+            text = _code_text(plan) if a.format == "code" else plan.summary() + "\n\n" + timeline_text(plan)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        # Plan.load checks the structure but not every field's type; a hand-edited file can
+        # still fail later, and that is the file's fault, not a crash to show a traceback for.
+        raise CliError(f"plan file {src} is damaged ({type(e).__name__}: {e}); re-create it with `fxpipe plan`") from None
+    if a.format == "trace":
+        out = Path(a.output) if a.output else src.with_name(src.stem + ".trace.json")
+        _write(out, json.dumps(tl.to_chrome_trace()))
+        print(f"wrote {out} ({len(tl.events)} events, predicted step {tl.step_time * 1e3:.3f} ms); "
+              "open it in https://ui.perfetto.dev or chrome://tracing")
+        return 0
+    if a.output:
+        _write(Path(a.output), text + "\n")
+        print(f"wrote {a.output}")
+    else:
+        print(text)
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    import torch
+
+    import fxpipe
+    from fxpipe.models import demo_gpt
+
+    devices = parse_devices(a.devices)
+    if a.steps < 0 or a.microbatches < 1:
+        raise CliError("--steps must be >= 0 and --microbatches >= 1")
+    torch.manual_seed(0)
+    try:
+        model, what = demo_gpt(a.model)
+    except ImportError:
+        raise CliError("--model gpt2 needs transformers: pip install 'fxpipe[hf]'") from None
+    model.train()
+    ref = copy.deepcopy(model)  # untouched eager copy to check against
+    batch = max(8, a.microbatches)
+    x = torch.randint(0, 512, (batch, 32))
+    target = torch.roll(x, -1, dims=1)  # next-token targets
+
+    def logits(out: Any) -> torch.Tensor:
+        return out.logits if hasattr(out, "logits") else out
+
+    def loss_fn(out: Any, t: torch.Tensor) -> torch.Tensor:
+        lg = logits(out)
+        return torch.nn.functional.cross_entropy(lg.flatten(0, 1).float(), t.to(lg.device).flatten())
+
+    print(f"fxpipe demo: {what} on {len(devices)} devices ({', '.join(devices)}), batch {tuple(x.shape)}, "
+          f"{a.microbatches} microbatches, schedule {a.schedule}")
+    cm = fxpipe.compile(model, devices, (x,), microbatches=a.microbatches, schedule=a.schedule,
+                        optimizer="adam", progress=True)
+    print(cm.plan.summary())
+
+    print("\ncheck against the untouched model:")
+    with torch.no_grad():
+        fwd = (logits(cm(x)).float().cpu() - logits(ref(x)).float()).abs().max().item()
+    loss = cm.step(x, target=target, loss_fn=loss_fn).float().cpu()
+    ref_loss = loss_fn(ref(x), target)
+    ref_loss.backward()
+    grads = dict(ref.named_parameters())
+    gdiff, worst, ok = 0.0, "-", True
+    for name, p in model.named_parameters():
+        r = grads[name].grad
+        if (p.grad is None) != (r is None):
+            ok, worst = False, f"{name} (gradient missing on one side)"
+            continue
+        if r is None:
+            continue
+        g = p.grad.float().cpu()
+        d = (g - r).abs().max().item()
+        if d > gdiff:
+            gdiff, worst = d, name
+        ok &= torch.allclose(g, r, rtol=1e-4, atol=1e-5)
+    ldiff = abs(loss.item() - ref_loss.item())
+    ok &= fwd <= 1e-4 and ldiff <= 1e-4
+    print(f"  forward  max |cm(x) - model(x)|     = {fwd:.3g}")
+    print(f"  loss     |step loss - eager loss|   = {ldiff:.3g} ({loss.item():.5f} vs {ref_loss.item():.5f})")
+    print(f"  grads    max |grad - eager grad|    = {gdiff:.3g} over {len(grads)} parameters (worst: {worst})")
+    print(f"  {'PASS' if ok else 'FAIL'}")
+
+    if a.steps:
+        print(f"\ntraining {a.steps} AdamW steps on this batch:")
+        opt = torch.optim.AdamW(cm.parameters(), lr=3e-3)
+        for i in range(a.steps):
+            cm.zero_grad()
+            t0 = time.perf_counter()
+            step_loss = cm.step(x, target=target, loss_fn=loss_fn)
+            opt.step()
+            print(f"  step {i + 1}: loss {step_loss.item():.4f} ({(time.perf_counter() - t0) * 1e3:.0f} ms)")
+
+    print("\n" + timeline_text(cm.plan))
+    code = cm.code(0).rstrip("\n").splitlines()
+    keep = 20
+    print("\ngenerated program of device 0:")
+    print("\n".join(code[:keep]))
+    if len(code) > keep:
+        print(f"    # ... {len(code) - keep} more lines; see all: cm.code(0), or fxpipe inspect PLAN --format code")
+    return 0 if ok else 1
+
+
+# ---- parser and entry point ---------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="fxpipe", description=_MAIN_HELP, epilog=_MAIN_EPILOG, formatter_class=fmt)
+    from fxpipe import __version__
+
+    p.add_argument("--version", action="version", version=f"fxpipe {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="<command>")
+
+    pl = sub.add_parser("plan", help="plan a model offline and save the plan as JSON",
+                        description="Plan a model for a set of devices (runs nothing on them) and save the plan.",
+                        epilog=_PLAN_EPILOG, formatter_class=fmt)
+    pl.add_argument("model", metavar="FILE.py:FACTORY", help="file and function that return (model, example_args[, example_kwargs])")
+    where = pl.add_mutually_exclusive_group(required=True)
+    where.add_argument("--devices", metavar="LIST", help="comma list of devices: 'cpu,cpu', 'cuda:0,cuda:1', 'cpu*4'")
+    where.add_argument("--cluster", metavar="FILE.json", help="a JSON cluster file instead of --devices")
+    pl.add_argument("--microbatches", "-m", type=int, default=4, help="microbatches per batch (default 4)")
+    pl.add_argument("--schedule", choices=("1f1b", "gpipe"), default="1f1b", help="pipeline schedule (default 1f1b)")
+    pl.add_argument("--optimizer", choices=("adam", "sgd", "sgd-momentum"), default="adam",
+                    help="optimizer whose state the memory model counts (default adam)")
+    pl.add_argument("--inference", action="store_true", help="plan forward passes only (no gradients or optimizer state)")
+    pl.add_argument("-o", "--output", default="plan.json", metavar="PLAN.json", help="where to write the plan (default plan.json)")
+    pl.set_defaults(func=_cmd_plan)
+
+    ins = sub.add_parser("inspect", help="show a saved plan: stage table, timeline, trace, generated code",
+                         description="Show what a plan decided.", epilog=_INSPECT_EPILOG, formatter_class=fmt)
+    ins.add_argument("plan", metavar="PLAN.json", help="a plan written by `fxpipe plan`")
+    ins.add_argument("--format", "-f", choices=("text", "trace", "code"), default="text", help="what to show (default text)")
+    ins.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout (trace: default PLAN.trace.json)")
+    ins.set_defaults(func=_cmd_inspect)
+
+    de = sub.add_parser("demo", help="compile, check and train a small GPT across devices",
+                        description="A self-checking tour of fxpipe on a small GPT.", epilog=_DEMO_EPILOG,
+                        formatter_class=fmt)
+    de.add_argument("--devices", default="cpu,cpu", metavar="LIST", help="comma list of devices (default cpu,cpu)")
+    de.add_argument("--microbatches", "-m", type=int, default=4, help="microbatches per batch (default 4)")
+    de.add_argument("--steps", type=int, default=3, help="AdamW training steps to run (default 3)")
+    de.add_argument("--schedule", choices=("1f1b", "gpipe"), default="1f1b", help="pipeline schedule (default 1f1b)")
+    de.add_argument("--model", choices=("auto", "gpt2", "builtin"), default="auto",
+                    help="auto: GPT-2 from transformers if installed, else builtin TinyGPT")
+    de.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the fxpipe command line with `argv` (default sys.argv[1:]); returns the exit status."""
+    parser = build_parser()
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version and argparse's own usage errors
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if a.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    from fxpipe.errors import FxpipeError
+
+    err = _LineTracker(sys.stderr)
+    sys.stderr = err
+    try:
+        return a.func(a)
+    except (CliError, FxpipeError) as e:
+        if not err.at_line_start:
+            print(file=sys.stderr, flush=True)  # end the progress line the error cut short
+        print(f"fxpipe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fxpipe: error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `fxpipe inspect plan.json | head`
+        sys.stdout = open(os.devnull, "w")
+        return 0
+    finally:
+        sys.stderr = err.stream
+
+
+class _LineTracker:
+    """Wraps stderr to know whether a progress line ("fxpipe: capture ...") is still open."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.at_line_start = True
+
+    def write(self, s: str) -> int:
+        if s:
+            self.at_line_start = s.endswith("\n")
+        return self.stream.write(s)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
