@@ -408,8 +408,6 @@ def test_gpt2_state_dict_keys_and_two_adamw_steps():
         assert_same_output(cm(idx2), ref(idx2))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: propagate_shapes copies a meta tensor to the real device at the "
-                   "aten.to.device(x, cpu, bool) node of transformers' create_causal_mask (device passed positionally)")
 def test_gpt2_with_attention_mask():
     """The everyday transformers call: input_ids plus a padding attention_mask read by every block."""
     idx = torch.randint(0, 128, (6, 16))
@@ -470,8 +468,6 @@ class FewModules(nn.Module):
         return self.b(h) + 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: build_plan's fallback group_units(min_units=10**9) is meant to give one "
-                   "unit per node but keeps module depth 1 (2 units), so 4 devices raise PlanError")
 def test_more_devices_than_modules_uses_node_units():
     x, t = torch.randn(8, 16), torch.randn(8, 8)
     check_equivalence(FewModules(), 4, 2, "gpipe", (x,), t, mse)

@@ -110,22 +110,45 @@ def test_factory_op_with_device_keyword_stays_on_meta():
     assert out.meta[VAL].is_meta and tuple(out.meta[VAL].shape) == (2, 3)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _MetaInterpreter only rewrites a `device` keyword to meta; a device "
-                   "given positionally (x.to('cpu'), aten.to.device(x, cpu, dtype) from torch.export) copies a "
-                   "meta tensor to CPU and fails ('Cannot copy out of meta tensor')")
-def test_device_move_stays_on_meta():
+@pytest.mark.parametrize("move", [
+    lambda h: h.to("cpu"),
+    lambda h: h.to(torch.device("cpu"), torch.float32),
+    lambda h: h.to(device="cpu"),
+    lambda h: h.cpu(),
+], ids=["to-str", "to-device-dtype", "to-kw", "cpu"])
+def test_device_move_stays_on_meta(move):
+    """A device move in the model (positional, keyword or .cpu()) must not copy the meta value out."""
+
     class Move(nn.Module):
         def __init__(self):
             super().__init__()
             self.lin = nn.Linear(4, 4)
 
         def forward(self, x):
-            return self.lin(x).to("cpu") + 1
+            return move(self.lin(x)) + 1
 
     gm = fx.symbolic_trace(Move())
     propagate_shapes(gm, [torch.randn(2, 4)])
-    out = [n for n in gm.graph.nodes if n.op == "call_function"][-1]
-    assert tuple(out.meta[VAL].shape) == (2, 4)
+    out = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")][-1]
+    assert out.meta[VAL].is_meta and tuple(out.meta[VAL].shape) == (2, 4)
+
+
+def test_device_move_in_an_export_graph_stays_on_meta():
+    from fxpipe.compiler.capture import capture
+
+    class Move(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x).to(torch.device("cpu"), torch.bool)
+
+    cap = capture(Move(), (torch.randn(2, 4),), method="export")
+    assert any("to" in str(n.target) for n in cap.gm.graph.nodes if n.op == "call_function")
+    propagate_shapes(cap.gm, [torch.randn(2, 4)])
+    out = next(n for n in cap.gm.graph.nodes if n.op == "output").args[0][0]
+    assert out.meta[VAL].is_meta and out.meta[VAL].dtype == torch.bool
 
 
 def test_data_dependent_shape_is_a_trace_error_naming_the_node():
