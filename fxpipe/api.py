@@ -23,6 +23,7 @@ from fxpipe.passes.emit_schedule import emit_schedule
 from fxpipe.passes.split_stages import StageGraph, build_stage_module, resolve_attr, split_stages
 from fxpipe.runtime.local import LocalRuntime, StageRunner, _StepState
 from fxpipe.runtime.program import compile_program
+from fxpipe.runtime.weight_grad import with_split_backward
 
 __all__ = ["compile", "plan", "CompiledModel"]
 
@@ -106,6 +107,8 @@ class CompiledModel:
         self.stage_graphs: list[StageGraph] = split_stages(self._cap.gm, [s.units for s in p.stages])
         self._replicas: list[tuple[torch.Tensor, torch.Tensor]] = []  # (canonical, replica)
         runners = self._build_runners()
+        if any(i.op.name in ("BWD_INPUT", "BWD_WEIGHT") for prog in p.schedule.programs for i in prog):
+            runners = [with_split_backward(r) for r in runners]  # zero-bubble: BI and BW run apart
         threads = [d.threads for d in p.cluster.devices]
         self._rt = LocalRuntime(runners, threads, timeout=timeout)
         names = [d.name for d in p.cluster.devices]

@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from fxpipe.errors import FxpipeError, RuntimeMismatchError
+from fxpipe.runtime.weight_grad import Consumers, SplitState, backward_input, backward_weight
 
 __all__ = ["StageRunner", "LocalRuntime", "PipelineAborted"]
 
@@ -41,6 +42,10 @@ class StageRunner:
     n_recv: int
     input_positions: tuple[int, ...]  # which flat model inputs the stage reads
     is_last: bool
+    # For split backward (BI/BW): the module returns n_out outputs, then consumer outputs.
+    n_out: int | None = None
+    consumers: Consumers | None = None
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class _Mailbox:
@@ -73,7 +78,7 @@ class _StepState:
     loss_fn: Callable | None = None
     scales: list[float] | None = None
     out_unflatten: Callable[[list], Any] | None = None
-    stash: dict[tuple[int, int], Any] = field(default_factory=dict)  # (stage, mb) -> (leaves, outputs)
+    stash: dict[tuple, Any] = field(default_factory=dict)  # (stage, mb) -> (leaves, outputs, consumer outputs)
     results: dict[int, list] = field(default_factory=dict)  # mb -> last stage's flat outputs
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
     grads_out: dict[tuple[int, int], list] = field(default_factory=dict)
@@ -169,6 +174,9 @@ class LocalRuntime:
         model_in = [self._to(state.inputs[mb][i], st.device) for i in st.input_positions]
         with torch.set_grad_enabled(state.train):
             out = list(st.module(*leaves, *model_in))
+        consumer_out: list = []
+        if st.n_out is not None:
+            out, consumer_out = out[: st.n_out], out[st.n_out:]
         if st.is_last:
             if state.train:
                 structured = state.out_unflatten(out)
@@ -179,16 +187,16 @@ class LocalRuntime:
                         f"loss_fn must return a scalar tensor, got {shape}; reduce it (e.g. .mean()) inside loss_fn")
                 loss = loss.reshape(()) * state.scales[mb]
                 state.losses[mb] = loss
-                state.stash[(s, mb)] = (leaves, [loss])
+                state.stash[(s, mb)] = (leaves, [loss], consumer_out)
             else:
                 state.results[mb] = [o.detach() if isinstance(o, torch.Tensor) else o for o in out]
         else:
-            state.stash[(s, mb)] = (leaves, out) if state.train else (None, out)
+            state.stash[(s, mb)] = (leaves, out, consumer_out) if state.train else (None, out, None)
 
     def backward(self, s: int, mb: int) -> None:
         st, state = self.stages[s], self.state
         self.current[st.device_index] = f"B(s{s},mb{mb})"
-        leaves, outs = state.stash.pop((s, mb))
+        leaves, outs, _ = state.stash.pop((s, mb))
         if st.is_last:
             tensors, grads = outs, [None]
         else:
@@ -199,10 +207,27 @@ class LocalRuntime:
             torch.autograd.backward(tensors, grads)
         state.grads_out[(s, mb)] = [(v.grad if isinstance(v, torch.Tensor) and v.requires_grad else None) for v in leaves]
 
+    def backward_input(self, s: int, mb: int) -> None:
+        """BI: gradients w.r.t. the stage inputs only; what BW needs is kept."""
+        st, state = self.stages[s], self.state
+        self.current[st.device_index] = f"BI(s{s},mb{mb})"
+        leaves, outs, consumer_out = state.stash.pop((s, mb))
+        grads = [None] if st.is_last else state.stash.pop(("grad", s, mb))
+        split = SplitState(list(outs), list(grads), list(consumer_out or []))
+        state.grads_out[(s, mb)] = backward_input(split, leaves)
+        state.stash[("W", s, mb)] = split
+
+    def backward_weight(self, s: int, mb: int) -> None:
+        """BW: the stage's parameter gradients from what BI kept."""
+        st, state = self.stages[s], self.state
+        self.current[st.device_index] = f"BW(s{s},mb{mb})"
+        split = state.stash.pop(("W", s, mb))
+        backward_weight(split, st.consumers or Consumers((), frozenset()), st.params)
+
     def send_act(self, s: int, mb: int, dst: int) -> None:
         st, state = self.stages[s], self.state
         self.current[st.device_index] = f"SEND_ACT(s{s},mb{mb}->d{dst})"
-        _, out = state.stash[(s, mb)]
+        _, out, _ = state.stash[(s, mb)]
         if not state.train:
             state.stash.pop((s, mb))
         payload = [o.detach() if isinstance(o, torch.Tensor) else o for o in out]
@@ -211,7 +236,7 @@ class LocalRuntime:
     def recv_act(self, s: int, mb: int, src: int) -> None:
         st, state = self.stages[s], self.state
         payload = self._recv(st, ("act", s, mb), f"RECV_ACT(s{s},mb{mb}<-d{src})")
-        state.stash[(s, mb)] = (self._to(payload, st.device), None)
+        state.stash[(s, mb)] = (self._to(payload, st.device), None, None)
 
     def send_grad(self, s: int, mb: int, dst: int) -> None:
         st, state = self.stages[s], self.state

@@ -31,6 +31,10 @@ _CALL = {
     Op.SEND_GRAD: "rt.send_grad({s}, {mb}, dst={peer})",
     Op.RECV_GRAD: "rt.recv_grad({s}, {mb}, src={peer})",
 }
+# Split backward (zero-bubble schedules), when the schedule IR has it.
+for _name, _call in (("BWD_INPUT", "rt.backward_input({s}, {mb})"), ("BWD_WEIGHT", "rt.backward_weight({s}, {mb})")):
+    if hasattr(Op, _name):
+        _CALL[getattr(Op, _name)] = _call
 
 
 def _line(ins: Instr) -> str:
