@@ -8,6 +8,9 @@ Example:
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -16,12 +19,12 @@ from torch import nn
 
 from fxpipe.compiler.capture import Captured
 from fxpipe.compiler.cluster import Cluster, Device
-from fxpipe.compiler.pipeline import Compilation, build_plan, microbatch_sizes, normalize_inputs
+from fxpipe.compiler.pipeline import Compilation, build_from_plan, build_plan, microbatch_sizes
 from fxpipe.compiler.plan import Plan
 from fxpipe.errors import PlanError, RuntimeMismatchError
-from fxpipe.passes.emit_schedule import emit_schedule
+from fxpipe.passes.emit_schedule import emit_schedule, peak_inflight
 from fxpipe.passes.split_stages import StageGraph, build_stage_module, resolve_attr, split_stages
-from fxpipe.runtime.local import LocalRuntime, StageRunner, _StepState
+from fxpipe.runtime.local import LocalRuntime, StageRunner, _StepState, measured_timeline
 from fxpipe.runtime.program import compile_program
 from fxpipe.runtime.weight_grad import with_split_backward
 
@@ -46,44 +49,64 @@ def plan(model: nn.Module, devices: Sequence[str | Device] | Cluster, example_in
 
 
 def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None = None, example_inputs: Any = None, *,
-            example_kwargs: dict | None = None, microbatches: int = 4, schedule: str = "1f1b",
-            optimizer: str = "adam", plan: Plan | str | None = None, capture_method: str = "auto",
+            example_kwargs: dict | None = None, microbatches: int | None = None, schedule: str | None = None,
+            optimizer: str | None = None, plan: Plan | str | os.PathLike | None = None, capture_method: str = "auto",
             leaf_modules: tuple[type, ...] = (), timeout: float = 300.0, progress: bool = False) -> "CompiledModel":
     """Compile `model` into a pipeline over `devices`.
 
     Args:
         model: any nn.Module; its parameters are moved to the devices of the stages using them.
-        devices: e.g. ["cpu", "cpu"] or ["cuda:0", "cuda:1"], or a Cluster.
+        devices: e.g. ["cpu", "cpu"] or ["cuda:0", "cuda:1"], or a Cluster. May be left out
+            when `plan` is given (the plan's devices are used).
         example_inputs: a real call's arguments (tensor, tuple or dict); dim 0 is the batch.
-        microbatches: m, the number of microbatches a batch is split into.
-        schedule: "1f1b" or "gpipe".
-        optimizer: optimizer kind for the memory model ("adam", "sgd", "sgd-momentum").
+        microbatches: m, the number of microbatches a batch is split into (default 4).
+        schedule: "1f1b" (default) or "gpipe".
+        optimizer: optimizer kind for the memory model ("adam" (default), "sgd", "sgd-momentum", ...).
         plan: a Plan (or a plan file path) to use instead of planning; it must be for this model.
+            Its devices, microbatches, schedule and optimizer are used; giving different ones
+            here is an error rather than a silent choice between the two.
         timeout: seconds a worker waits for a message before failing.
 
     Returns:
         A CompiledModel: call it for inference, `.step(...)` for a training step.
     """
-    if plan is not None and not isinstance(plan, Plan):
+    if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and math.isfinite(timeout) and timeout > 0):
+        raise PlanError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if plan is None:
+        if devices is None:
+            raise PlanError("compile needs devices (e.g. devices=['cpu', 'cpu']) or a plan "
+                            "(plan=fxpipe.plan(...) or plan='plan.json'); neither was given")
+        comp = build_plan(model, devices, example_inputs, example_kwargs,
+                          microbatches=4 if microbatches is None else microbatches,
+                          schedule="1f1b" if schedule is None else schedule, train=True,
+                          optimizer="adam" if optimizer is None else optimizer, capture_method=capture_method,
+                          leaf_modules=leaf_modules, progress=progress)
+        return CompiledModel(model, comp, timeout=timeout)
+    if isinstance(plan, (str, os.PathLike)):
         plan = Plan.load(plan)
-    if devices is None:
-        if plan is None:
-            raise PlanError("devices is required (e.g. devices=['cpu', 'cpu']) unless a plan is given")
-        devices = plan.cluster
-    if plan is not None:
-        microbatches, schedule, optimizer = plan.microbatches, plan.schedule.kind, plan.optimizer
-        devices = plan.cluster if devices is None else devices
-    comp = build_plan(model, devices, example_inputs, example_kwargs, microbatches=microbatches,
-                      schedule=schedule if schedule in ("gpipe", "1f1b") else "1f1b", train=True,
-                      optimizer=optimizer, capture_method=capture_method, leaf_modules=leaf_modules,
-                      progress=progress)
-    if plan is not None:
-        plan.require_fingerprint(comp.plan.fingerprint)
-        if len(plan.costs.unit_names) != len(comp.units):
-            raise PlanError(f"plan has {len(plan.costs.unit_names)} units but this model groups into {len(comp.units)}; "
-                            "re-plan it with this fxpipe version")
-        comp.plan = plan
+    elif not isinstance(plan, Plan):
+        raise PlanError(f"plan must be a fxpipe.Plan or the path of a plan file, got {type(plan).__name__}")
+    _require_same_as_plan(plan, devices, microbatches, schedule, optimizer)
+    comp = build_from_plan(model, plan, example_inputs, example_kwargs, capture_method=capture_method,
+                           leaf_modules=leaf_modules, progress=progress)
     return CompiledModel(model, comp, timeout=timeout)
+
+
+def _require_same_as_plan(plan: Plan, devices: Any, microbatches: Any, schedule: Any, optimizer: Any) -> None:
+    """compile(plan=...) takes its settings from the plan; a different explicit one is a conflict."""
+    theirs = [d.name for d in plan.cluster.devices]
+    if devices is not None:
+        cluster = devices if isinstance(devices, Cluster) else Cluster.from_devices(devices)
+        ours = [d.name for d in cluster.devices]
+        if ours != theirs:
+            raise PlanError(f"the plan was made for devices {theirs} but devices={ours} was given; leave devices out "
+                            "to use the plan's devices, or re-plan the model for these devices")
+    kind = plan.schedule.kind
+    for name, given, planned in (("microbatches", microbatches, plan.microbatches), ("schedule", schedule, kind),
+                                 ("optimizer", optimizer, plan.optimizer)):
+        if given is not None and given != planned:
+            raise PlanError(f"the plan was made with {name}={planned!r} but {name}={given!r} was given; leave "
+                            f"{name} out to use the plan's, or re-plan the model with {name}={given!r}")
 
 
 class CompiledModel:
@@ -205,21 +228,30 @@ class CompiledModel:
             flat.append(_concat(vals, sizes))
         return _unflatten(self._cap.out_spec, flat)
 
-    def step(self, *args: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor], **kwargs: Any) -> torch.Tensor:
+    def step(self, *args: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor], trace: str | None = None,
+             **kwargs: Any) -> torch.Tensor:
         """One pipelined forward+backward; gradients accumulate into `.grad` as in eager.
 
         `loss_fn(output, target)` sees the model's own output structure for one microbatch
         and must return a scalar mean over that microbatch's samples; fxpipe weights each
         microbatch by its share of the batch, so the gradients equal those of
         `loss_fn(model(x), target).backward()` on the whole batch. Returns that loss (detached).
+
+        `trace="run.json"` records every instruction's real start and end and writes a
+        Chrome/Perfetto trace with the same event names as the predicted one
+        (`fxpipe inspect plan.json --format trace`); `cm.last_timeline` keeps it.
         """
         per_mb, sizes, b = self._split(args, kwargs)
         targets = _split_target(target, self.plan.microbatches, b)
         self._sync_replicas()
         state = _StepState(inputs=per_mb, train=True, targets=targets, loss_fn=loss_fn,
                            scales=[s / b for s in sizes], out_unflatten=lambda flat: _unflatten(self._cap.out_spec, flat))
-        self._rt.run([f for _, f in self._train_prog], state)
+        self._rt.run([f for _, f in self._train_prog], state, record=trace is not None)
         self._reduce_replica_grads()
+        if trace is not None:
+            self.last_timeline = measured_timeline(state.events, len(self.devices), peak_inflight(self.plan.schedule))
+            with open(trace, "w") as f:
+                json.dump(self.last_timeline.to_chrome_trace(), f)
         last = self.devices[self.plan.stages[-1].device]
         return sum(l.detach().to(last) for l in state.losses.values())
 

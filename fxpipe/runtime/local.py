@@ -24,7 +24,7 @@ import torch.utils._pytree as pytree
 from fxpipe.errors import FxpipeError, RuntimeMismatchError
 from fxpipe.runtime.weight_grad import Consumers, SplitState, backward_input, backward_weight
 
-__all__ = ["StageRunner", "LocalRuntime", "PipelineAborted"]
+__all__ = ["StageRunner", "LocalRuntime", "PipelineAborted", "measured_timeline"]
 
 
 class PipelineAborted(FxpipeError):
@@ -82,6 +82,7 @@ class _StepState:
     results: dict[int, list] = field(default_factory=dict)  # mb -> last stage's flat outputs
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
     grads_out: dict[tuple[int, int], list] = field(default_factory=dict)
+    events: list = field(default_factory=list)  # measured Events when recording
 
 
 class LocalRuntime:
@@ -105,9 +106,16 @@ class LocalRuntime:
                 self.streams[st.device_index] = torch.cuda.Stream(device=st.device)
 
     # ---- driver ------------------------------------------------------------------------
-    def run(self, programs: Sequence[Callable], state: _StepState) -> _StepState:
-        """Run one step: every device's program in its own thread; re-raise the first error."""
+    def run(self, programs: Sequence[Callable], state: _StepState, record: bool = False) -> _StepState:
+        """Run one step: every device's program in its own thread; re-raise the first error.
+
+        With `record`, every instruction's start and end (seconds from the step's start) are
+        collected in `state.events` as simulator Events, so a measured step draws like a
+        predicted one. On CUDA the stream is synchronised after each instruction while
+        recording, so the times are the device's, not the host's launch times.
+        """
         self.state = state
+        t0 = time.perf_counter()
         self.aborted.clear()
         for mb in self.mailboxes:
             mb.items.clear()
@@ -118,12 +126,13 @@ class LocalRuntime:
             torch.set_num_threads(max(1, self.threads[d]))
             try:
                 stream = self.streams.get(d)
+                rt = _Recorder(self, d, t0, state.events, stream) if record else self
                 if stream is not None:
                     torch.cuda.set_device(stream.device)  # a fresh thread has no CUDA context
                     with torch.cuda.stream(stream):
-                        prog(self)
+                        prog(rt)
                 else:
-                    prog(self)
+                    prog(rt)
             except BaseException as e:  # reported by the driver below
                 with lock:
                     errors.append((d, e))
@@ -268,3 +277,51 @@ class LocalRuntime:
         if event is not None and st.device.type == "cuda":
             torch.cuda.current_stream(st.device).wait_event(event)
         return payload
+
+
+_OPS = {"forward": "FWD", "backward": "BWD", "backward_input": "BWD_INPUT", "backward_weight": "BWD_WEIGHT",
+        "send_act": "SEND_ACT", "recv_act": "RECV_ACT", "send_grad": "SEND_GRAD", "recv_grad": "RECV_GRAD"}
+
+
+class _Recorder:
+    """Stands in for the runtime in one device's program and times each instruction."""
+
+    def __init__(self, rt: LocalRuntime, device: int, t0: float, events: list, stream: Any):
+        self._rt, self._d, self._t0, self._events, self._stream = rt, device, t0, events, stream
+
+    def __getattr__(self, name: str) -> Callable:
+        fn = getattr(self._rt, name)
+        op_name = _OPS.get(name)
+        if op_name is None:
+            return fn
+
+        def timed(s: int, mb: int, src: int = -1, dst: int = -1) -> None:
+            from fxpipe.passes.emit_schedule import Instr, Op
+            from fxpipe.passes.simulate_schedule import Event
+
+            peer = src if src >= 0 else dst
+            start = time.perf_counter()
+            fn(s, mb, **({"src": src} if src >= 0 else {"dst": dst} if dst >= 0 else {}))
+            if self._stream is not None:
+                self._stream.synchronize()
+            end = time.perf_counter()
+            op = Op[op_name]
+            lane = "comm" if op_name.startswith("SEND") else "compute"
+            self._events.append(Event(self._d, Instr(op, s, mb, peer), start - self._t0, end - self._t0, lane))
+
+        return timed
+
+
+def measured_timeline(events: Sequence[Any], num_devices: int, peak_inflight: Sequence[int]) -> Any:
+    """A simulator Timeline from a recorded step (same event names, so traces overlay)."""
+    from fxpipe.passes.emit_schedule import Op
+    from fxpipe.passes.simulate_schedule import Timeline
+
+    events = sorted(events, key=lambda e: (e.start, e.device))
+    step = max((e.end for e in events), default=0.0)
+    busy = [0.0] * num_devices
+    for e in events:
+        if e.lane == "compute" and not e.instr.op.name.startswith("RECV"):
+            busy[e.device] += e.end - e.start
+    bubble = tuple(1 - b / step if step > 0 else 0.0 for b in busy)
+    return Timeline(tuple(events), step, tuple(busy), bubble, tuple(peak_inflight))
