@@ -3,7 +3,9 @@
 Each column is a slice of the step. A column shows the instruction covering at least half
 of it: forward of microbatch k as FWD_SYMBOLS[k] (0-9, then capital letters, skipping B and
 F), backward of microbatch k as BWD_SYMBOLS[k] (a = mb 0, b = mb 1, ...). Symbols repeat
-when m is larger than the alphabet. When no single instruction covers half a column
+when m is larger than the alphabet. In zero-bubble schedules the input-gradient backward BI
+uses the backward letters and the weight-gradient backward BW shows as WEIGHT_SYMBOL ('=';
+its microbatch is in the Chrome trace and the PNG). When no single instruction covers half a column
 (instructions shorter than a column), it shows 'F' (forwards), 'B' (backwards) or '*'
 (both); '.' is idle (including waiting on a RECV).
 
@@ -31,11 +33,13 @@ from fxpipe.errors import ScheduleError
 from fxpipe.passes.emit_schedule import Op
 from fxpipe.passes.simulate_schedule import Timeline
 
-__all__ = ["render_timeline", "FWD_SYMBOLS", "BWD_SYMBOLS"]
+__all__ = ["render_timeline", "FWD_SYMBOLS", "BWD_SYMBOLS", "WEIGHT_SYMBOL"]
 
 # B and F are left out of the forward alphabet because they mark crowded columns.
 FWD_SYMBOLS = "0123456789ACDEGHIJKLMNOPQRSTUVWXYZ"
 BWD_SYMBOLS = "abcdefghijklmnopqrstuvwxyz"
+WEIGHT_SYMBOL = "="
+_BACKWARDS = (Op.BWD, Op.BWD_INPUT, Op.BWD_WEIGHT)
 
 _MIN_CELLS = 8
 
@@ -72,16 +76,18 @@ def render_timeline(tl: Timeline, width: int = 100, device_names: Sequence[str] 
     fwd = [[0.0] * cells for _ in range(D)]
     bwd = [[0.0] * cells for _ in range(D)]
     best: list[list[tuple[float, str]]] = [[(0.0, ".")] * cells for _ in range(D)]
+    split = any(e.instr.op is Op.BWD_INPUT or e.instr.op is Op.BWD_WEIGHT for e in tl.events)
     if dt > 0:
         for e in tl.events:
             op = e.instr.op
-            if op is not Op.FWD and op is not Op.BWD or e.end <= e.start:
+            if op is not Op.FWD and op not in _BACKWARDS or e.end <= e.start:
                 continue
-            glyph = (
-                FWD_SYMBOLS[e.instr.mb % len(FWD_SYMBOLS)]
-                if op is Op.FWD
-                else BWD_SYMBOLS[e.instr.mb % len(BWD_SYMBOLS)]
-            )
+            if op is Op.FWD:
+                glyph = FWD_SYMBOLS[e.instr.mb % len(FWD_SYMBOLS)]
+            elif op is Op.BWD_WEIGHT:
+                glyph = WEIGHT_SYMBOL
+            else:
+                glyph = BWD_SYMBOLS[e.instr.mb % len(BWD_SYMBOLS)]
             acc = fwd if op is Op.FWD else bwd
             first = max(0, int(e.start / dt))
             last = min(cells - 1, int(e.end / dt))
@@ -113,6 +119,8 @@ def render_timeline(tl: Timeline, width: int = 100, device_names: Sequence[str] 
         "legend: 0-9,A-Z (no B,F) = forward of mb 0,1,..; a-z = backward of mb 0,1,..; "
         "F/B/* = several fwd/bwd/both in one column; . = idle; symbols repeat past z"
     )
+    if split:
+        legend += f"; BI (input gradient) uses a-z, {WEIGHT_SYMBOL} = BW (weight gradient)"
     footer = f"step {_fmt_ms(step)}; bubble: " + ", ".join(
         f"{names[d]} {100 * tl.bubble_fraction[d]:.1f}%" for d in range(D)
     )

@@ -3,7 +3,9 @@
 The model is the runtime's, with times attached:
 
 * each device has one compute lane that runs its program in order; FWD/BWD take
-  ``fwd_time[stage]`` / ``bwd_time[stage]`` seconds;
+  ``fwd_time[stage]`` / ``bwd_time[stage]`` seconds; the split backward of zero-bubble
+  schedules, BI and BW, takes ``bwd_input_time[stage]`` / ``bwd_weight_time[stage]``
+  (each ``bwd_time[stage] / 2`` unless given);
 * a SEND starts a transfer on the link of its ordered device pair and the sender goes on
   at once; transfers on one link run one after another (in the sender's program order,
   the only device that uses that link in that direction); links are full duplex;
@@ -11,9 +13,14 @@ The model is the runtime's, with times attached:
 * moving stage s's boundary (its activations forward, or their gradient backward) takes
   ``comm_time[s]`` seconds; two stages on one device hand over in 0 seconds.
 
-Every instruction gives one `Event`: FWD/BWD on lane "compute"; a SEND on lane "comm" of
-the sending device, spanning the transfer; a RECV on lane "compute" spanning the wait
-(zero length when the message was already there).
+Every instruction gives one `Event`: FWD/BWD/BI/BW on lane "compute"; a SEND on lane
+"comm" of the sending device, spanning the transfer; a RECV on lane "compute" spanning the
+wait (zero length when the message was already there).
+
+Memory (with ``activation_bytes``): a microbatch's activations of stage s,
+``activation_bytes[s]`` bytes, are allocated on stage s's device when its FWD starts and
+freed when its BWD (or BW) ends; forward-only schedules free them when the FWD ends.
+`Timeline.memory` is that step function per device, `Timeline.peak_memory` its maximum.
 
 Example:
     >>> from fxpipe.passes.emit_schedule import emit_schedule
@@ -32,6 +39,9 @@ from fxpipe.errors import ScheduleError
 from fxpipe.passes.emit_schedule import Instr, Op, Schedule, _msg_key, validate_schedule
 
 __all__ = ["Event", "Timeline", "simulate_schedule"]
+
+_COMPUTE_OPS = (Op.FWD, Op.BWD, Op.BWD_INPUT, Op.BWD_WEIGHT)
+_CATEGORY = {Op.FWD: "forward", Op.BWD: "backward", Op.BWD_INPUT: "backward_input", Op.BWD_WEIGHT: "backward_weight"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +66,16 @@ class Timeline:
     Attributes:
         events: every instruction of every device, in simulation order.
         step_time: seconds from the first instruction to the last one finishing.
-        busy: per device, seconds spent in FWD/BWD.
-        bubble_fraction: per device, 1 - busy/step_time (0 when step_time is 0).
+        busy: per device, seconds spent in compute (FWD/BWD/BI/BW).
+        bubble_fraction: per device, 1 - busy/step_time (0 when step_time is 0): the idle
+            fraction of the step on that device.
         peak_inflight: per device, the most microbatches of activations alive at once,
             summed over the stages on that device (forward-only: 1 per device with work).
+        memory: None unless simulated with ``activation_bytes``; else per device a step
+            function of activation bytes over time: ``((t0, b0), (t1, b1), ...)`` means
+            b_i bytes from t_i until t_{i+1} (and after the last point). Starts at
+            (0.0, 0.0); one point per instant the value changes.
+        peak_memory: None, or per device the largest value of its `memory`.
     """
 
     events: tuple[Event, ...]
@@ -67,6 +83,8 @@ class Timeline:
     busy: tuple[float, ...]
     bubble_fraction: tuple[float, ...]
     peak_inflight: tuple[int, ...]
+    memory: tuple[tuple[tuple[float, float], ...], ...] | None = None
+    peak_memory: tuple[float, ...] | None = None
 
     @property
     def num_devices(self) -> int:
@@ -76,7 +94,8 @@ class Timeline:
         """A Chrome/Perfetto trace (load in chrome://tracing or ui.perfetto.dev).
 
         One process per device, thread 0 = compute, thread 1 = comm; times in microseconds.
-        RECVs appear only when they actually waited, as "wait RECV_ACT s1 mb3 <- d0".
+        RECVs appear only when they actually waited, as "wait RECV_ACT s1 mb3 <- d0". With
+        `memory`, each device also gets an "activation memory" counter track (bytes).
         """
         out: list[dict[str, Any]] = []
         for d in range(self.num_devices):
@@ -86,8 +105,8 @@ class Timeline:
             out.append({"name": "thread_name", "ph": "M", "pid": d, "tid": 1, "args": {"name": "comm"}})
         for e in self.events:
             ins = e.instr
-            if ins.op in (Op.FWD, Op.BWD):
-                name, cat = f"{ins.op.value} s{ins.stage} mb{ins.mb}", ("forward" if ins.op is Op.FWD else "backward")
+            if ins.op in _COMPUTE_OPS:
+                name, cat = f"{ins.op.value} s{ins.stage} mb{ins.mb}", _CATEGORY[ins.op]
             elif ins.op in (Op.SEND_ACT, Op.SEND_GRAD):
                 name, cat = f"{ins.op.value} s{ins.stage} mb{ins.mb} -> d{ins.peer}", "comm"
             else:
@@ -106,19 +125,25 @@ class Timeline:
                     "args": {"stage": ins.stage, "mb": ins.mb, "instr": str(ins)},
                 }
             )
+        if self.memory is not None:
+            for d, steps in enumerate(self.memory):
+                for t, b in steps:
+                    out.append({"name": "activation memory", "ph": "C", "pid": d, "tid": 0, "ts": t * 1e6,
+                                "args": {"bytes": b}})
         return {"traceEvents": out, "displayTimeUnit": "ms"}
 
 
-def _costs(name: str, v: Sequence[float], lengths: tuple[int, ...]) -> tuple[float, ...]:
+def _costs(name: str, v: Sequence[float], lengths: tuple[int, ...], unit: str = "seconds") -> tuple[float, ...]:
     try:
         vals = tuple(float(x) for x in v)
     except (TypeError, ValueError):
-        raise ScheduleError(f"{name} must be a sequence of seconds per stage, got {v!r}") from None
+        raise ScheduleError(f"{name} must be a sequence of {unit} per stage, got {v!r}") from None
     if len(vals) not in lengths:
         raise ScheduleError(f"{name} has {len(vals)} entries; give one per stage ({lengths[0]})")
     for s, x in enumerate(vals):
         if not math.isfinite(x) or x < 0:
-            raise ScheduleError(f"{name}[{s}] = {x!r}; times must be finite and >= 0 seconds")
+            what = "times" if unit == "seconds" else "sizes"
+            raise ScheduleError(f"{name}[{s}] = {x!r}; {what} must be finite and >= 0 {unit}")
     return vals
 
 
@@ -127,19 +152,32 @@ def simulate_schedule(
     fwd_time: Sequence[float],
     bwd_time: Sequence[float],
     comm_time: Sequence[float],
+    *,
+    bwd_input_time: Sequence[float] | None = None,
+    bwd_weight_time: Sequence[float] | None = None,
+    activation_bytes: Sequence[float] | None = None,
 ) -> Timeline:
     """Simulate one step of `s` (validated first; an invalid schedule raises ScheduleError).
 
     Args:
-        fwd_time, bwd_time: seconds per microbatch for each stage.
+        fwd_time, bwd_time: seconds per microbatch for each stage (bwd_time: the whole
+            backward, B).
         comm_time: comm_time[s] = seconds to move stage s's boundary to stage s+1's device
             (and its gradient back). p or p-1 entries; the last stage's entry is unused.
+        bwd_input_time, bwd_weight_time: seconds of BI / BW per stage, for schedules that
+            split the backward (zero-bubble); each defaults to bwd_time / 2.
+        activation_bytes: bytes of activations one microbatch keeps alive on each stage;
+            when given, the timeline carries `memory` and `peak_memory` per device.
     """
     validate_schedule(s)
     p = s.num_stages
     tf = _costs("fwd_time", fwd_time, (p,))
     tb = _costs("bwd_time", bwd_time, (p,))
     tc = _costs("comm_time", comm_time, (p, p - 1))
+    tbi = tuple(x / 2 for x in tb) if bwd_input_time is None else _costs("bwd_input_time", bwd_input_time, (p,))
+    tbw = tuple(x / 2 for x in tb) if bwd_weight_time is None else _costs("bwd_weight_time", bwd_weight_time, (p,))
+    act = None if activation_bytes is None else _costs("activation_bytes", activation_bytes, (p,), unit="bytes")
+    duration = {Op.FWD: tf, Op.BWD: tb, Op.BWD_INPUT: tbi, Op.BWD_WEIGHT: tbw}
     sd = s.stage_device
     D = s.num_devices
 
@@ -159,8 +197,8 @@ def simulate_schedule(
         while pcs[d] < len(prog):
             ins = prog[pcs[d]]
             t = clock[d]
-            if ins.op is Op.FWD or ins.op is Op.BWD:
-                dur = tf[ins.stage] if ins.op is Op.FWD else tb[ins.stage]
+            if ins.op in duration:
+                dur = duration[ins.op][ins.stage]
                 events.append(Event(d, ins, t, t + dur, "compute"))
                 clock[d] = t + dur
                 busy[d] += dur
@@ -188,6 +226,7 @@ def simulate_schedule(
             pcs[d] += 1
     # validate_schedule proved deadlock freedom, so every program ran to its end.
     step = max((e.end for e in events), default=0.0)
+    memory = None if act is None else _memory(s, events, act, step)
     bubble = tuple((1.0 - b / step) if step > 0 else 0.0 for b in busy)
     return Timeline(
         events=tuple(events),
@@ -195,7 +234,50 @@ def simulate_schedule(
         busy=tuple(busy),
         bubble_fraction=bubble,
         peak_inflight=_device_peak_inflight(s),
+        memory=memory,
+        peak_memory=None if memory is None else tuple(max(b for _, b in steps) for steps in memory),
     )
+
+
+def _memory(
+    s: Schedule, events: list[Event], act: tuple[float, ...], step: float
+) -> tuple[tuple[tuple[float, float], ...], ...]:
+    """Per device, activation bytes over time as a step function (see `Timeline.memory`).
+
+    Counts are kept per stage and the bytes recomputed from them at every change, so the
+    value is exactly 0 once everything is freed (no float residue from +x-x). Changes less
+    than 1e-9 of the step apart count as one instant (a BW ending and the next FWD starting
+    at "the same" time, rounded differently, is no dip to zero).
+    """
+    tol = 1e-9 * step
+    changes: list[list[tuple[float, int, int]]] = [[] for _ in range(s.num_devices)]  # (t, stage, +1/-1)
+    for e in events:
+        op = e.instr.op
+        if op is Op.FWD:
+            changes[e.device].append((e.start, e.instr.stage, 1))
+            if not s.train:
+                changes[e.device].append((e.end, e.instr.stage, -1))
+        elif op is Op.BWD or op is Op.BWD_WEIGHT:
+            changes[e.device].append((e.end, e.instr.stage, -1))
+    out = []
+    for ch in changes:
+        ch.sort(key=lambda c: c[0])
+        count: dict[int, int] = {}
+        steps: list[tuple[float, float]] = [(0.0, 0.0)]
+        t0 = None  # start of the current instant
+        for i, (t, st, delta) in enumerate(ch):
+            count[st] = count.get(st, 0) + delta
+            t0 = t if t0 is None else t0
+            if i + 1 < len(ch) and ch[i + 1][0] - t0 <= tol:
+                continue  # one point per instant: the value after all changes in it
+            b = float(sum(n * act[k] for k, n in count.items()))
+            if t0 - steps[-1][0] <= tol:
+                steps[-1] = (steps[-1][0], b)
+            elif b != steps[-1][1]:
+                steps.append((t0, b))
+            t0 = None
+        out.append(tuple(steps))
+    return tuple(out)
 
 
 def _device_peak_inflight(s: Schedule) -> tuple[int, ...]:
@@ -210,7 +292,7 @@ def _device_peak_inflight(s: Schedule) -> tuple[int, ...]:
             if ins.op is Op.FWD:
                 alive += 1
                 peak = max(peak, alive)
-            elif ins.op is Op.BWD:
+            elif ins.op is Op.BWD or ins.op is Op.BWD_WEIGHT:
                 alive -= 1
         out.append(peak)
     return tuple(out)
