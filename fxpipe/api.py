@@ -121,9 +121,8 @@ class CompiledModel:
         self.plan: Plan = comp.plan
         self._cap: Captured = comp.captured
         p = self.plan
-        self.devices = [torch.device(d.name) if d.kind != "meta" else None for d in p.cluster.devices]
-        if any(d is None for d in self.devices):
-            raise PlanError("a plan for 'meta' devices can be inspected but not run; compile for real devices")
+        # every device is checked before the first parameter moves: a failure leaves the model as it was
+        self.devices = [_runnable_device(d, i) for i, d in enumerate(p.cluster.devices)]
         if any(t.is_meta for t in model.parameters()):
             raise PlanError("the model's parameters are on the meta device: materialize them (e.g. load a state dict) "
                             "before compiling, or use fxpipe.plan for offline planning")
@@ -183,11 +182,20 @@ class CompiledModel:
 
     # ---- running -----------------------------------------------------------------------
     def _split(self, args: tuple, kwargs: dict) -> tuple[list[list[torch.Tensor]], list[int], int]:
+        sig = self._cap.signature
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as e:
+            raise RuntimeMismatchError(
+                f"this call does not fit {type(self.model).__name__}.forward{sig}: {e}; call the compiled model "
+                f"with the arguments example_inputs had (tensor inputs {list(self._cap.input_names)}; "
+                "only their batch size may change)") from None
         flat = self._cap.flat_inputs(args, kwargs)
-        batch = {t.shape[0] for t in flat if t.dim() > 0}
-        if len(batch) != 1:
-            raise RuntimeMismatchError(f"input tensors disagree on the batch size (dim 0): {sorted(batch)}")
-        b = batch.pop()
+        batch = {n: tuple(t.shape) for n, t in zip(self._cap.input_names, flat) if t.dim() > 0}
+        if len({shape[0] for shape in batch.values()}) != 1:
+            raise RuntimeMismatchError(f"input tensors disagree on the batch size (dim 0): shapes {batch}; "
+                                       "every tensor input must have the same batch size as dim 0")
+        b = next(iter(batch.values()))[0]
         for name, t, ref in zip(self._cap.input_names, flat, self._ref_inputs()):
             if ref is not None and (t.dtype != ref.dtype or tuple(t.shape[1:]) != tuple(ref.shape[1:])):
                 raise RuntimeMismatchError(
@@ -221,7 +229,11 @@ class CompiledModel:
         per_mb, sizes, _ = self._split(args, kwargs)
         self._sync_replicas()
         state = _StepState(inputs=per_mb, train=False)
-        self._rt.run([f for _, f in self._infer_prog], state)
+        try:
+            self._rt.run([f for _, f in self._infer_prog], state)
+        except BaseException:
+            self._drop_failed_run()
+            raise
         flat = []
         for k in range(len(state.results[0])):
             vals = [state.results[mb][k] for mb in range(len(per_mb))]
@@ -241,19 +253,86 @@ class CompiledModel:
         Chrome/Perfetto trace with the same event names as the predicted one
         (`fxpipe inspect plan.json --format trace`); `cm.last_timeline` keeps it.
         """
+        if not self.plan.train:
+            raise PlanError("this model was compiled from an inference plan (train=False), which has no backward; "
+                            "call it for inference, or re-plan with train=True to train")
+        if not callable(loss_fn):
+            raise RuntimeMismatchError(f"loss_fn must be callable as loss_fn(output, target) -> scalar tensor, "
+                                       f"got {type(loss_fn).__name__} {loss_fn!r}; e.g. loss_fn=torch.nn.functional.mse_loss")
         per_mb, sizes, b = self._split(args, kwargs)
         targets = _split_target(target, self.plan.microbatches, b)
         self._sync_replicas()
-        state = _StepState(inputs=per_mb, train=True, targets=targets, loss_fn=loss_fn,
+        state = _StepState(inputs=per_mb, train=True, targets=targets, loss_fn=self._checked_loss(loss_fn),
                            scales=[s / b for s in sizes], out_unflatten=lambda flat: _unflatten(self._cap.out_spec, flat))
-        self._rt.run([f for _, f in self._train_prog], state, record=trace is not None)
-        self._reduce_replica_grads()
+        # The step's gradients land on fresh .grad tensors and are added to the old ones only once
+        # every device has finished: a failed step leaves .grad (and the replicas) as they were.
+        params = list(self.model.parameters())
+        before = [q.grad for q in params]
+        for q in params:
+            q.grad = None
+        try:
+            self._rt.run([f for _, f in self._train_prog], state, record=trace is not None)
+            self._reduce_replica_grads()
+        except BaseException:
+            for q, g in zip(params, before):
+                q.grad = g
+            for _, rep in self._replicas:
+                rep.grad = None
+            self._drop_failed_run()
+            raise
+        with torch.no_grad():
+            for q, g in zip(params, before):
+                if g is not None:
+                    if q.grad is not None:
+                        g.add_(q.grad.to(g.device))
+                    q.grad = g
         if trace is not None:
             self.last_timeline = measured_timeline(state.events, len(self.devices), peak_inflight(self.plan.schedule))
             with open(trace, "w") as f:
                 json.dump(self.last_timeline.to_chrome_trace(), f)
         last = self.devices[self.plan.stages[-1].device]
         return sum(l.detach().to(last) for l in state.losses.values())
+
+    def _drop_failed_run(self) -> None:
+        # A failed run leaves its step state (activations, autograd graphs) and undelivered
+        # messages in the runtime until the next run; free them now.
+        # TODO(runtime): LocalRuntime.run should do this itself in a `finally`.
+        self._rt.state = None
+        for box in self._rt.mailboxes:
+            with box.cv:
+                box.items.clear()
+
+    def _checked_loss(self, loss_fn: Callable[[Any, Any], torch.Tensor]) -> Callable[[Any, Any], torch.Tensor]:
+        """`loss_fn` wrapped so that its failures name the stage, device and instruction."""
+        last = self.plan.stages[-1]
+        d = last.device
+        rt = self._rt
+        name = getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
+
+        def where() -> str:
+            return (f"on the last stage (stage {last.index}, device {d} {self.plan.cluster.devices[d].name!r}) "
+                    f"while running {rt.current[d]}")
+
+        def checked(output: Any, target: Any) -> torch.Tensor:
+            try:
+                loss = loss_fn(output, target)
+            except Exception as e:
+                raise RuntimeMismatchError(
+                    f"loss_fn {name} raised {type(e).__name__}: {e} {where()}; it is called once per microbatch "
+                    "with the model's output for that microbatch and its slice of target. The step was undone "
+                    "(.grad is as before): fix loss_fn and call step again") from e
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise RuntimeMismatchError(
+                    f"loss_fn {name} returned {got} {where()}; it must return a scalar tensor: reduce it inside "
+                    "loss_fn (e.g. .mean() over the microbatch's samples)")
+            if torch.is_grad_enabled() and not loss.requires_grad:
+                raise RuntimeMismatchError(
+                    f"loss_fn {name} returned a tensor that does not require grad {where()}: it was detached "
+                    "(.item(), .detach(), torch.no_grad or a new tensor); compute it from the model's output with torch ops")
+            return loss
+
+        return checked
 
     # ---- the nn.Module-like surface ----------------------------------------------------
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -292,6 +371,27 @@ class CompiledModel:
         return f"CompiledModel({type(self.model).__name__}, {self.plan.num_stages} stages, {self.plan.microbatches} microbatches)"
 
 
+def _runnable_device(d: Device, i: int) -> torch.device:
+    """The torch device a plan's device runs on here; PlanError when it cannot run on this machine."""
+    offline = ("a plan for devices that are not on this machine (a cluster file, 'meta') can be inspected "
+               "(`fxpipe inspect`) but not run; re-plan for this machine's devices, e.g. devices=['cpu', 'cpu']")
+    if d.kind == "meta":
+        raise PlanError(f"plan device {i} ({d.name!r}) is a 'meta' device: {offline}")
+    try:
+        dev = torch.device(d.name)
+    except RuntimeError:
+        if d.kind == "cpu":
+            return torch.device("cpu")  # a CPU worker's name is only a label ("cpu-big")
+        raise PlanError(f"plan device {i} ({d.name!r}, kind {d.kind}) is not a torch device: {offline}") from None
+    if dev.type != d.kind:
+        raise PlanError(f"plan device {i} is named {d.name!r} but has kind {d.kind!r}: {offline}")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= n:
+            raise PlanError(f"plan device {i} ({d.name!r}) does not exist: this machine has {n} CUDA device(s); {offline}")
+    return dev
+
+
 def _concat(vals: list[Any], sizes: list[int]) -> Any:
     v0 = vals[0]
     if isinstance(v0, torch.Tensor):
@@ -322,8 +422,9 @@ def _split_target(target: Any, m: int, batch: int) -> list[Any]:
     parts = []
     for t in leaves:
         if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != batch:
+            got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise RuntimeMismatchError(
-                f"target must be a tensor (or a structure of tensors) with the batch ({batch}) as dim 0, "
-                f"got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+                f"target must be a tensor (or a structure of tensors) with the batch size {batch} as dim 0, "
+                f"got {got}; give one target per input sample, split along dim 0 like the inputs")
         parts.append(torch.tensor_split(t, m))
     return [pytree.tree_unflatten([p[i] for p in parts], spec) for i in range(m)]

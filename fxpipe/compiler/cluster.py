@@ -59,14 +59,29 @@ class Device:
     threads: int = 1
 
     def __post_init__(self) -> None:
-        for f in ("peak_flops", "mem_bandwidth", "memory"):
-            v = getattr(self, f)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise PlanError(f"device {self.name!r}: {f} must be a positive number, got {v!r}")
-        if self.launch_overhead < 0:
-            raise PlanError(f"device {self.name!r}: launch_overhead must be >= 0")
+        if not isinstance(self.name, str) or not self.name:
+            raise PlanError(f"device name must be a non-empty string such as 'cpu' or 'gpu0', got {self.name!r}")
         if self.kind not in ("cpu", "cuda", "meta"):
-            raise PlanError(f"device {self.name!r}: kind must be cpu, cuda or meta, got {self.kind!r}")
+            raise PlanError(f"device {self.name!r}: kind must be 'cpu', 'cuda' or 'meta', got {self.kind!r}")
+        units = {"peak_flops": "FLOP/s", "mem_bandwidth": "bytes/s", "memory": "bytes"}
+        for f, unit in units.items():
+            v = getattr(self, f)
+            if not _is_number(v) or not math.isfinite(v) or v <= 0:
+                raise PlanError(f"device {self.name!r}: {f} must be a positive number of {unit}, got {v!r}")
+        if not _is_number(self.launch_overhead) or not math.isfinite(self.launch_overhead) or self.launch_overhead < 0:
+            raise PlanError(f"device {self.name!r}: launch_overhead must be a number of seconds >= 0, "
+                            f"got {self.launch_overhead!r}")
+        if not _is_int(self.threads) or self.threads < 1:
+            raise PlanError(f"device {self.name!r}: threads must be an integer >= 1, got {self.threads!r}")
+
+
+def _is_number(v: Any) -> bool:
+    # bool is an int subclass, but `memory: true` in a file is a mistake, not 1 byte
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +94,14 @@ class Link:
     latency: float = 0.0  # seconds per message
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.bandwidth, (int, float)) and self.bandwidth > 0 and math.isfinite(self.bandwidth)):
+        for f in ("src", "dst"):
+            v = getattr(self, f)
+            if not _is_int(v) or v < 0:
+                raise PlanError(f"link {self.src!r}->{self.dst!r}: {f} must be a device index (an integer >= 0), got {v!r}")
+        if not (_is_number(self.bandwidth) and math.isfinite(self.bandwidth) and self.bandwidth > 0):
             raise PlanError(f"link {self.src}->{self.dst}: bandwidth must be a positive number of bytes/s, got {self.bandwidth!r}")
-        if not (isinstance(self.latency, (int, float)) and self.latency >= 0):
-            raise PlanError(f"link {self.src}->{self.dst}: latency must be >= 0 seconds, got {self.latency!r}")
+        if not (_is_number(self.latency) and math.isfinite(self.latency) and self.latency >= 0):
+            raise PlanError(f"link {self.src}->{self.dst}: latency must be a number of seconds >= 0, got {self.latency!r}")
 
     def transfer_time(self, nbytes: float) -> float:
         return 0.0 if nbytes <= 0 else self.latency + nbytes / self.bandwidth
@@ -101,12 +120,24 @@ class Cluster:
     _index: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.devices:
-            raise PlanError("a cluster needs at least one device; got an empty device list")
+        for f in ("devices", "links"):  # lists are convenient to write; store tuples (frozen, hashable)
+            if isinstance(getattr(self, f), list):
+                object.__setattr__(self, f, tuple(getattr(self, f)))
+        if not isinstance(self.devices, tuple) or not self.devices:
+            raise PlanError("a cluster needs a non-empty tuple of fxpipe.Device values; got "
+                            f"{self.devices!r} (use Cluster.from_devices(['cpu', 'cpu']) for device strings)")
+        for k, d in enumerate(self.devices):
+            if not isinstance(d, Device):
+                raise PlanError(f"cluster device {k} is {d!r}, not a fxpipe.Device; "
+                                "use Cluster.from_devices([...]) to build one from device strings")
+        if not isinstance(self.links, tuple) or not all(isinstance(l, Link) for l in self.links):
+            raise PlanError(f"cluster links must be a tuple of fxpipe.Link values, got {self.links!r}")
         n = len(self.devices)
         for l in self.links:
             if not (0 <= l.src < n and 0 <= l.dst < n) or l.src == l.dst:
                 raise PlanError(f"link {l.src}->{l.dst} names a device outside 0..{n - 1} or itself")
+            if (l.src, l.dst) in self._index or (l.dst, l.src) in self._index:
+                raise PlanError(f"link {l.src}->{l.dst} is given twice (a link serves both directions); keep one")
             self._index[(l.src, l.dst)] = l
 
     def __len__(self) -> int:
@@ -145,9 +176,14 @@ class Cluster:
         """
         if isinstance(devices, (str, Device)):
             devices = [devices]
+        if not isinstance(devices, (list, tuple)):
+            raise PlanError(f"devices must be a list of device strings or fxpipe.Device values (e.g. ['cpu', 'cpu']) "
+                            f"or a Cluster, got {type(devices).__name__} {devices!r}")
         devices = list(devices)
         if not devices:
             raise PlanError("devices is empty: pass at least one device, e.g. devices=['cpu', 'cpu']")
+        if memory is not None and (not _is_number(memory) or not math.isfinite(memory) or memory <= 0):
+            raise PlanError(f"memory must be a positive number of bytes per device, got {memory!r}")
         n_cpu = sum(1 for d in devices if isinstance(d, str) and _kind(d) == "cpu")
         out: list[Device] = []
         for d in devices:
@@ -168,41 +204,69 @@ class Cluster:
     @staticmethod
     def from_dict(data: Any, where: str = "cluster") -> "Cluster":
         """Validate and build a cluster from its JSON form; PlanError names the bad field."""
+        example = ('{"devices": [{"name": "gpu0", "kind": "cuda", "peak_flops": 6.7e13, "mem_bandwidth": 3.35e12, '
+                   '"memory": 8.5e10}], "links": [{"src": 0, "dst": 1, "bandwidth": 4.5e11, "latency": 1e-5}]}')
         if not isinstance(data, dict) or "devices" not in data:
-            raise PlanError(f"{where}: expected an object with a 'devices' list (and optional 'links')")
+            raise PlanError(f"{where}: expected an object with a 'devices' list (and optional 'links'), "
+                            f"got {type(data).__name__}; e.g. {example}")
+        extra = sorted(str(k) for k in data if k not in ("devices", "links"))
+        if extra:
+            raise PlanError(f"{where}: unknown field(s) {extra}; a cluster has only 'devices' and 'links'")
         if not isinstance(data["devices"], list) or not data["devices"]:
-            raise PlanError(f"{where}: 'devices' must be a non-empty list")
+            raise PlanError(f"{where}: 'devices' must be a non-empty list of device objects, got {data['devices']!r}")
         devs = []
         required = ("name", "kind", "peak_flops", "mem_bandwidth", "memory")
         for k, d in enumerate(data["devices"]):
             if not isinstance(d, dict):
-                raise PlanError(f"{where}: devices[{k}] must be an object")
+                raise PlanError(f"{where}: devices[{k}] must be an object like {{\"name\": \"gpu0\", ...}}, got {d!r}")
             missing = [f for f in required if f not in d]
             if missing:
                 raise PlanError(f"{where}: devices[{k}] is missing {', '.join(missing)} (required: {', '.join(required)})")
-            extra = set(d) - set(Device.__dataclass_fields__)
+            extra = sorted(str(f) for f in d if f not in Device.__dataclass_fields__)
             if extra:
-                raise PlanError(f"{where}: devices[{k}] has unknown fields {sorted(extra)}")
-            devs.append(Device(**d))
+                raise PlanError(f"{where}: devices[{k}] has unknown field(s) {extra} "
+                                f"(allowed: {', '.join(Device.__dataclass_fields__)})")
+            try:
+                devs.append(Device(**d))
+            except PlanError as e:
+                raise PlanError(f"{where}: devices[{k}]: {e}") from None
         links = []
-        for k, l in enumerate(data.get("links", [])):
+        raw_links = data.get("links", [])
+        if not isinstance(raw_links, list):
+            raise PlanError(f"{where}: 'links' must be a list of link objects, got {type(raw_links).__name__}")
+        for k, l in enumerate(raw_links):
             if not isinstance(l, dict):
-                raise PlanError(f"{where}: links[{k}] must be an object")
+                raise PlanError(f"{where}: links[{k}] must be an object like "
+                                f"{{\"src\": 0, \"dst\": 1, \"bandwidth\": 4.5e11}}, got {l!r}")
             missing = [f for f in ("src", "dst", "bandwidth") if f not in l]
             if missing:
-                raise PlanError(f"{where}: links[{k}] is missing {', '.join(missing)}")
-            links.append(Link(int(l["src"]), int(l["dst"]), float(l["bandwidth"]), float(l.get("latency", 0.0))))
-        return Cluster(tuple(devs), tuple(links))
+                raise PlanError(f"{where}: links[{k}] is missing {', '.join(missing)} (required: src, dst, bandwidth)")
+            extra = sorted(str(f) for f in l if f not in Link.__dataclass_fields__)
+            if extra:
+                raise PlanError(f"{where}: links[{k}] has unknown field(s) {extra} (allowed: src, dst, bandwidth, latency)")
+            try:
+                links.append(Link(l["src"], l["dst"], l["bandwidth"], l.get("latency", 0.0)))
+            except PlanError as e:
+                raise PlanError(f"{where}: links[{k}]: {e}") from None
+        try:
+            return Cluster(tuple(devs), tuple(links))
+        except PlanError as e:
+            raise PlanError(f"{where}: {e}") from None
 
     @staticmethod
     def load(path: str | os.PathLike) -> "Cluster":
+        """Read a cluster file (see `from_dict` for the format); PlanError names what is wrong."""
         try:
-            data = json.loads(Path(path).read_text())
+            text = Path(path).read_text()
         except FileNotFoundError:
             raise PlanError(f"cluster file {path} does not exist") from None
-        except json.JSONDecodeError as e:
+        except (OSError, UnicodeDecodeError) as e:
+            raise PlanError(f"cannot read cluster file {path}: {e}") from None
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as e:
             raise PlanError(f"cluster file {path} is not valid JSON: {e}") from None
-        return Cluster.from_dict(data, where=str(path))
+        return Cluster.from_dict(data, where=f"cluster file {path}")
 
 
 def _kind(name: str) -> str:
@@ -213,6 +277,13 @@ def _device_from_string(name: str, n_cpu: int, memory: float | None) -> Device:
     import torch
 
     kind = _kind(name)
+    if kind not in ("cpu", "cuda", "meta"):
+        raise PlanError(f"unknown device {name!r}: use 'cpu', 'cuda', 'cuda:N', 'meta' (planning only), "
+                        "or a fxpipe.Device for anything else")
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise PlanError(f"device {name!r} is not a valid torch device string; write e.g. 'cpu', 'cuda:0' or 'meta'") from None
     if kind == "cpu":
         cal = cpu_calibration()
         threads = max(1, (os.cpu_count() or 1) // max(1, n_cpu))
@@ -220,22 +291,22 @@ def _device_from_string(name: str, n_cpu: int, memory: float | None) -> Device:
         return Device(name, "cpu", cal["flops_per_thread"] * threads, cal["copy_bandwidth"],
                       mem, cal["launch_overhead"], threads)
     if kind == "cuda":
-        try:
-            idx = torch.device(name).index or 0
-        except RuntimeError:
-            raise PlanError(f"device {name!r} is not a valid torch device string") from None
+        idx = torch.device(name).index or 0
         if not torch.cuda.is_available():
-            raise PlanError(f"device {name!r} was asked for but CUDA is not available on this machine; "
-                            "use 'cpu' devices, or plan offline with a cluster file / Cluster.preset")
-        if idx >= torch.cuda.device_count():
-            raise PlanError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise PlanError(f"device {name!r} does not exist: CUDA is not available on this machine; "
+                            "use 'cpu' devices, or plan offline for GPUs with a cluster file "
+                            "(`fxpipe plan --cluster FILE.json`) or a Cluster of fxpipe.Device values")
+        n = torch.cuda.device_count()
+        if idx >= n:
+            raise PlanError(f"device {name!r} does not exist: this machine has {n} CUDA device(s); "
+                            f"use {'cuda:0' if n == 1 else f'cuda:0 .. cuda:{n - 1}'}")
         props = torch.cuda.get_device_properties(idx)
         preset = next((v for k, v in CUDA_PRESETS.items() if k in props.name.lower()), CUDA_PRESETS["a100"])
         mem = memory if memory is not None else props.total_memory * 0.9
         return Device(f"cuda:{idx}", "cuda", preset["peak_flops"], preset["mem_bandwidth"], mem, 8e-6, 1)
     if kind == "meta":
         return Device(name, "meta", 1e12, 1e11, memory or 16 * GiB, 5e-6, 1)
-    raise PlanError(f"unknown device {name!r}: use 'cpu', 'cuda', 'cuda:N', or a fxpipe.Device")
+    raise AssertionError(f"unreachable: device kind {kind!r}")
 
 
 def _default_link(a: Device, b: Device, i: int, j: int) -> Link:

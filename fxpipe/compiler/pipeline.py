@@ -29,7 +29,8 @@ from fxpipe.passes.partition_stages import (Partition, PartitionProblem, params_
 from fxpipe.passes.propagate_shapes import propagate_shapes
 from fxpipe.passes.simulate_schedule import simulate_schedule
 
-__all__ = ["build_plan", "Compilation", "normalize_inputs", "microbatch_sizes", "SCHEDULES"]
+__all__ = ["build_plan", "build_from_plan", "check_options", "Compilation", "normalize_inputs", "microbatch_sizes",
+           "SCHEDULES"]
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -105,36 +106,31 @@ def _inflight(kind: str, p: int, m: int, train: bool) -> tuple[int, ...]:
     return tuple(min(p - j, m) for j in range(p))
 
 
-def build_plan(
-    model: nn.Module,
-    devices: Sequence[str | Device] | Cluster,
-    example_inputs: Any = None,
-    example_kwargs: dict | None = None,
-    *,
-    microbatches: int = 4,
-    schedule: str = "1f1b",
-    train: bool = True,
-    optimizer: str = "adam",
-    capture_method: str = "auto",
-    leaf_modules: tuple[type, ...] = (),
-    progress: bool = False,
-) -> Compilation:
-    """Run the planning passes; decide everything, execute nothing."""
-    if schedule not in SCHEDULES:
-        raise PlanError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    if optimizer not in OPTIMIZER_STATE_FACTOR:
-        raise PlanError(f"optimizer must be one of {', '.join(OPTIMIZER_STATE_FACTOR)}, got {optimizer!r}")
-    if not isinstance(microbatches, int) or microbatches < 1:
-        raise PlanError(f"microbatches must be a positive integer, got {microbatches!r}")
-    cluster = devices if isinstance(devices, Cluster) else Cluster.from_devices(devices)
-    args, kwargs = normalize_inputs(example_inputs, example_kwargs)
-    prog = _Progress(progress)
-    p, m = len(cluster), microbatches
+def check_options(*, microbatches: Any, schedule: Any, optimizer: Any, train: Any) -> None:
+    """Refuse bad planning options before any work is done (PlanError says what to pass)."""
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
+        raise PlanError(f"unknown schedule {schedule!r}: use one of {', '.join(map(repr, SCHEDULES))}")
+    if not isinstance(optimizer, str) or optimizer not in OPTIMIZER_STATE_FACTOR:
+        raise PlanError(f"unknown optimizer {optimizer!r}: use one of {', '.join(map(repr, OPTIMIZER_STATE_FACTOR))} "
+                        "(it decides how much optimizer state the memory model counts per parameter)")
+    if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
+        raise PlanError(f"microbatches must be a positive integer (e.g. microbatches=4), "
+                        f"got {microbatches!r} of type {type(microbatches).__name__}")
+    if not isinstance(train, bool):
+        raise PlanError(f"train must be True or False, got {train!r}")
 
+
+def _front(model: nn.Module, args: tuple, kwargs: dict, p: int, m: int, capture_method: str,
+           leaf_modules: tuple[type, ...], prog: "_Progress", plan: Plan | None = None) -> tuple[Captured, Units, CostTable]:
+    """capture -> shapes -> units -> costs: what planning and re-using a saved `plan` share."""
+    if not isinstance(model, nn.Module):
+        raise PlanError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     # capture first: everything after works on the one flat fx graph it returns
     prog.start("capture")
     cap = capture(model, args, kwargs, method=capture_method, leaf_modules=leaf_modules)
     prog.done("capture", f"({cap.path}, {len(cap.gm.graph.nodes)} nodes)")
+    if plan is not None:  # another model's plan is refused before any more work
+        plan.require_fingerprint(_fingerprint(model, cap))
     sizes = microbatch_sizes(cap.batch_size, m)
     _dump("capture", cap.gm.code)
 
@@ -150,6 +146,30 @@ def build_plan(
     costs = annotate_costs(cap.gm, units)
     prog.done("costs", f"({len(units)} units)")
     _dump("units", "\n".join(f"{i}: {n} ({len(units.nodes[i])} nodes)" for i, n in enumerate(units.names)))
+    return cap, units, costs
+
+
+def build_plan(
+    model: nn.Module,
+    devices: Sequence[str | Device] | Cluster,
+    example_inputs: Any = None,
+    example_kwargs: dict | None = None,
+    *,
+    microbatches: int = 4,
+    schedule: str = "1f1b",
+    train: bool = True,
+    optimizer: str = "adam",
+    capture_method: str = "auto",
+    leaf_modules: tuple[type, ...] = (),
+    progress: bool = False,
+) -> Compilation:
+    """Run the planning passes; decide everything, execute nothing."""
+    check_options(microbatches=microbatches, schedule=schedule, optimizer=optimizer, train=train)
+    cluster = devices if isinstance(devices, Cluster) else Cluster.from_devices(devices)
+    args, kwargs = normalize_inputs(example_inputs, example_kwargs)
+    prog = _Progress(progress)
+    p, m = len(cluster), microbatches
+    cap, units, costs = _front(model, args, kwargs, p, m, capture_method, leaf_modules, prog)
 
     # partition with the schedule's in-flight counts: memory depends on the schedule
     prog.start("partition")
@@ -176,15 +196,55 @@ def build_plan(
         "bubble_per_device": list(tl.bubble_fraction),
         "peak_memory_bytes": [s.memory_bytes for s in stages],
     }
-    params = {k: v for k, v in list(model.named_parameters()) + list(model.named_buffers())}
     plan = Plan(
-        fingerprint=graph_fingerprint(cap.gm, params), model_name=type(model).__name__, capture_path=cap.path,
+        fingerprint=_fingerprint(model, cap), model_name=type(model).__name__, capture_path=cap.path,
         input_names=cap.input_names, batch_size=cap.batch_size, microbatches=m, train=train, optimizer=optimizer,
         cluster=cluster, stages=tuple(stages), schedule=sched, costs=costs, predicted=predicted,
         baselines=baselines, timings=prog.timings)
     _dump("plan", plan.summary())
     _dump("schedule", sched.listing())
     return Compilation(plan, cap, units)
+
+
+def build_from_plan(
+    model: nn.Module,
+    plan: Plan,
+    example_inputs: Any = None,
+    example_kwargs: dict | None = None,
+    *,
+    capture_method: str = "auto",
+    leaf_modules: tuple[type, ...] = (),
+    progress: bool = False,
+) -> Compilation:
+    """Capture `model` and attach a saved `plan` to it instead of planning again.
+
+    Refuses (PlanError) a plan made for another model (graph fingerprint) or one whose units
+    this fxpipe groups differently, before anything is placed on a device.
+    """
+    if not isinstance(plan, Plan):
+        raise PlanError(f"plan must be a fxpipe.Plan or the path of a plan file, got {type(plan).__name__}")
+    args, kwargs = normalize_inputs(example_inputs, example_kwargs)
+    prog = _Progress(progress)
+    cap, units, costs = _front(model, args, kwargs, len(plan.cluster), plan.microbatches, capture_method,
+                               leaf_modules, prog, plan=plan)
+    if tuple(costs.unit_names) != tuple(plan.costs.unit_names):
+        raise PlanError(f"the plan has {len(plan.costs.unit_names)} units but this model groups into {len(units)} "
+                        f"(first difference at unit {_first_difference(plan.costs.unit_names, costs.unit_names)}); "
+                        "the plan was made by another fxpipe version: re-plan the model with this one")
+    return Compilation(plan, cap, units)
+
+
+def _fingerprint(model: nn.Module, cap: Captured) -> str:
+    params = {k: v for k, v in list(model.named_parameters()) + list(model.named_buffers())}
+    return graph_fingerprint(cap.gm, params)
+
+
+def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"{i}: {x!r} in the plan, {y!r} here"
+    i = min(len(a), len(b))
+    return f"{i}: the {'plan' if len(a) < len(b) else 'model'} ends there"
 
 
 def _problem(costs: CostTable, cluster: Cluster, inflight: Sequence[int], train: bool, optimizer: str) -> PartitionProblem:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -129,30 +130,37 @@ class Plan:
 
     @staticmethod
     def from_dict(d: Any, where: str = "plan") -> "Plan":
+        """Validate and rebuild a plan from `to_dict` output.
+
+        Every field is checked for presence, type and range before use, so a damaged or
+        hand-edited file raises PlanError naming the field, never another exception.
+        """
         if not isinstance(d, dict) or d.get("format") != "fxpipe-plan":
-            raise PlanError(f"{where} is not an fxpipe plan file (no \"format\": \"fxpipe-plan\")")
+            raise PlanError(f"{where} is not an fxpipe plan file (no \"format\": \"fxpipe-plan\" in a JSON object); "
+                            "write one with `fxpipe plan` or Plan.save")
         v = d.get("version")
-        if not isinstance(v, int) or v > FORMAT_VERSION or v < 1:
+        if not _is_int(v) or v > FORMAT_VERSION or v < 1:
             raise PlanError(f"{where} has plan format version {v!r}; this fxpipe reads versions 1..{FORMAT_VERSION}. "
                             "Upgrade fxpipe, or re-plan the model with this version.")
+        r = _Fields(where)
         try:
-            stages = tuple(_stage_from_dict(s) for s in d["stages"])
+            r.keys(d, "", required=_PLAN_KEYS, optional=("baselines", "timings"))
             plan = Plan(
-                fingerprint=str(d["fingerprint"]), model_name=str(d["model_name"]), capture_path=str(d["capture_path"]),
-                input_names=tuple(d["input_names"]), batch_size=int(d["batch_size"]), microbatches=int(d["microbatches"]),
-                train=bool(d["train"]), optimizer=str(d["optimizer"]), cluster=Cluster.from_dict(d["cluster"], f"{where}: cluster"),
-                stages=stages, schedule=Schedule.from_dict(d["schedule"]), costs=CostTable.from_dict(d["costs"]),
-                predicted=dict(d["predicted"]), baselines=dict(d.get("baselines", {})), timings=dict(d.get("timings", {})),
+                fingerprint=r.string(d, "fingerprint"), model_name=r.string(d, "model_name"),
+                capture_path=r.choice(d, "capture_path", ("fx", "export")),
+                input_names=tuple(r.strings(d, "input_names")), batch_size=r.integer(d, "batch_size", low=1),
+                microbatches=r.integer(d, "microbatches", low=1), train=r.boolean(d, "train"),
+                optimizer=r.choice(d, "optimizer", tuple(OPTIMIZER_STATE_FACTOR)),
+                cluster=_nested(Cluster.from_dict, r.get(d, "cluster"), "cluster"),
+                stages=tuple(_stage_from_dict(r, s, f"stages[{i}]") for i, s in enumerate(r.items(d, "stages"))),
+                schedule=_nested(Schedule.from_dict, r.get(d, "schedule"), "schedule"),
+                costs=_costs_from_dict(r, r.get(d, "costs")), predicted=_predicted_from_dict(r, r.get(d, "predicted")),
+                baselines=_baselines_from_dict(r, d.get("baselines", {})),
+                timings={k: r.number(d["timings"], k, "timings.") for k in r.mapping(d, "timings")} if "timings" in d else {},
                 version=v)
-            for key in ("step_ms", "bottleneck_ms", "bubble"):
-                float(plan.predicted[key])
-            for b in plan.baselines.values():
-                float(b["bottleneck_ms"]), bool(b["fits"])
             plan.check()
-        except FxpipeError as e:
-            raise PlanError(f"{where} is damaged: {e}") from None
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-            raise PlanError(f"{where} is damaged or incomplete ({type(e).__name__}: {e}); re-create it with `fxpipe plan`") from None
+        except PlanError as e:
+            raise PlanError(f"{where} is damaged: {e}; re-create it with `fxpipe plan`") from None
         return plan
 
     def check(self) -> None:
@@ -160,28 +168,54 @@ class Plan:
         n = len(self.costs.unit_names)
         if not self.stages:
             raise PlanError("plan has no stages")
+        sched = self.schedule
+        if sched.num_stages != len(self.stages) or sched.num_microbatches != self.microbatches:
+            raise PlanError(f"the schedule has {sched.num_stages} stages and {sched.num_microbatches} microbatches, "
+                            f"the plan {len(self.stages)} and {self.microbatches}")
+        if sched.num_devices != len(self.cluster.devices):
+            raise PlanError(f"the schedule has programs for {sched.num_devices} devices, the cluster has "
+                            f"{len(self.cluster.devices)}")
+        if sched.train != self.train:
+            raise PlanError(f"the plan says train={self.train} but its schedule has train={sched.train}")
+        if self.microbatches > self.batch_size:
+            raise PlanError(f"{self.microbatches} microbatches of a batch of {self.batch_size} samples")
         pos = 0
-        for s in self.stages:
+        for i, s in enumerate(self.stages):
             a, b = s.units
+            if s.index != i:
+                raise PlanError(f"stage {i} has index {s.index}")
             if a != pos or b <= a:
                 raise PlanError(f"plan stage {s.index} covers units [{a}, {b}) but must start at unit {pos} and be non-empty")
             if not 0 <= s.device < len(self.cluster.devices):
                 raise PlanError(f"plan stage {s.index} is on device {s.device}, but the cluster has {len(self.cluster.devices)}")
+            if sched.stage_device[i] != s.device:
+                raise PlanError(f"plan stage {i} is on device {s.device} but its schedule runs it on device "
+                                f"{sched.stage_device[i]}")
             pos = b
         if pos != n:
             raise PlanError(f"plan stages cover {pos} of {n} units")
-        if self.schedule.num_stages != len(self.stages) or self.schedule.num_microbatches != self.microbatches:
-            raise PlanError("plan schedule does not match its stages/microbatches")
         from fxpipe.passes.emit_schedule import validate_schedule
 
-        validate_schedule(self.schedule)
+        try:
+            validate_schedule(sched)
+        except FxpipeError as e:
+            raise PlanError(f"its schedule is invalid: {e}") from None
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the plan as JSON atomically (no half-written file on failure)."""
+        """Write the plan as JSON atomically: on any failure no file (and no .tmp file) is left."""
         path = Path(path)
+        text = json.dumps(self.to_dict(), indent=1)  # before touching the disk: a bad value fails here
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise PlanError(f"cannot write plan file {path}: {e.strerror or e}; check that the folder exists "
+                            "and is writable") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @staticmethod
     def load(path: str | os.PathLike, fingerprint: str | None = None) -> "Plan":
@@ -190,10 +224,12 @@ class Plan:
             text = Path(path).read_text()
         except FileNotFoundError:
             raise PlanError(f"plan file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise PlanError(f"cannot read plan file {path}: {e}") from None
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PlanError(f"plan file {path} is not valid JSON (truncated?): {e}") from None
+        except (ValueError, RecursionError) as e:
+            raise PlanError(f"plan file {path} is not valid JSON (truncated?): {e}; re-create it with `fxpipe plan`") from None
         plan = Plan.from_dict(data, where=f"plan file {path}")
         if fingerprint is not None:
             plan.require_fingerprint(fingerprint)
@@ -202,30 +238,184 @@ class Plan:
     def require_fingerprint(self, fingerprint: str) -> None:
         if fingerprint != self.fingerprint:
             raise PlanError(f"this plan was made for another model (fingerprint {self.fingerprint[:12]} of "
-                            f"{self.model_name}, this model has {fingerprint[:12]}); re-plan this model")
+                            f"{self.model_name}, this model has {fingerprint[:12]}); re-plan this model (fxpipe.plan or "
+                            "`fxpipe plan`), or use the plan file made for it")
 
     def with_(self, **changes: Any) -> "Plan":
         return replace(self, **changes)
 
 
-def _stage_from_dict(s: Any) -> StagePlan:
-    if not isinstance(s, dict):
-        raise TypeError(f"a stage must be an object, got {type(s).__name__}")
-    ints = ("index", "device", "inflight")
-    floats = ("param_bytes", "fwd_ms", "bwd_ms", "send_ms", "send_bytes", "memory_bytes")
-    for k in ints:
-        if not isinstance(s[k], int) or isinstance(s[k], bool):
-            raise TypeError(f"stage field {k!r} must be an integer, got {s[k]!r}")
-    for k in floats:
-        if not isinstance(s[k], (int, float)) or isinstance(s[k], bool):
-            raise TypeError(f"stage field {k!r} must be a number, got {s[k]!r}")
+_PLAN_KEYS = ("format", "version", "fingerprint", "model_name", "capture_path", "input_names", "batch_size",
+              "microbatches", "train", "optimizer", "cluster", "stages", "schedule", "costs", "predicted")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _Fields:
+    """Typed access to the fields of a plan's JSON form; every failure is a PlanError naming the field."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def get(self, d: dict, key: str, prefix: str = "") -> Any:
+        if not isinstance(d, dict):
+            raise PlanError(f"{prefix.rstrip('.') or 'the plan'} must be an object, got {_show(d)}")
+        if key not in d:
+            raise PlanError(f"field '{prefix}{key}' is missing")
+        return d[key]
+
+    def keys(self, d: Any, prefix: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+        if not isinstance(d, dict):
+            raise PlanError(f"'{prefix.rstrip('.')}' must be an object, got {_show(d)}")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise PlanError(f"field(s) {', '.join(repr(prefix + k) for k in missing)} missing")
+        extra = sorted(str(k) for k in d if k not in required and k not in optional)
+        if extra:
+            raise PlanError(f"unknown field(s) {', '.join(repr(prefix + k) for k in extra)}")
+
+    def _fail(self, name: str, want: str, v: Any) -> PlanError:
+        return PlanError(f"field '{name}' must be {want}, got {_show(v)}")
+
+    def string(self, d: dict, key: str, prefix: str = "") -> str:
+        v = self.get(d, key, prefix)
+        if not isinstance(v, str) or not v:
+            raise self._fail(prefix + key, "a non-empty string", v)
+        return v
+
+    def choice(self, d: dict, key: str, options: tuple[str, ...], prefix: str = "") -> str:
+        v = self.get(d, key, prefix)
+        if v not in options or not isinstance(v, str):
+            raise self._fail(prefix + key, f"one of {', '.join(map(repr, options))}", v)
+        return v
+
+    def strings(self, d: dict, key: str, prefix: str = "") -> list[str]:
+        v = self.get(d, key, prefix)
+        if not isinstance(v, (list, tuple)) or not v or not all(isinstance(x, str) and x for x in v):
+            raise self._fail(prefix + key, "a non-empty list of names", v)
+        return v
+
+    def integer(self, d: dict, key: str, prefix: str = "", low: int = 0) -> int:
+        v = self.get(d, key, prefix)
+        if not _is_int(v) or v < low:
+            raise self._fail(prefix + key, f"an integer >= {low}", v)
+        return v
+
+    def number(self, d: dict, key: str, prefix: str = "") -> float:
+        v = self.get(d, key, prefix)
+        return self.value(v, prefix + key)
+
+    def value(self, v: Any, name: str) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise self._fail(name, "a finite number >= 0", v)
+        return v
+
+    def boolean(self, d: dict, key: str, prefix: str = "") -> bool:
+        v = self.get(d, key, prefix)
+        if not isinstance(v, bool):
+            raise self._fail(prefix + key, "true or false", v)
+        return v
+
+    def items(self, d: dict, key: str, prefix: str = "") -> list:
+        v = self.get(d, key, prefix)
+        if not isinstance(v, (list, tuple)) or not v:
+            raise self._fail(prefix + key, "a non-empty list", v)
+        return v
+
+    def mapping(self, d: dict, key: str, prefix: str = "") -> dict:
+        v = self.get(d, key, prefix)
+        if not isinstance(v, dict):
+            raise self._fail(prefix + key, "an object", v)
+        return v
+
+    def numbers(self, v: Any, name: str, length: int | None = None, integers: bool = False) -> tuple:
+        if not isinstance(v, (list, tuple)) or (length is not None and len(v) != length):
+            raise self._fail(name, "a list of numbers" + (f" with {length} entries" if length is not None else ""), v)
+        for i, x in enumerate(v):
+            if integers and not _is_int(x):
+                raise self._fail(f"{name}[{i}]", "an integer >= 0", x)
+            self.value(x, f"{name}[{i}]")
+        return tuple(v)
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return (text if len(text) <= 60 else text[:57] + "...") + f" ({type(v).__name__})"
+
+
+def _nested(build: Any, data: Any, name: str) -> Any:
+    """Run a nested from_dict (cluster, schedule); its message already names the field."""
+    try:
+        return build(data, name) if build is Cluster.from_dict else build(data)
+    except PlanError:
+        raise
+    except FxpipeError as e:  # ScheduleError: the schedule part of a plan is the plan's problem
+        raise PlanError(str(e)) from None
+
+
+def _stage_from_dict(r: _Fields, s: Any, name: str) -> StagePlan:
+    r.keys(s, name + ".", required=tuple(StagePlan.__slots__))
+    pre = name + "."
     units = s["units"]
-    if not (isinstance(units, list) and len(units) == 2 and all(isinstance(u, int) for u in units)):
-        raise TypeError(f"stage field 'units' must be [start, end], got {units!r}")
-    extra = set(s) - set(StagePlan.__slots__)
-    if extra:
-        raise TypeError(f"unknown stage fields {sorted(extra)}")
-    return StagePlan(**{**s, "units": (units[0], units[1])})
+    if not (isinstance(units, (list, tuple)) and len(units) == 2 and all(_is_int(u) and u >= 0 for u in units)):
+        raise PlanError(f"field '{pre}units' must be [start, end] unit indices, got {_show(units)}")
+    return StagePlan(
+        index=r.integer(s, "index", pre), device=r.integer(s, "device", pre), units=(units[0], units[1]),
+        param_bytes=r.number(s, "param_bytes", pre), fwd_ms=r.number(s, "fwd_ms", pre),
+        bwd_ms=r.number(s, "bwd_ms", pre), send_ms=r.number(s, "send_ms", pre),
+        send_bytes=r.number(s, "send_bytes", pre), memory_bytes=r.number(s, "memory_bytes", pre),
+        inflight=r.integer(s, "inflight", pre))
+
+
+def _costs_from_dict(r: _Fields, c: Any) -> CostTable:
+    fields = tuple(CostTable.__dataclass_fields__)
+    r.keys(c, "costs.", required=fields)
+    names = r.strings(c, "unit_names", "costs.")
+    n = len(names)
+    out: dict[str, Any] = {"unit_names": tuple(names)}
+    for k in fields:
+        if k == "unit_names":
+            continue
+        if k.startswith("node_"):
+            v = c[k]
+            if not isinstance(v, (list, tuple)) or len(v) != n:
+                raise PlanError(f"field 'costs.{k}' must be a list of {n} lists (one per unit), got {_show(v)}")
+            out[k] = tuple(r.numbers(x, f"costs.{k}[{u}]") for u, x in enumerate(v))
+        else:
+            out[k] = r.numbers(c[k], f"costs.{k}", n - 1 if k == "boundary_bytes" else n, integers=k == "launches")
+    for u, (a, b) in enumerate(zip(out["node_flops"], out["node_bytes"])):
+        if len(a) != len(b):
+            raise PlanError(f"fields 'costs.node_flops[{u}]' and 'costs.node_bytes[{u}]' differ in length")
+    return CostTable(**out)
+
+
+def _predicted_from_dict(r: _Fields, p: Any) -> dict[str, Any]:
+    if not isinstance(p, dict):
+        raise PlanError(f"field 'predicted' must be an object, got {_show(p)}")
+    out = dict(p)
+    for k in ("step_ms", "bottleneck_ms", "bubble"):
+        out[k] = r.number(p, k, "predicted.")
+    for k in ("bubble_per_device", "peak_memory_bytes"):
+        if k in p:
+            out[k] = list(r.numbers(p[k], f"predicted.{k}"))
+    return out
+
+
+def _baselines_from_dict(r: _Fields, b: Any) -> dict[str, Any]:
+    if not isinstance(b, dict):
+        raise PlanError(f"field 'baselines' must be an object, got {_show(b)}")
+    for name, v in b.items():
+        pre = f"baselines.{name}."
+        r.keys(v, pre, required=("bottleneck_ms", "fits"), optional=("bounds",))
+        r.number(v, "bottleneck_ms", pre)
+        r.boolean(v, "fits", pre)
+        bounds = v.get("bounds", [])
+        if not isinstance(bounds, (list, tuple)) or not all(
+                isinstance(x, (list, tuple)) and len(x) == 2 and all(_is_int(u) for u in x) for x in bounds):
+            raise PlanError(f"field '{pre}bounds' must be a list of [start, end] pairs, got {_show(bounds)}")
+    return dict(b)
 
 
 def graph_fingerprint(gm: fx.GraphModule, params: dict[str, Any]) -> str:
