@@ -4,13 +4,13 @@
     >>> cm = fxpipe.compile(model, devices=["cpu", "cpu"], example_inputs=(x,))   # doctest: +SKIP
 """
 
-from fxpipe.api import CompiledModel, compile, plan
+from fxpipe.api import CompiledModel, compile, plan, simulate
 from fxpipe.compiler.cluster import Cluster, Device, Link
 from fxpipe.compiler.plan import Plan
 from fxpipe.errors import FxpipeError, PlanError, RuntimeMismatchError, ScheduleError, TraceError
 
 __all__ = [
-    "compile", "plan", "CompiledModel", "Plan", "Cluster", "Device", "Link",
+    "compile", "plan", "simulate", "CompiledModel", "Plan", "Cluster", "Device", "Link",
     "FxpipeError", "TraceError", "PlanError", "ScheduleError", "RuntimeMismatchError",
 ]
 __version__ = "0.1.0"

@@ -19,7 +19,7 @@ from torch import nn
 
 from fxpipe.compiler.capture import Captured
 from fxpipe.compiler.cluster import Cluster, Device
-from fxpipe.compiler.pipeline import Compilation, build_from_plan, build_plan, microbatch_sizes
+from fxpipe.compiler.pipeline import simulate_plan, Compilation, build_from_plan, build_plan, microbatch_sizes
 from fxpipe.compiler.plan import Plan
 from fxpipe.errors import PlanError, RuntimeMismatchError
 from fxpipe.passes.emit_schedule import emit_schedule, peak_inflight
@@ -28,13 +28,13 @@ from fxpipe.runtime.local import LocalRuntime, StageRunner, _StepState, measured
 from fxpipe.runtime.program import compile_program
 from fxpipe.runtime.weight_grad import with_split_backward
 
-__all__ = ["compile", "plan", "CompiledModel"]
+__all__ = ["compile", "plan", "simulate", "CompiledModel"]
 
 
 def plan(model: nn.Module, devices: Sequence[str | Device] | Cluster, example_inputs: Any = None, *,
          example_kwargs: dict | None = None, microbatches: int = 4, schedule: str = "1f1b", train: bool = True,
          optimizer: str = "adam", capture_method: str = "auto", leaf_modules: tuple[type, ...] = (),
-         progress: bool = False) -> Plan:
+         virtual_stages: int | None = None, progress: bool = False) -> Plan:
     """Plan `model` for `devices` offline: decides stages, placement and schedule, runs nothing.
 
     Works for models on the meta device (no memory is allocated for parameters).
@@ -45,13 +45,28 @@ def plan(model: nn.Module, devices: Sequence[str | Device] | Cluster, example_in
     """
     return build_plan(model, devices, example_inputs, example_kwargs, microbatches=microbatches, schedule=schedule,
                       train=train, optimizer=optimizer, capture_method=capture_method, leaf_modules=leaf_modules,
-                      progress=progress).plan
+                      virtual_stages=virtual_stages, progress=progress).plan
+
+
+def simulate(plan: Plan) -> Any:
+    """Play `plan`'s schedule against its cost model, with compute and communication on
+    separate lanes: each instruction's start and end, the step time, the bubble fraction and
+    the activation memory over time per device (a `Timeline`).
+
+    Example:
+        >>> tl = fxpipe.simulate(fxpipe.Plan.load("plan.json"))     # doctest: +SKIP
+        >>> tl.step_time, tl.bubble_fraction, tl.peak_memory         # doctest: +SKIP
+    """
+    if not isinstance(plan, Plan):
+        raise PlanError(f"simulate needs a fxpipe.Plan, got {type(plan).__name__}")
+    return simulate_plan(plan)
 
 
 def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None = None, example_inputs: Any = None, *,
             example_kwargs: dict | None = None, microbatches: int | None = None, schedule: str | None = None,
             optimizer: str | None = None, plan: Plan | str | os.PathLike | None = None, capture_method: str = "auto",
-            leaf_modules: tuple[type, ...] = (), timeout: float = 300.0, progress: bool = False) -> "CompiledModel":
+            leaf_modules: tuple[type, ...] = (), virtual_stages: int | None = None, timeout: float = 300.0,
+            progress: bool = False) -> "CompiledModel":
     """Compile `model` into a pipeline over `devices`.
 
     Args:
@@ -60,7 +75,10 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
             when `plan` is given (the plan's devices are used).
         example_inputs: a real call's arguments (tensor, tuple or dict); dim 0 is the batch.
         microbatches: m, the number of microbatches a batch is split into (default 4).
-        schedule: "1f1b" (default) or "gpipe".
+        schedule: "1f1b" (default), "gpipe", "interleaved" (v virtual stages per device,
+            round-robin) or "zb-h1" (zero bubble: backward split into input and weight
+            gradients, weight gradients deferred into the bubbles).
+        virtual_stages: v for "interleaved" (default 2).
         optimizer: optimizer kind for the memory model ("adam" (default), "sgd", "sgd-momentum", ...).
         plan: a Plan (or a plan file path) to use instead of planning; it must be for this model.
             Its devices, microbatches, schedule and optimizer are used; giving different ones
@@ -80,7 +98,7 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
                           microbatches=4 if microbatches is None else microbatches,
                           schedule="1f1b" if schedule is None else schedule, train=True,
                           optimizer="adam" if optimizer is None else optimizer, capture_method=capture_method,
-                          leaf_modules=leaf_modules, progress=progress)
+                          leaf_modules=leaf_modules, virtual_stages=virtual_stages, progress=progress)
         return CompiledModel(model, comp, timeout=timeout)
     if isinstance(plan, (str, os.PathLike)):
         plan = Plan.load(plan)
@@ -399,6 +417,10 @@ def _concat(vals: list[Any], sizes: list[int]) -> Any:
             return torch.cat([v.to(v0.device) for v in vals], 0)
         if len(vals) == 1:
             return v0
+        if v0.dim() == 0 and v0.is_floating_point():
+            # a scalar the model reduces itself (an HF `loss`): the per-sample-mean contract of
+            # `step` applies, so weight each microbatch by its share of the batch
+            return sum(v.to(v0.device) * n for v, n in zip(vals, sizes)) / sum(sizes)
         raise RuntimeMismatchError(
             f"an output of shape {tuple(v0.shape)} has no batch dimension, so microbatch results cannot be "
             "concatenated; return per-sample outputs (batch first) from the model")

@@ -72,6 +72,8 @@ formats:
   trace  a Chrome trace JSON: open it in https://ui.perfetto.dev or chrome://tracing
          (written to PLAN's name with .trace.json unless -o is given)
   code   the generated program each device runs, as Python source
+  png    a Gantt chart and activation memory over time per device (needs matplotlib;
+         written to PLAN's name with .png unless -o is given)
 
 examples:
   fxpipe inspect plan.json
@@ -186,12 +188,10 @@ def timeline_text(plan: "Plan", width: int = 100) -> str:
 
 
 def _simulate(plan: "Plan") -> "Timeline":
-    """simulate_schedule on the plan's schedule with its predicted per-stage times (seconds)."""
-    from fxpipe.passes.simulate_schedule import simulate_schedule
+    """The plan's schedule played against its cost model (fxpipe.simulate)."""
+    import fxpipe
 
-    st = plan.stages
-    return simulate_schedule(plan.schedule, [s.fwd_ms / 1e3 for s in st], [s.bwd_ms / 1e3 for s in st],
-                             [s.send_ms / 1e3 for s in st])
+    return fxpipe.simulate(plan)
 
 
 def _code_text(plan: "Plan") -> str:
@@ -223,7 +223,8 @@ def _cmd_plan(a: argparse.Namespace) -> int:
     model, args, kwargs = load_factory(a.model)
     print(f" {time.perf_counter() - t0:.2f}s ({type(model).__name__})", file=sys.stderr, flush=True)
     plan = fxpipe.plan(model, devices, args, example_kwargs=kwargs or None, microbatches=a.microbatches,
-                       schedule=a.schedule, train=not a.inference, optimizer=a.optimizer, progress=True)
+                       schedule=a.schedule, train=not a.inference, optimizer=a.optimizer,
+                       virtual_stages=a.virtual_stages, progress=True)
     try:
         plan.save(out)
     except OSError as e:
@@ -239,7 +240,7 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     src = Path(a.plan)
     try:
         plan = Plan.load(src)
-        if a.format == "trace":
+        if a.format in ("trace", "png"):
             tl = _simulate(plan)
         else:
             text = _code_text(plan) if a.format == "code" else plan.summary() + "\n\n" + timeline_text(plan)
@@ -247,6 +248,14 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
         # Plan.load checks the structure but not every field's type; a hand-edited file can
         # still fail later, and that is the file's fault, not a crash to show a traceback for.
         raise CliError(f"plan file {src} is damaged ({type(e).__name__}: {e}); re-create it with `fxpipe plan`") from None
+    if a.format == "png":
+        from fxpipe.passes.plot_timeline import plot_timeline
+
+        out = Path(a.output) if a.output else src.with_name(src.stem + ".png")
+        names = [f"d{i} {d.name}" for i, d in enumerate(plan.cluster.devices)]
+        plot_timeline(tl, out, names, title=f"{plan.model_name}: {plan.schedule.kind}, {plan.microbatches} microbatches")
+        print(f"wrote {out} (predicted step {tl.step_time * 1e3:.3f} ms)")
+        return 0
     if a.format == "trace":
         out = Path(a.output) if a.output else src.with_name(src.stem + ".trace.json")
         _write(out, json.dumps(tl.to_chrome_trace()))
@@ -358,7 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--devices", metavar="LIST", help="comma list of devices: 'cpu,cpu', 'cuda:0,cuda:1', 'cpu*4'")
     where.add_argument("--cluster", metavar="FILE.json", help="a JSON cluster file instead of --devices")
     pl.add_argument("--microbatches", "-m", type=int, default=4, help="microbatches per batch (default 4)")
-    pl.add_argument("--schedule", choices=("1f1b", "gpipe"), default="1f1b", help="pipeline schedule (default 1f1b)")
+    pl.add_argument("--schedule", choices=("1f1b", "gpipe", "interleaved", "zb-h1"), default="1f1b",
+                    help="pipeline schedule (default 1f1b)")
+    pl.add_argument("--virtual-stages", type=int, default=None, metavar="V",
+                    help="stages per device for --schedule interleaved (default 2)")
     pl.add_argument("--optimizer", choices=("adam", "sgd", "sgd-momentum"), default="adam",
                     help="optimizer whose state the memory model counts (default adam)")
     pl.add_argument("--inference", action="store_true", help="plan forward passes only (no gradients or optimizer state)")
@@ -368,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="show a saved plan: stage table, timeline, trace, generated code",
                          description="Show what a plan decided.", epilog=_INSPECT_EPILOG, formatter_class=fmt)
     ins.add_argument("plan", metavar="PLAN.json", help="a plan written by `fxpipe plan`")
-    ins.add_argument("--format", "-f", choices=("text", "trace", "code"), default="text", help="what to show (default text)")
+    ins.add_argument("--format", "-f", choices=("text", "trace", "code", "png"), default="text",
+                     help="what to show (default text)")
     ins.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout (trace: default PLAN.trace.json)")
     ins.set_defaults(func=_cmd_inspect)
 
@@ -378,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--devices", default="cpu,cpu", metavar="LIST", help="comma list of devices (default cpu,cpu)")
     de.add_argument("--microbatches", "-m", type=int, default=4, help="microbatches per batch (default 4)")
     de.add_argument("--steps", type=int, default=3, help="AdamW training steps to run (default 3)")
-    de.add_argument("--schedule", choices=("1f1b", "gpipe"), default="1f1b", help="pipeline schedule (default 1f1b)")
+    de.add_argument("--schedule", choices=("1f1b", "gpipe", "interleaved", "zb-h1"), default="1f1b",
+                    help="pipeline schedule (default 1f1b)")
     de.add_argument("--model", choices=("auto", "gpt2", "builtin"), default="auto",
                     help="auto: GPT-2 from transformers if installed, else builtin TinyGPT")
     de.set_defaults(func=_cmd_demo)

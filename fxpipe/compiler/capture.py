@@ -255,28 +255,58 @@ def _batch_size(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def _check_second_size(model, cap: Captured, tensors, constants) -> str | None:
-    """Run the graph at batch 1 and compare with eager: catches shapes baked in at trace time."""
-    if cap.batch_size < 2:
+    """Run the graph at a smaller batch and compare with eager: catches shapes baked in at trace time.
+
+    Batch 1 first. A size that eager itself refuses (BatchNorm1d in training mode needs more
+    than one value per channel) says nothing about the graph, so the next size is tried, and
+    the check is skipped when eager accepts none of them.
+    """
+    for size in (s for s in (1, 2) if s < cap.batch_size):
+        small = {k: v[:size] for k, v in tensors.items()}
+        # Both runs update buffers a training-mode model mutates (BatchNorm running stats and
+        # num_batches_tracked); a check must leave the user's model as it found it.
+        saved = _snapshot_buffers(model, cap.gm)
+        try:
+            # same seed for both runs: dropout in a training-mode model draws the same masks
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                try:
+                    want = pytree.tree_leaves(model(**small, **constants))
+                except Exception:
+                    continue  # the model itself does not run at this size
+                torch.manual_seed(0)
+                try:
+                    got = cap.gm(*small.values())
+                except Exception as e:
+                    return (f"the {cap.path} graph fails at batch size {size} where the model runs ({_first_line(e)}): "
+                            "shapes were specialised to the example batch")
+        finally:
+            _restore_buffers(saved)
+        want = [w for w in want if isinstance(w, torch.Tensor)]
+        got = [g for g in got if isinstance(g, torch.Tensor)]
+        if len(got) != len(want):
+            return f"the {cap.path} graph returns {len(got)} tensors where the model returns {len(want)}"
+        for i, (a, b) in enumerate(zip(got, want)):
+            if a.shape != b.shape or not torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4):
+                return (f"the {cap.path} graph's output {i} differs from eager at batch size {size} (shape "
+                        f"{tuple(a.shape)} vs {tuple(b.shape)}): the trace specialised on the example batch")
         return None
-    small = {k: v[:1] for k, v in tensors.items()}
-    try:
-        # same seed for both runs: dropout in a training-mode model draws the same masks
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            got = cap.gm(*small.values())
-            torch.manual_seed(0)
-            want = pytree.tree_leaves(model(**small, **constants))
-    except Exception as e:
-        return f"the {cap.path} graph fails at batch size 1 ({_first_line(e)}): shapes were specialised to the example batch"
-    want = [w for w in want if isinstance(w, torch.Tensor)]
-    got = [g for g in got if isinstance(g, torch.Tensor)]
-    if len(got) != len(want):
-        return f"the {cap.path} graph returns {len(got)} tensors where the model returns {len(want)}"
-    for i, (a, b) in enumerate(zip(got, want)):
-        if a.shape != b.shape or not torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4):
-            return (f"the {cap.path} graph's output {i} differs from eager at batch size 1 (shape {tuple(a.shape)} vs "
-                    f"{tuple(b.shape)}): the trace specialised on the example batch")
     return None
+
+
+def _snapshot_buffers(*modules: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for mod in modules:
+        for b in mod.buffers():
+            if id(b) not in seen and not b.is_meta:
+                seen[id(b)] = (b, b.detach().clone())
+    return list(seen.values())
+
+
+def _restore_buffers(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for b, copy in saved:
+            b.copy_(copy)
 
 
 def _first_line(e: BaseException) -> str:

@@ -27,12 +27,12 @@ from fxpipe.passes.group_units import Units, group_units
 from fxpipe.passes.partition_stages import (Partition, PartitionProblem, params_partition, partition_stages,
                                             uniform_partition)
 from fxpipe.passes.propagate_shapes import propagate_shapes
-from fxpipe.passes.simulate_schedule import simulate_schedule
+from fxpipe.passes.simulate_schedule import Timeline, simulate_schedule
 
 __all__ = ["build_plan", "build_from_plan", "check_options", "Compilation", "normalize_inputs", "microbatch_sizes",
-           "SCHEDULES"]
+           "SCHEDULES", "simulate_plan", "virtual_stage_count"]
 
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 
 
 @dataclass
@@ -98,12 +98,21 @@ def _dump(name: str, text: str) -> None:
         (Path(d) / f"{name}.txt").write_text(text)
 
 
-def _inflight(kind: str, p: int, m: int, train: bool) -> tuple[int, ...]:
-    if not train:
-        return tuple(1 for _ in range(p))
-    if kind == "gpipe":
-        return tuple(m for _ in range(p))
-    return tuple(min(p - j, m) for j in range(p))
+def _stage_devices(schedule: str, p: int, v: int) -> tuple[int, ...]:
+    """Stage -> device: one stage per device, or v round-robin virtual stages (interleaved)."""
+    return tuple(s % p for s in range(p * v)) if schedule == "interleaved" else tuple(range(p))
+
+
+def virtual_stage_count(schedule: str, virtual_stages: Any) -> int:
+    """v: 2 by default for the interleaved schedule, 1 (and only 1) for the others."""
+    if virtual_stages is None:
+        return 2 if schedule == "interleaved" else 1
+    if not isinstance(virtual_stages, int) or isinstance(virtual_stages, bool) or virtual_stages < 1:
+        raise PlanError(f"virtual_stages must be a positive integer, got {virtual_stages!r}")
+    if virtual_stages > 1 and schedule != "interleaved":
+        raise PlanError(f"virtual_stages={virtual_stages} needs schedule='interleaved' (schedule {schedule!r} runs "
+                        "one stage per device)")
+    return virtual_stages
 
 
 def check_options(*, microbatches: Any, schedule: Any, optimizer: Any, train: Any) -> None:
@@ -161,34 +170,42 @@ def build_plan(
     optimizer: str = "adam",
     capture_method: str = "auto",
     leaf_modules: tuple[type, ...] = (),
+    virtual_stages: int | None = None,
     progress: bool = False,
 ) -> Compilation:
     """Run the planning passes; decide everything, execute nothing."""
     check_options(microbatches=microbatches, schedule=schedule, optimizer=optimizer, train=train)
+    v = virtual_stage_count(schedule, virtual_stages)
     cluster = devices if isinstance(devices, Cluster) else Cluster.from_devices(devices)
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     prog = _Progress(progress)
     p, m = len(cluster), microbatches
-    cap, units, costs = _front(model, args, kwargs, p, m, capture_method, leaf_modules, prog)
+    stage_device = _stage_devices(schedule, p, v)
+    cap, units, costs = _front(model, args, kwargs, len(stage_device), m, capture_method, leaf_modules, prog)
+
+    # the schedule first: which stage sits where and how many microbatches each keeps alive
+    # do not depend on the cut, and the partitioner needs both for its memory model
+    prog.start("schedule")
+    sched = emit_schedule(schedule, len(stage_device), m, stage_device=stage_device, train=train)
+    validate_schedule(sched)
+    inflight = peak_inflight(sched)
+    prog.done("schedule")
 
     # partition with the schedule's in-flight counts: memory depends on the schedule
     prog.start("partition")
-    problem = _problem(costs, cluster, _inflight(schedule, p, m, train), train, optimizer)
+    problem = _problem(costs, cluster, stage_device, inflight, train, optimizer)
     part = partition_stages(problem)
     baselines = {}
     for name, b in (("uniform", uniform_partition(problem)),
                     ("params", params_partition(problem, costs.param_bytes))):
         baselines[name] = {"bounds": [list(x) for x in b.bounds], "bottleneck_ms": b.bottleneck * 1e3, "fits": b.fits}
-    prog.done("partition", f"({p} stages)")
+    prog.done("partition", f"({len(stage_device)} stages)")
 
-    # schedule as data, validated before anything runs
-    prog.start("schedule")
-    sched = emit_schedule(schedule, p, m, train=train)
-    validate_schedule(sched)
-    stages = _stage_plans(part, costs, cluster, problem, train, peak_inflight(sched))
-    tl = simulate_schedule(sched, [s.fwd_ms / 1e3 for s in stages], [s.bwd_ms / 1e3 for s in stages],
-                           [s.send_ms / 1e3 for s in stages])
-    prog.done("schedule")
+    # simulate the schedule against the chosen cut: the predicted step and bubble
+    prog.start("simulate")
+    stages = _stage_plans(part, costs, cluster, stage_device, train, inflight)
+    tl = _simulate(sched, stages, costs)
+    prog.done("simulate")
     predicted = {
         "step_ms": tl.step_time * 1e3,
         "bottleneck_ms": part.bottleneck * 1e3,
@@ -234,6 +251,17 @@ def build_from_plan(
     return Compilation(plan, cap, units)
 
 
+def simulate_plan(plan: Plan) -> Timeline:
+    """Play a plan's schedule against its cost model (see `fxpipe.simulate`)."""
+    return _simulate(plan.schedule, plan.stages, plan.costs)
+
+
+def _simulate(sched: Schedule, stages: Sequence[StagePlan], costs: CostTable) -> Timeline:
+    act = [sum(costs.activation_bytes[s.units[0]:s.units[1]]) for s in stages]
+    return simulate_schedule(sched, [s.fwd_ms / 1e3 for s in stages], [s.bwd_ms / 1e3 for s in stages],
+                             [s.send_ms / 1e3 for s in stages], activation_bytes=act)
+
+
 def _fingerprint(model: nn.Module, cap: Captured) -> str:
     params = {k: v for k, v in list(model.named_parameters()) + list(model.named_buffers())}
     return graph_fingerprint(cap.gm, params)
@@ -247,32 +275,40 @@ def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
     return f"{i}: the {'plan' if len(a) < len(b) else 'model'} ends there"
 
 
-def _problem(costs: CostTable, cluster: Cluster, inflight: Sequence[int], train: bool, optimizer: str) -> PartitionProblem:
-    n, p = len(costs.unit_names), len(cluster)
-    times = device_unit_times(costs, cluster.devices, train)
+def _problem(costs: CostTable, cluster: Cluster, stage_device: Sequence[int], inflight: Sequence[int], train: bool,
+             optimizer: str) -> PartitionProblem:
+    """Positions are stages; stage s runs on device stage_device[s]. A device holding k
+    stages (interleaved) gives each 1/k of its memory."""
+    n = len(costs.unit_names)
+    devs = [cluster.devices[d] for d in stage_device]
+    times = device_unit_times(costs, devs, train)
     direction = 2.0 if train else 1.0  # activations forward, gradients back
-    btime = tuple(tuple(cluster.link(j, j + 1).transfer_time(costs.boundary_bytes[k]) * direction for j in range(p - 1))
+    links = [cluster.link(a, b) if a != b else None for a, b in zip(stage_device, stage_device[1:])]
+    btime = tuple(tuple((l.transfer_time(costs.boundary_bytes[k]) * direction if l is not None else 0.0) for l in links)
                   for k in range(n - 1))
     factor = OPTIMIZER_STATE_FACTOR[optimizer] if train else 0.0
     static = tuple(pb + (tb * (1.0 + factor) if train else 0.0) for pb, tb in zip(costs.param_bytes, costs.trainable_bytes))
     act = costs.activation_bytes if train else tuple(0.0 for _ in range(n))
+    share = [stage_device.count(d) for d in stage_device]
     return PartitionProblem(
         unit_names=costs.unit_names, unit_time=tuple(map(tuple, times)), boundary_time=btime,
         unit_static_bytes=static, unit_activation_bytes=act, boundary_bytes=costs.boundary_bytes,
-        inflight=tuple(inflight), device_memory=tuple(d.memory for d in cluster.devices),
-        device_names=tuple(d.name for d in cluster.devices))
+        inflight=tuple(inflight), device_memory=tuple(d.memory / k for d, k in zip(devs, share)),
+        device_names=tuple(f"{d.name}" if k == 1 else f"{d.name} (stage {s})" for s, (d, k) in enumerate(zip(devs, share))))
 
 
-def _stage_plans(part: Partition, costs: CostTable, cluster: Cluster, problem: PartitionProblem, train: bool,
+def _stage_plans(part: Partition, costs: CostTable, cluster: Cluster, stage_device: Sequence[int], train: bool,
                  inflight: Sequence[int]) -> list[StagePlan]:
     out = []
     p = len(part.bounds)
     for s, (a, b) in enumerate(part.bounds):
-        dev = cluster.devices[s]
+        d = stage_device[s]
+        dev = cluster.devices[d]
         fwd = sum(costs.fwd_time(u, dev) for u in range(a, b))
         send_bytes = costs.boundary_bytes[b - 1] if s < p - 1 else 0.0
-        send = cluster.link(s, s + 1).transfer_time(send_bytes) if s < p - 1 else 0.0
-        out.append(StagePlan(index=s, device=s, units=(a, b), param_bytes=sum(costs.param_bytes[a:b]),
+        nxt = stage_device[s + 1] if s < p - 1 else d
+        send = cluster.link(d, nxt).transfer_time(send_bytes) if nxt != d else 0.0
+        out.append(StagePlan(index=s, device=d, units=(a, b), param_bytes=sum(costs.param_bytes[a:b]),
                              fwd_ms=fwd * 1e3, bwd_ms=(fwd * BWD_FACTOR * 1e3) if train else 0.0, send_ms=send * 1e3,
                              send_bytes=send_bytes, memory_bytes=part.stage_memory[s], inflight=int(inflight[s])))
     return out

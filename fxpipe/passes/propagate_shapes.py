@@ -49,11 +49,12 @@ def _meta_devices(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, kwargs
 
 
-class _MetaInterpreter(fx.Interpreter):
+class _MetaRunner(fx.Interpreter):
+    """Runs a graph on meta tensors: parameters, buffers and device arguments become meta."""
+
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm, garbage_collect_values=True)
-        self._meta_attrs: dict[str, torch.Tensor] = {}
-        self.counter = FlopCounterMode(display=False)
+        self._meta_attrs: dict[str, Any] = {}
 
     def fetch_attr(self, target: str) -> Any:
         if target not in self._meta_attrs:
@@ -70,6 +71,11 @@ class _MetaInterpreter(fx.Interpreter):
 
     def call_function(self, target, args, kwargs):
         args, kwargs = _meta_devices(args, kwargs)
+        if isinstance(target, torch._ops.HigherOrderOperator):
+            # torch.export wraps regions such as `torch.no_grad()` / autocast into a higher-order op
+            # whose body is a GraphModule argument (HF rotary embeddings do this). The body has its
+            # own baked-in devices and get_attr tensors, so it must run through a meta runner too.
+            args = tuple(_MetaBody(a) if isinstance(a, fx.GraphModule) else a for a in args)
         return super().call_function(target, args, kwargs)
 
     def call_method(self, target, args, kwargs):
@@ -79,6 +85,25 @@ class _MetaInterpreter(fx.Interpreter):
             args = tuple(_as_meta_device(a) for a in args)
         args, kwargs = _meta_devices(args, kwargs)
         return super().call_method(target, args, kwargs)
+
+
+class _MetaBody:
+    """A higher-order op's body callable that runs on the meta device."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:  # bind keyword arguments to the body's placeholders by name
+            names = [n.target for n in self.gm.graph.nodes if n.op == "placeholder"]
+            args = (*args, *(kwargs[n] for n in names[len(args):]))
+        return _MetaRunner(self.gm).run(*args)
+
+
+class _MetaInterpreter(_MetaRunner):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.counter = FlopCounterMode(display=False)
 
     def run_node(self, n: fx.Node) -> Any:
         before = self.counter.get_total_flops()
