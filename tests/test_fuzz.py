@@ -137,8 +137,9 @@ def _plan_text() -> str:
 
 _REPLACEMENTS = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 3), st.just(-1.5), st.just(1e308), st.just(float("nan")),
-    st.just(float("inf")), st.text(max_size=5), st.just("12"), st.just([]), st.just({}), st.just([1, "a"]),
-    st.just({"x": 1}), st.just(10**30),
+    st.just(float("inf")), st.text(max_size=5), st.just("12"), st.just(10**30),
+    # containers are built fresh per draw: a shared instance could be inserted into itself
+    st.builds(list), st.builds(dict), st.builds(lambda: [1, "a"]), st.builds(lambda: {"x": 1}),
 )
 
 
