@@ -23,6 +23,7 @@ from typing import Sequence
 
 from fxpipe.errors import ScheduleError
 from fxpipe.passes.emit_schedule import Op
+from fxpipe.passes.render_timeline import device_labels
 from fxpipe.passes.simulate_schedule import Timeline
 
 __all__ = ["plot_timeline", "OP_COLORS"]
@@ -91,12 +92,7 @@ def plot_timeline(
     Raises ScheduleError when matplotlib is missing or device_names has the wrong length.
     """
     D = tl.num_devices
-    if device_names is None:
-        names = [f"d{d}" for d in range(D)]
-    else:
-        names = [str(n) for n in device_names]
-        if len(names) != D:
-            raise ScheduleError(f"device_names has {len(names)} entries for {D} devices; give one name per device")
+    names = device_labels(tl, device_names)
     Figure, FigureCanvasAgg, Patch = _import_matplotlib()
 
     step = tl.step_time

@@ -33,7 +33,7 @@ from fxpipe.errors import ScheduleError
 from fxpipe.passes.emit_schedule import Op
 from fxpipe.passes.simulate_schedule import Timeline
 
-__all__ = ["render_timeline", "FWD_SYMBOLS", "BWD_SYMBOLS", "WEIGHT_SYMBOL"]
+__all__ = ["render_timeline", "device_labels", "FWD_SYMBOLS", "BWD_SYMBOLS", "WEIGHT_SYMBOL"]
 
 # B and F are left out of the forward alphabet because they mark crowded columns.
 FWD_SYMBOLS = "0123456789ACDEGHIJKLMNOPQRSTUVWXYZ"
@@ -49,6 +49,17 @@ def _fmt_ms(seconds: float) -> str:
     return f"{ms:.4g} ms" if ms < 1e4 else f"{ms:.0f} ms"
 
 
+def device_labels(tl: Timeline, device_names: Sequence[str] | None) -> list[str]:
+    """One label per device: the given names, or "d0", "d1", ...; ScheduleError on a wrong count."""
+    if device_names is None:
+        return [f"d{d}" for d in range(tl.num_devices)]
+    names = [str(n) for n in device_names]
+    if len(names) != tl.num_devices:
+        raise ScheduleError(f"device_names has {len(names)} entries for {tl.num_devices} devices; "
+                            "give one name per device")
+    return names
+
+
 def render_timeline(tl: Timeline, width: int = 100, device_names: Sequence[str] | None = None) -> str:
     """Render `tl` as text; every line is at most `width` characters.
 
@@ -58,12 +69,7 @@ def render_timeline(tl: Timeline, width: int = 100, device_names: Sequence[str] 
         device_names: one label per device (default "d0", "d1", ...).
     """
     D = tl.num_devices
-    if device_names is None:
-        names = [f"d{d}" for d in range(D)]
-    else:
-        names = [str(n) for n in device_names]
-        if len(names) != D:
-            raise ScheduleError(f"device_names has {len(names)} entries for {D} devices; give one name per device")
+    names = device_labels(tl, device_names)
     if not isinstance(width, int) or width < _MIN_CELLS + 6:
         raise ScheduleError(f"width must be an int >= {_MIN_CELLS + 6} to draw a timeline, got {width!r}")
     # Long names are cut so the chart keeps at least half the width.
