@@ -1,0 +1,159 @@
+"""Fused CuPy kernels vs eager PyTorch vs torch.compile (Inductor), forward, on one GPU.
+
+Each pattern at ROWS x COLS (default 16384 x 4096), fp32 and bf16. Time: CUDA events around
+batches of calls (so the queue stays full and host overhead is hidden where the GPU is the
+bottleneck), median of the batches. Bandwidth: the pattern's compulsory bytes (each input read
+once, each output written once) over the time, as a fraction of a device-to-device copy of
+N elements measured in the same run (copy bandwidth = 2 N bytes-per-element / copy time).
+
+    PYTHONPATH=. python3 benchmarks/cuda_kernels.py [--out DIR] [--rows R] [--cols C]
+
+Writes DIR/cuda_kernels.json and DIR/cuda_kernels.md (default benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fxpipe.cuda import fused_ops, kernels
+
+
+def _time(fn, batch=20, samples=9, warmup=3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(samples):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(batch):
+            fn()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) / batch)
+    return statistics.median(ts)  # ms
+
+
+def _patterns(R, C, dtype):
+    dev = "cuda"
+    x = torch.randn(R, C, device=dev, dtype=dtype)
+    y = torch.randn(R, C, device=dev, dtype=dtype)
+    b = torch.randn(C, device=dev, dtype=dtype)
+    w = torch.randn(C, device=dev, dtype=dtype)
+    m = torch.randn(R, C, device=dev, dtype=dtype)
+    es = x.element_size()
+    N = R * C
+
+    def eager_bg(x, b):
+        return F.gelu(x + b)
+
+    def eager_ln(a, c, w, b):
+        return F.layer_norm(a + c, (C,), w, b, 1e-5)
+
+    def eager_sm(x, m):
+        return torch.softmax(x * 0.125 + m, -1)
+
+    def eager_da(x, r):
+        return F.dropout(x, 0.1, True) + r
+
+    return [
+        ("bias_gelu", eager_bg, lambda: fused_ops.bias_gelu(x, b), (x, b), 2 * N * es + C * es),
+        ("add_layer_norm", eager_ln, lambda: fused_ops.add_layer_norm(x, y, (C,), w, b, 1e-5)[0], (x, y, w, b),
+         3 * N * es + 2 * C * es),
+        ("scale_mask_softmax", eager_sm, lambda: fused_ops.scale_mask_softmax(x, 0.125, False, m, "add"), (x, m),
+         3 * N * es),
+        ("dropout_add", eager_da, lambda: fused_ops.dropout_add(x, y, 0.1, True), (x, y), 3 * N * es),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--rows", type=int, default=16384)
+    ap.add_argument("--cols", type=int, default=4096)
+    ap.add_argument("--no-inductor", action="store_true")
+    args = ap.parse_args()
+    if not kernels.available():
+        sys.exit("needs a CUDA device and CuPy")
+    R, C = args.rows, args.cols
+    import cupy
+
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cupy": cupy.__version__,
+           "rows": R, "cols": C}
+    results = []
+    torch.backends.cuda.matmul.allow_tf32 = True
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            src = torch.randn(R, C, device="cuda", dtype=dtype)
+            dst = torch.empty_like(src)
+            t_copy = _time(lambda: dst.copy_(src))
+            copy_bw = 2 * src.numel() * src.element_size() / (t_copy * 1e-3)
+            for name, eager, fused, inputs, nbytes in _patterns(R, C, dtype):
+                t0 = time.perf_counter()
+                t_f = _time(fused)
+                kernels.SHARE = "dlpack"  # the same kernels, tensors wrapped as CuPy arrays per call
+                t_d = _time(fused)
+                kernels.SHARE = "pointer"
+                t_e = _time(lambda: eager(*inputs))
+                t_i = None
+                if not args.no_inductor:
+                    comp = torch.compile(eager, dynamic=False)
+                    comp(*inputs)
+                    t_i = _time(lambda: comp(*inputs))
+                row = {
+                    "pattern": name, "dtype": str(dtype).replace("torch.", ""), "copy_ms": t_copy,
+                    "fused_ms": t_f, "fused_dlpack_ms": t_d, "eager_ms": t_e, "inductor_ms": t_i,
+                    "fused_bw_frac": nbytes / (t_f * 1e-3) / copy_bw,
+                    "eager_bw_frac": nbytes / (t_e * 1e-3) / copy_bw,
+                    "inductor_bw_frac": None if t_i is None else nbytes / (t_i * 1e-3) / copy_bw,
+                    "speedup_vs_eager": t_e / t_f,
+                    "time_vs_inductor": None if t_i is None else t_f / t_i,
+                    "bytes": nbytes, "copy_GBps": copy_bw / 1e9,
+                }
+                results.append(row)
+                print(json.dumps(row), f"({time.perf_counter() - t0:.1f}s)", flush=True)
+                _write(args.out, env, results)
+    _write(args.out, env, results)
+
+
+def _write(out, env, results):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "cuda_kernels.json"), "w") as f:
+        json.dump({"env": env, "results": results}, f, indent=1)
+    f2 = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+    lines = [f"# Fused CuPy kernels at {env['rows']}x{env['cols']} ({env['device']}, torch {env['torch']}, "
+             f"CuPy {env['cupy']})", "",
+             "Forward, median ms (CUDA events); bw = compulsory bytes / time as a fraction of a device-to-device copy "
+             "of the same N elements in the same run.", "",
+             "| pattern | dtype | copy ms | fused ms | fused (DLPack args) ms | eager ms | inductor ms | fused bw | eager bw | inductor bw "
+             "| speedup vs eager | fused / inductor time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(
+            f"| {r['pattern']} | {r['dtype']} | {r['copy_ms']:.3f} | {r['fused_ms']:.3f} | {r['fused_dlpack_ms']:.3f} | {r['eager_ms']:.3f} | "
+            f"{f2(r['inductor_ms'], '.3f')} | {r['fused_bw_frac']:.0%} | {r['eager_bw_frac']:.0%} | "
+            f"{f2(r['inductor_bw_frac'], '.0%')} | {r['speedup_vs_eager']:.2f}x | {f2(r['time_vs_inductor'], '.2f')}x |")
+    misses = []
+    for r in results:
+        why = [w for w, bad in (("bw < 90% of copy", r["fused_bw_frac"] < 0.9),
+                                ("> 1.1x Inductor", (r["time_vs_inductor"] or 0) > 1.1),
+                                ("< 1.8x over eager", r["speedup_vs_eager"] < 1.8)) if bad]
+        if why:
+            misses.append(f"- {r['pattern']} {r['dtype']}: " + ", ".join(why))
+    lines += ["", "Targets (issue 6): >= 90% of copy bandwidth, <= 1.1x Inductor's time, >= 1.8x over eager.",
+              "Missed:" if misses else "All met.", *misses, "",
+              "Command: `PYTHONPATH=. python3 benchmarks/cuda_kernels.py --out $OUT` (device tool, H100)."]
+    with open(os.path.join(out, "cuda_kernels.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,560 @@
+"""CuPy kernels for the fused ops of `passes/fuse_elementwise.py`, forward and backward.
+
+Every kernel reads and writes its tensors once: 16-byte vector loads and stores (4 fp32 or
+8 fp16/bf16 values per access), arithmetic in fp32. Row kernels (LayerNorm, softmax) give one
+block to a row and keep the row in registers, so a row is read from memory once even though
+it is reduced twice. fp16 and bf16 are stored as 16-bit integers and converted by hand (PTX
+`cvt` for fp16, bit shifts with round-to-nearest-even for bf16): no CUDA header is needed,
+so NVRTC compiles the sources wherever CuPy runs.
+
+Sources are generated per (kernel, dtype, vector width, row shape class) and compiled once;
+`launch` runs them on torch's current stream and shares memory with torch through DLPack.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from fxpipe.errors import FxpipeError
+
+__all__ = ["available", "launch", "SHARE", "row_config", "vec_width", "KernelCompileError", "DTYPES"]
+
+DTYPES = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat16"}
+MAX_CHUNKS_PER_THREAD = 8  # rows longer than 1024 threads x 8 vectors run the eager fallback
+
+
+
+class KernelCompileError(FxpipeError):
+    """NVRTC rejected a generated kernel; the message carries the source path and a repro."""
+
+
+@functools.lru_cache(maxsize=1)
+def _cupy() -> Any:
+    try:
+        import cupy  # noqa: F401
+
+        return cupy
+    except Exception:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """True when CuPy imports and torch sees a CUDA device."""
+    return torch.cuda.is_available() and _cupy() is not None
+
+
+# ---- source ------------------------------------------------------------------------------
+
+_PRELUDE = r"""
+#define STORAGE_%(kind)s 1
+#if defined(STORAGE_float)
+typedef float T;
+__device__ __forceinline__ float ld(T v) { return v; }
+__device__ __forceinline__ T st(float f) { return f; }
+#elif defined(STORAGE_half)
+typedef unsigned short T;
+__device__ __forceinline__ float ld(T v) { float f; asm("cvt.f32.f16 %%0, %%1;" : "=f"(f) : "h"(v)); return f; }
+__device__ __forceinline__ T st(float f) { T h; asm("cvt.rn.f16.f32 %%0, %%1;" : "=h"(h) : "f"(f)); return h; }
+#else
+typedef unsigned short T;
+__device__ __forceinline__ float ld(T v) { return __uint_as_float(((unsigned int)v) << 16); }
+__device__ __forceinline__ T st(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (T)0x7fc0;  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (T)(u >> 16);
+}
+#endif
+#define NEG_INF __int_as_float(0xff800000)
+#define VEC %(vec)d
+#define THREADS %(threads)d
+#define NV %(nv)d
+struct alignas(sizeof(T) * VEC) Pack { T e[VEC]; };
+struct alignas(VEC) BPack { unsigned char e[VEC]; };
+
+__device__ __forceinline__ float block_sum(float x, float* red) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    __syncthreads();  // red may still be read by the previous reduction
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = x;
+    __syncthreads();
+    float t = 0.f;
+    #pragma unroll
+    for (int i = 0; i < THREADS / 32; ++i) t += red[i];
+    return t;
+}
+__device__ __forceinline__ float block_max(float x, float* red) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = x;
+    __syncthreads();
+    float t = NEG_INF;
+    #pragma unroll
+    for (int i = 0; i < THREADS / 32; ++i) t = fmaxf(t, red[i]);
+    return t;
+}
+__device__ __forceinline__ float gelu_f(float v, int tanh_approx) {
+    if (tanh_approx) {
+        float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+        return 0.5f * v * (1.f + tanhf(u));
+    }
+    return 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+}
+__device__ __forceinline__ float gelu_grad(float v, int tanh_approx) {
+    if (tanh_approx) {
+        float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+        float t = tanhf(u);
+        return 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * 0.7978845608028654f * (1.f + 3.f * 0.044715f * v * v);
+    }
+    return 0.5f * (1.f + erff(v * 0.7071067811865476f)) + v * 0.3989422804014327f * expf(-0.5f * v * v);
+}
+__device__ __forceinline__ unsigned int fmix32(unsigned int h) {
+    h ^= h >> 16; h *= 0x85ebca6bu; h ^= h >> 13; h *= 0xc2b2ae35u; h ^= h >> 16; return h;
+}
+// counter-based uniform in [0, 1): the backward regenerates the forward's dropout mask
+__device__ __forceinline__ float urand(unsigned int s0, unsigned int s1, unsigned long long i) {
+    unsigned int h = fmix32(fmix32((unsigned int)i ^ s0) + ((unsigned int)(i >> 32) ^ s1));
+    return (float)(h >> 8) * (1.0f / 16777216.0f);
+}
+"""
+
+_ELEMENTWISE = r"""
+// Grid-stride loops with U vectors in flight per thread. When the grid's thread count is a
+// multiple of the row length in vectors (fixed_col), a thread always meets the same columns:
+// its bias vector is loaded once and no per-element division is needed.
+#define U 2
+#define GRID_LOOP(body_load, body_compute)                                                   \
+    const long long stride = (long long)gridDim.x * blockDim.x;                              \
+    for (long long i0 = blockIdx.x * (long long)blockDim.x + threadIdx.x; i0 < nv; i0 += stride * U) { \
+        body_load body_compute                                                               \
+    }
+
+extern "C" __global__ void __launch_bounds__(256, 8) bias_gelu_fwd(const T* __restrict__ x, const T* __restrict__ b,
+        T* __restrict__ y, long long nv, int h, int has_bias, int tanh_approx, int fixed_col) {
+    Pack pb;
+    long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (has_bias && fixed_col && first < nv) pb = *(const Pack*)(b + (int)((first * VEC) %% h));
+    GRID_LOOP(
+        Pack px[U];
+        _Pragma("unroll") for (int u = 0; u < U; ++u) { long long i = i0 + u * stride; if (i < nv) px[u] = ((const Pack*)x)[i]; },
+        _Pragma("unroll") for (int u = 0; u < U; ++u) {
+            long long i = i0 + u * stride;
+            if (i < nv) {
+                Pack bb = pb; Pack py;
+                if (has_bias && !fixed_col) bb = *(const Pack*)(b + (int)((i * VEC) %% h));
+                _Pragma("unroll") for (int k = 0; k < VEC; ++k) {
+                    float v = ld(px[u].e[k]) + (has_bias ? ld(bb.e[k]) : 0.f);
+                    py.e[k] = st(gelu_f(v, tanh_approx));
+                }
+                ((Pack*)y)[i] = py;
+            }
+        })
+}
+extern "C" __global__ void __launch_bounds__(256, 8) bias_gelu_bwd(const T* __restrict__ dy, const T* __restrict__ x,
+        const T* __restrict__ b, T* __restrict__ dx, long long nv, int h, int has_bias, int tanh_approx, int fixed_col) {
+    Pack pb;
+    long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (has_bias && fixed_col && first < nv) pb = *(const Pack*)(b + (int)((first * VEC) %% h));
+    GRID_LOOP(
+        Pack px[U]; Pack pd[U];
+        _Pragma("unroll") for (int u = 0; u < U; ++u) {
+            long long i = i0 + u * stride;
+            if (i < nv) { px[u] = ((const Pack*)x)[i]; pd[u] = ((const Pack*)dy)[i]; }
+        },
+        _Pragma("unroll") for (int u = 0; u < U; ++u) {
+            long long i = i0 + u * stride;
+            if (i < nv) {
+                Pack bb = pb; Pack po;
+                if (has_bias && !fixed_col) bb = *(const Pack*)(b + (int)((i * VEC) %% h));
+                _Pragma("unroll") for (int k = 0; k < VEC; ++k) {
+                    float v = ld(px[u].e[k]) + (has_bias ? ld(bb.e[k]) : 0.f);
+                    po.e[k] = st(ld(pd[u].e[k]) * gelu_grad(v, tanh_approx));
+                }
+                ((Pack*)dx)[i] = po;
+            }
+        })
+}
+extern "C" __global__ void __launch_bounds__(256, 8) dropout_add_fwd(const T* __restrict__ x, const T* __restrict__ r,
+        T* __restrict__ y, long long nv, float p, float scale, unsigned int s0, unsigned int s1, int train) {
+    GRID_LOOP(
+        Pack px[U]; Pack pr[U];
+        _Pragma("unroll") for (int u = 0; u < U; ++u) {
+            long long i = i0 + u * stride;
+            if (i < nv) { px[u] = ((const Pack*)x)[i]; pr[u] = ((const Pack*)r)[i]; }
+        },
+        _Pragma("unroll") for (int u = 0; u < U; ++u) {
+            long long i = i0 + u * stride;
+            if (i < nv) {
+                Pack py;
+                _Pragma("unroll") for (int k = 0; k < VEC; ++k) {
+                    float v = ld(px[u].e[k]);
+                    if (train) v = urand(s0, s1, (unsigned long long)(i * VEC + k)) >= p ? v * scale : 0.f;
+                    py.e[k] = st(v + ld(pr[u].e[k]));
+                }
+                ((Pack*)y)[i] = py;
+            }
+        })
+}
+extern "C" __global__ void __launch_bounds__(256, 8) dropout_add_bwd(const T* __restrict__ dy, T* __restrict__ dx,
+        long long nv, float p, float scale, unsigned int s0, unsigned int s1) {
+    GRID_LOOP(
+        Pack pd[U];
+        _Pragma("unroll") for (int u = 0; u < U; ++u) { long long i = i0 + u * stride; if (i < nv) pd[u] = ((const Pack*)dy)[i]; },
+        _Pragma("unroll") for (int u = 0; u < U; ++u) {
+            long long i = i0 + u * stride;
+            if (i < nv) {
+                Pack po;
+                _Pragma("unroll") for (int k = 0; k < VEC; ++k)
+                    po.e[k] = st(urand(s0, s1, (unsigned long long)(i * VEC + k)) >= p ? ld(pd[u].e[k]) * scale : 0.f);
+                ((Pack*)dx)[i] = po;
+            }
+        })
+}
+"""
+
+_ROWS = r"""
+#define FOR_CHUNKS for (int c = 0; c < NV; ++c)
+#define IDX(c) (((c) * THREADS + (int)threadIdx.x) * VEC)
+
+extern "C" __global__ void __launch_bounds__(THREADS) add_ln_fwd(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ w, const T* __restrict__ beta, T* __restrict__ y, T* __restrict__ s,
+                                      float* __restrict__ mean_out, float* __restrict__ rstd_out, int rows, int cols, float eps,
+                                      int has_b, int has_w, int has_beta, int write_sum) {
+    __shared__ float red[32];
+    for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+        long long base = (long long)row * cols;
+        float v[NV][VEC];
+        float sum = 0.f;
+        #pragma unroll
+        FOR_CHUNKS {
+            int idx = IDX(c);
+            if (idx < cols) {
+                Pack pa = *(const Pack*)(a + base + idx), pb;
+                if (has_b) pb = *(const Pack*)(b + base + idx);
+                #pragma unroll
+                for (int k = 0; k < VEC; ++k) { v[c][k] = ld(pa.e[k]) + (has_b ? ld(pb.e[k]) : 0.f); sum += v[c][k]; }
+                if (write_sum) {
+                    Pack ps;
+                    #pragma unroll
+                    for (int k = 0; k < VEC; ++k) ps.e[k] = st(v[c][k]);
+                    *(Pack*)(s + base + idx) = ps;
+                }
+            } else {
+                #pragma unroll
+                for (int k = 0; k < VEC; ++k) v[c][k] = 0.f;
+            }
+        }
+        float mean = block_sum(sum, red) / cols;
+        float sq = 0.f;
+        #pragma unroll
+        FOR_CHUNKS {
+            if (IDX(c) < cols) {
+                #pragma unroll
+                for (int k = 0; k < VEC; ++k) { float d = v[c][k] - mean; sq += d * d; }
+            }
+        }
+        float rstd = rsqrtf(block_sum(sq, red) / cols + eps);
+        #pragma unroll
+        FOR_CHUNKS {
+            int idx = IDX(c);
+            if (idx < cols) {
+                Pack pw, pbeta, py;
+                if (has_w) pw = *(const Pack*)(w + idx);
+                if (has_beta) pbeta = *(const Pack*)(beta + idx);
+                #pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    float o = (v[c][k] - mean) * rstd;
+                    if (has_w) o *= ld(pw.e[k]);
+                    if (has_beta) o += ld(pbeta.e[k]);
+                    py.e[k] = st(o);
+                }
+                *(Pack*)(y + base + idx) = py;
+            }
+        }
+        if (threadIdx.x == 0) { mean_out[row] = mean; rstd_out[row] = rstd; }
+    }
+}
+
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ ds), g = dy * w; per-block partial sums
+// of dy * xhat and dy (weight and bias gradients) stay in registers across the block's rows.
+extern "C" __global__ void __launch_bounds__(THREADS) add_ln_bwd(const T* __restrict__ dy, const T* __restrict__ ds, const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ w,
+                                      const float* __restrict__ mean_in, const float* __restrict__ rstd_in, T* __restrict__ dx,
+                                      float* __restrict__ dw_part, float* __restrict__ db_part, int rows, int cols,
+                                      int has_b, int has_w, int has_ds) {
+    __shared__ float red[32];
+    float accw[NV][VEC], accb[NV][VEC];
+    #pragma unroll
+    FOR_CHUNKS {
+        #pragma unroll
+        for (int k = 0; k < VEC; ++k) { accw[c][k] = 0.f; accb[c][k] = 0.f; }
+    }
+    for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+        long long base = (long long)row * cols;
+        float mean = mean_in[row], rstd = rstd_in[row];
+        float xh[NV][VEC], g[NV][VEC];
+        float s1 = 0.f, s2 = 0.f;
+        #pragma unroll
+        FOR_CHUNKS {
+            int idx = IDX(c);
+            if (idx < cols) {
+                Pack pa = *(const Pack*)(a + base + idx), pb, pd = *(const Pack*)(dy + base + idx), pw;
+                if (has_b) pb = *(const Pack*)(b + base + idx);
+                if (has_w) pw = *(const Pack*)(w + idx);
+                #pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    float x = (ld(pa.e[k]) + (has_b ? ld(pb.e[k]) : 0.f) - mean) * rstd;
+                    float d = ld(pd.e[k]);
+                    xh[c][k] = x;
+                    g[c][k] = has_w ? d * ld(pw.e[k]) : d;
+                    accw[c][k] += d * x;
+                    accb[c][k] += d;
+                    s1 += g[c][k];
+                    s2 += g[c][k] * x;
+                }
+            }
+        }
+        s1 = block_sum(s1, red) / cols;
+        s2 = block_sum(s2, red) / cols;
+        #pragma unroll
+        FOR_CHUNKS {
+            int idx = IDX(c);
+            if (idx < cols) {
+                Pack po, pds;
+                if (has_ds) pds = *(const Pack*)(ds + base + idx);
+                #pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    float o = rstd * (g[c][k] - s1 - xh[c][k] * s2);
+                    if (has_ds) o += ld(pds.e[k]);
+                    po.e[k] = st(o);
+                }
+                *(Pack*)(dx + base + idx) = po;
+            }
+        }
+    }
+    #pragma unroll
+    FOR_CHUNKS {
+        int idx = IDX(c);
+        if (idx < cols) {
+            #pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                dw_part[(long long)blockIdx.x * cols + idx + k] = accw[c][k];
+                db_part[(long long)blockIdx.x * cols + idx + k] = accb[c][k];
+            }
+        }
+    }
+}
+
+// mask_kind 0: none, 1: additive mask (dtype T), 2: boolean mask filled with fill_value.
+// The mask is addressed through up to 4 leading-dim strides, so a broadcast mask is never copied.
+extern "C" __global__ void __launch_bounds__(THREADS) softmax_fwd(const T* __restrict__ x, const void* mask, T* __restrict__ y, int rows, int cols,
+                                       float scale, int divide, int mask_kind, float fill_value,
+                                       int l1, int l2, int l3, long long m0, long long m1, long long m2, long long m3) {
+    __shared__ float red[32];
+    for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+        long long base = (long long)row * cols;
+        int r = row;
+        int i3 = r %% l3; r /= l3; int i2 = r %% l2; r /= l2; int i1 = r %% l1; int i0 = r / l1;
+        long long mbase = i0 * m0 + i1 * m1 + i2 * m2 + i3 * m3;
+        float v[NV][VEC];
+        float mx = NEG_INF;
+        #pragma unroll
+        FOR_CHUNKS {
+            int idx = IDX(c);
+            if (idx < cols) {
+                Pack px = *(const Pack*)(x + base + idx);
+                #pragma unroll
+                for (int k = 0; k < VEC; ++k) v[c][k] = divide ? ld(px.e[k]) / scale : ld(px.e[k]) * scale;
+                if (mask_kind == 1) {
+                    Pack pm = *(const Pack*)((const T*)mask + mbase + idx);
+                    #pragma unroll
+                    for (int k = 0; k < VEC; ++k) v[c][k] += ld(pm.e[k]);
+                } else if (mask_kind == 2) {
+                    BPack pm = *(const BPack*)((const unsigned char*)mask + mbase + idx);
+                    #pragma unroll
+                    for (int k = 0; k < VEC; ++k) if (pm.e[k]) v[c][k] = fill_value;
+                }
+                #pragma unroll
+                for (int k = 0; k < VEC; ++k) mx = fmaxf(mx, v[c][k]);
+            } else {
+                #pragma unroll
+                for (int k = 0; k < VEC; ++k) v[c][k] = NEG_INF;
+            }
+        }
+        mx = block_max(mx, red);
+        float sum = 0.f;
+        #pragma unroll
+        FOR_CHUNKS {
+            #pragma unroll
+            for (int k = 0; k < VEC; ++k) { float e = IDX(c) < cols ? __expf(v[c][k] - mx) : 0.f; v[c][k] = e; sum += e; }
+        }
+        float inv = 1.f / block_sum(sum, red);
+        #pragma unroll
+        FOR_CHUNKS {
+            int idx = IDX(c);
+            if (idx < cols) {
+                Pack py;
+                #pragma unroll
+                for (int k = 0; k < VEC; ++k) py.e[k] = st(v[c][k] * inv);
+                *(Pack*)(y + base + idx) = py;
+            }
+        }
+    }
+}
+
+// dx = scale * y * (dy - sum(dy * y))
+extern "C" __global__ void __launch_bounds__(THREADS) softmax_bwd(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx, int rows, int cols, float scale, int divide) {
+    __shared__ float red[32];
+    for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+        long long base = (long long)row * cols;
+        float yy[NV][VEC], dd[NV][VEC];
+        float dot = 0.f;
+        #pragma unroll
+        FOR_CHUNKS {
+            int idx = IDX(c);
+            if (idx < cols) {
+                Pack py = *(const Pack*)(y + base + idx), pd = *(const Pack*)(dy + base + idx);
+                #pragma unroll
+                for (int k = 0; k < VEC; ++k) { yy[c][k] = ld(py.e[k]); dd[c][k] = ld(pd.e[k]); dot += yy[c][k] * dd[c][k]; }
+            }
+        }
+        dot = block_sum(dot, red);
+        #pragma unroll
+        FOR_CHUNKS {
+            int idx = IDX(c);
+            if (idx < cols) {
+                Pack po;
+                #pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    float o = yy[c][k] * (dd[c][k] - dot);
+                    po.e[k] = st(divide ? o / scale : o * scale);
+                }
+                *(Pack*)(dx + base + idx) = po;
+            }
+        }
+    }
+}
+"""
+
+
+def vec_width(dtype: torch.dtype, *sizes: int) -> int:
+    """Values per 16-byte access for `dtype`, or 1 when a size is not a multiple of it."""
+    v = 16 // torch.empty((), dtype=dtype).element_size()
+    return v if all(s % v == 0 for s in sizes) else 1
+
+
+def row_config(cols: int, vec: int, per_thread: int = 16) -> tuple[int, int] | None:
+    """(threads, vectors per thread) holding a row of `cols` in registers, about `per_thread`
+    values per thread, or None when the row is too long for registers."""
+    chunks = -(-cols // vec)
+    threads = min(1024, max(32, 1 << max(0, math.ceil(math.log2(max(1, cols / per_thread))))))
+    nv = -(-chunks // threads)
+    return None if nv > MAX_CHUNKS_PER_THREAD else (threads, nv)
+
+
+@functools.lru_cache(maxsize=None)
+def _module(family: str, dtype_kind: str, vec: int, threads: int, nv: int) -> Any:
+    cp = _cupy()
+    src = (_PRELUDE % {"kind": dtype_kind, "vec": vec, "threads": threads, "nv": nv}
+           + (_ELEMENTWISE if family == "elementwise" else _ROWS) % {})
+    try:
+        mod = cp.RawModule(code=src, options=("-std=c++17",))
+        mod.compile()
+    except Exception as e:
+        import hashlib
+        import os
+        import tempfile
+
+        path = os.path.join(tempfile.gettempdir(), f"fxpipe_{family}_{hashlib.sha1(src.encode()).hexdigest()[:12]}.cu")
+        with open(path, "w") as f:
+            f.write(src)
+        raise KernelCompileError(
+            f"NVRTC could not compile the fxpipe {family} kernels for {dtype_kind} (vec={vec}, threads={threads}, "
+            f"nv={nv}): {e}\n  source: {path}\n  repro: python3 -c \"import cupy; "
+            f"cupy.RawModule(code=open('{path}').read(), options=('-std=c++17',)).compile()\"") from e
+    return mod
+
+
+def _as_cupy(t: torch.Tensor) -> Any:
+    cp = _cupy()
+    t = t.detach()  # DLPack refuses tensors that require grad; memory is shared either way
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.view(torch.int16)  # 16-bit storage; the kernel converts (and DLPack needs no bf16)
+    elif t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    return cp.from_dlpack(t)
+
+
+# How tensors reach the kernels. Both share torch's memory (no copy). "pointer" passes the
+# device address as a 64-bit argument; "dlpack" wraps every tensor as a CuPy array first,
+# which costs tens of microseconds of host time per tensor and per call (measured in
+# benchmarks/cuda_kernels.py), enough to make a 0.1 ms kernel host-bound.
+SHARE = "pointer"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+_FUNCS: dict[tuple, Any] = {}
+_STREAMS: dict[tuple[int, int], Any] = {}
+
+
+def _function(family: str, name: str, dtype: torch.dtype, vec: int, threads: int, nv: int) -> Any:
+    key = (family, name, dtype, vec, threads, nv)
+    fn = _FUNCS.get(key)
+    if fn is None:
+        fn = _FUNCS[key] = _module(family, DTYPES[dtype], vec, threads, nv).get_function(name)
+    return fn
+
+
+def _stream(index: int) -> Any:
+    ptr = torch.cuda.current_stream(index).cuda_stream
+    st = _STREAMS.get((index, ptr))
+    if st is None:
+        import warnings
+
+        cp = _cupy()
+        with warnings.catch_warnings():  # ExternalStream is what CuPy 14 offers for a raw handle
+            warnings.simplefilter("ignore", DeprecationWarning)
+            st = _STREAMS[(index, ptr)] = cp.cuda.ExternalStream(ptr, index)
+    return st
+
+
+def launch(family: str, name: str, dtype: torch.dtype, vec: int, grid: int, threads: int, nv: int,
+           args: list[Any]) -> None:
+    """Run kernel `name` on torch's current stream; tensors share torch's memory (see SHARE).
+
+    `args` holds torch tensors (None for an absent optional one, passed as a null pointer
+    the kernel never reads: its flag is 0) and numpy scalars.
+    """
+    cp = _cupy()
+    index = next(a for a in args if isinstance(a, torch.Tensor)).device.index or 0
+    kern = _function(family, name, dtype, vec, threads if family == "rows" else 32, nv)
+    with cp.cuda.Device(index), _stream(index):
+        if SHARE == "dlpack":
+            conv = tuple(_as_cupy(a) if isinstance(a, torch.Tensor) else (np.uint64(0) if a is None else a)
+                         for a in args)
+        else:
+            conv = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else (np.uint64(0) if a is None else a)
+                         for a in args)
+        kern((grid,), (threads,), conv)
+
+
+def elementwise_grid(nv: int, device: torch.device, row_vectors: int | None = None) -> tuple[int, int]:
+    """(blocks of 256 threads, fixed_col) for `nv` vectors: one full wave of the device
+    (8 blocks per SM), grid-stride beyond. With `row_vectors`, the grid is rounded so that the
+    thread count is a multiple of it (fixed_col = 1: every thread keeps its columns)."""
+    wave = _sm_count(device.index or 0) * 8
+    blocks = max(1, min(-(-nv // 256), wave))
+    if row_vectors:
+        g = row_vectors // math.gcd(row_vectors, 256)  # blocks must be a multiple of g
+        if g <= wave * 2:
+            return max(g, blocks // g * g), 1
+    return blocks, 0

@@ -1,0 +1,265 @@
+"""fuse_elementwise: structure (fused nodes in gm.code) and equality with the original graph
+(outputs and gradients) on CPU, where every fused op runs its eager composition."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import FileCheck
+
+from fxpipe.compiler.capture import capture
+from fxpipe.errors import PlanError
+from fxpipe.passes.fuse_elementwise import PATTERNS, fuse_elementwise
+from fxpipe.passes.propagate_shapes import VAL, propagate_shapes
+
+
+class BiasGelu(nn.Module):
+    def __init__(self, module=False, approximate="none"):
+        super().__init__()
+        self.b = nn.Parameter(torch.randn(16))
+        self.act = nn.GELU(approximate) if module else None
+        self.approximate = approximate
+
+    def forward(self, x):
+        h = x + self.b
+        return self.act(h) if self.act is not None else F.gelu(h, approximate=self.approximate)
+
+
+class AddNorm(nn.Module):
+    def __init__(self, module=True, affine=True, keep=False):
+        super().__init__()
+        self.ln = nn.LayerNorm(16, elementwise_affine=affine)
+        self.module, self.keep = module, keep
+
+    def forward(self, x, y):
+        s = x + y
+        out = self.ln(s) if self.module else F.layer_norm(s, (16,), self.ln.weight, self.ln.bias, 1e-6)
+        return out * 2 + s if self.keep else out
+
+
+class Softmax(nn.Module):
+    def __init__(self, kind="add", divide=False):
+        super().__init__()
+        self.kind, self.divide = kind, divide
+
+    def forward(self, x, m):
+        v = x / 4.0 if self.divide else x * 0.25
+        if self.kind == "add":
+            v = v + m
+        elif self.kind == "fill":
+            v = v.masked_fill(m > 0.5, float("-inf"))
+        return torch.softmax(v, dim=-1)
+
+
+class DropAdd(nn.Module):
+    def __init__(self, module=True):
+        super().__init__()
+        self.drop = nn.Dropout(0.25)
+        self.module = module
+
+    def forward(self, x, r):
+        d = self.drop(x) if self.module else F.dropout(x, 0.25, self.training)
+        return r + d
+
+
+class Block(nn.Module):
+    """All four patterns in one transformer-like block."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16, bias=False)
+        self.b = nn.Parameter(torch.randn(16))
+        self.ln = nn.LayerNorm(16)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x, m):
+        a = torch.softmax(x * 0.5 + m, dim=-1)
+        h = F.gelu(self.fc(a) + self.b)
+        y = self.ln(x + self.drop(h))
+        return self.drop(y) + x
+
+
+def _inputs(model):
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    if isinstance(model, BiasGelu):
+        return (x,)
+    return (x, torch.rand(2, 3, 16) if not isinstance(model, (AddNorm, DropAdd)) else torch.randn(2, 3, 16))
+
+
+def _fuse(model, inputs, method, patterns=None):
+    cap = capture(model, inputs, method=method)
+    gm = cap.gm
+    propagate_shapes(gm, inputs)
+    ref = copy.deepcopy(gm)
+    return ref, fuse_elementwise(gm, patterns)
+
+
+def _same(ref, gm, inputs):
+    """Outputs and input/parameter gradients equal (same RNG stream for dropout)."""
+    outs = []
+    for mod in (ref, gm):
+        args = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+        torch.manual_seed(7)
+        out = mod(*args)
+        out = out[0] if isinstance(out, tuple) else out
+        params = [p for p in mod.parameters() if p.requires_grad]
+        leaves = [a for a in args if a.requires_grad] + params
+        grads = torch.autograd.grad(out.sum(), leaves, allow_unused=True)
+        outs.append((out, grads))
+    (o1, g1), (o2, g2) = outs
+    assert torch.equal(o1, o2)
+    for a, b in zip(g1, g2):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+CASES = [
+    ("bias_gelu", lambda: BiasGelu()),
+    ("bias_gelu", lambda: BiasGelu(module=True, approximate="tanh")),
+    ("add_layer_norm", lambda: AddNorm()),
+    ("add_layer_norm", lambda: AddNorm(module=False, affine=True)),
+    ("add_layer_norm", lambda: AddNorm(affine=False)),
+    ("scale_mask_softmax", lambda: Softmax("add")),
+    ("scale_mask_softmax", lambda: Softmax("fill", divide=True)),
+    ("scale_mask_softmax", lambda: Softmax("none")),
+    ("dropout_add", lambda: DropAdd()),
+    ("dropout_add", lambda: DropAdd(module=False)),
+]
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+@pytest.mark.parametrize("pattern,make", CASES)
+def test_pattern_found_and_equal(pattern, make, method):
+    model = make()
+    inputs = _inputs(model)
+    ref, res = _fuse(model, inputs, method)
+    assert res.modified and res.fused == [pattern]
+    FileCheck().check_count(f"fxpipe_cuda_fused_ops_{pattern}(", 1, exactly=True).run(res.graph_module.code)
+    _same(ref, res.graph_module, inputs)
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_block_fuses_all_four(method):
+    model = Block()
+    inputs = (torch.randn(2, 3, 16, requires_grad=True), torch.randn(2, 3, 16))
+    ref, res = _fuse(model, inputs, method)
+    assert sorted(res.fused) == sorted(PATTERNS)
+    code = res.graph_module.code
+    for p in PATTERNS:
+        FileCheck().check_count(f"fxpipe_cuda_fused_ops_{p}(", 1, exactly=True).run(code)
+    _same(ref, res.graph_module, inputs)
+    # the rewritten graph still propagates on the meta device, and fused nodes carry values
+    propagate_shapes(res.graph_module, inputs)
+    for n in res.graph_module.graph.nodes:
+        if n.meta.get("fxpipe.fused"):
+            assert VAL in n.meta
+
+
+def test_layer_norm_sum_used_elsewhere_is_returned_too():
+    model = AddNorm(keep=True)
+    inputs = _inputs(model)
+    ref, res = _fuse(model, inputs, "fx")
+    assert res.fused == ["add_layer_norm"]
+    assert "keep_sum = True" in res.graph_module.code
+    _same(ref, res.graph_module, inputs)
+
+
+class SharedAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Parameter(torch.randn(16))
+
+    def forward(self, x, m):
+        h = x + self.b
+        return F.gelu(h) + h * m
+
+
+class SharedDrop(nn.Module):
+    def forward(self, x, r):
+        d = F.dropout(x, 0.2, True)
+        return (d + r) * d
+
+
+class SharedMaskedSum(nn.Module):
+    def forward(self, x, m):
+        v = x * 0.5 + m
+        return torch.softmax(v, -1) + v
+
+
+class SharedScale(nn.Module):
+    def forward(self, x, m):
+        v = x * 0.5
+        return torch.softmax(v + m, -1) + v
+
+
+class TwoDimNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm((3, 16))
+
+    def forward(self, x, y):
+        return self.ln(x + y)
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+@pytest.mark.parametrize("model", [SharedAdd(), SharedDrop(), SharedMaskedSum(), TwoDimNorm()],
+                         ids=lambda m: type(m).__name__)
+def test_intermediates_used_elsewhere_are_left_alone(model, method):
+    inputs = (torch.randn(2, 3, 16, requires_grad=True), torch.randn(2, 3, 16))
+    ref, res = _fuse(model, inputs, method)
+    assert not res.modified and res.fused == []
+    assert "fused_" not in res.graph_module.code
+    _same(ref, res.graph_module, inputs)
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_shared_scale_is_not_swallowed(method):
+    inputs = (torch.randn(2, 3, 16, requires_grad=True), torch.randn(2, 3, 16))
+    ref, res = _fuse(SharedScale(), inputs, method)
+    assert res.fused == ["scale_mask_softmax"]
+    assert "scale = None" in res.graph_module.code  # the mask is fused, the shared scale stays
+    _same(ref, res.graph_module, inputs)
+
+
+def test_full_size_addend_is_not_a_bias():
+    class AddAct(nn.Module):
+        def forward(self, x, y):
+            return F.gelu(x + y)
+
+    inputs = (torch.randn(4, 16), torch.randn(4, 16))
+    _, res = _fuse(AddAct(), inputs, "fx")
+    assert not res.modified  # no bias to fold: torch's own add and gelu are as good
+
+
+def test_without_shapes_structure_decides():
+    gm = torch.fx.symbolic_trace(BiasGelu())
+    res = fuse_elementwise(gm)
+    assert res.fused == ["bias_gelu"]
+    x = torch.randn(3, 16)
+    assert torch.equal(gm(x), F.gelu(x + gm.b))
+
+
+def test_pattern_selection_and_unknown_names():
+    model = Block()
+    inputs = (torch.randn(2, 3, 16), torch.randn(2, 3, 16))
+    _, res = _fuse(model, inputs, "fx", patterns=["bias_gelu"])
+    assert res.fused == ["bias_gelu"]
+    with pytest.raises(PlanError, match="unknown fusion pattern"):
+        fuse_elementwise(torch.fx.symbolic_trace(model), ["gelu_everything"])
+
+
+def test_fused_ops_fall_back_on_meta_and_cpu():
+    from fxpipe.cuda import fused_ops
+
+    x = torch.empty(2, 8, device="meta")
+    y, s = fused_ops.add_layer_norm(x, x, (8,), None, None, 1e-5, keep_sum=True)
+    assert y.shape == s.shape == (2, 8) and y.is_meta
+    x = torch.randn(2, 8)
+    assert torch.equal(fused_ops.scale_mask_softmax(x, 0.5), torch.softmax(x * 0.5, -1))
+    r = torch.randn(2, 8)
+    assert torch.equal(fused_ops.dropout_add(x, r, 0.5, False), x + r)
+    b = torch.randn(8)
+    assert torch.equal(fused_ops.bias_gelu(b, x), F.gelu(x + b))  # the 1-D operand is the bias
