@@ -59,11 +59,16 @@ examples:
   fxpipe plan mymodel.py:make --devices 'cpu*4' --microbatches 8 --schedule gpipe -o plan.json
   fxpipe plan mymodel.py:make --devices cuda:0,cuda:1 --optimizer sgd -o plan.json
   fxpipe plan mymodel.py:make --cluster cluster.json --inference -o plan.json
+  fxpipe plan mymodel.py:make --devices 'cpu*4' --baseline params   # compare with equal-parameter stages
 
 A cluster file describes devices that need not exist here (plan for GPUs on a laptop):
   {"devices": [{"name": "gpu0", "kind": "cuda", "peak_flops": 6.7e13,
                 "mem_bandwidth": 3.35e12, "memory": 8.5e10}, ...],
    "links": [{"src": 0, "dst": 1, "bandwidth": 4.5e11, "latency": 1e-5}]}
+Devices may name their machine ("node": 0) and then be linked per node instead of per pair:
+  "node_links": [{"src_node": 0, "dst_node": 0, "bandwidth": 4.5e11, "latency": 5e-6},
+                 {"src_node": -1, "dst_node": -1, "bandwidth": 2.5e10, "latency": 2e-5}]
+(-1, -1 = between any two different nodes). In Python: fxpipe.Cluster.preset("h100", 64, per_node=8).
 """
 
 _INSPECT_EPILOG = """\
@@ -79,6 +84,7 @@ examples:
   fxpipe inspect plan.json
   fxpipe inspect plan.json --format trace -o step.trace.json
   fxpipe inspect plan.json --format code
+  fxpipe inspect plan.json --why                 # time and memory per stage, baselines
 """
 
 _DEMO_EPILOG = """\
@@ -230,6 +236,11 @@ def _cmd_plan(a: argparse.Namespace) -> int:
     except OSError as e:
         raise CliError(f"cannot write {out}: {e.strerror or e}") from None
     print(plan.summary())
+    if a.baseline:
+        from fxpipe.passes.explain_plan import compare_baseline
+
+        print()
+        print(compare_baseline(plan, a.baseline))
     print(f"wrote {out}; look at it with: fxpipe inspect {out}")
     return 0
 
@@ -240,7 +251,13 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     src = Path(a.plan)
     try:
         plan = Plan.load(src)
-        if a.format in ("trace", "png"):
+        if a.why:
+            from fxpipe.passes.explain_plan import explain
+
+            if a.format != "text":
+                raise CliError("--why prints text; leave out --format (or use --format text)")
+            text = explain(plan)
+        elif a.format in ("trace", "png"):
             tl = _simulate(plan)
         else:
             text = _code_text(plan) if a.format == "code" else plan.summary() + "\n\n" + timeline_text(plan)
@@ -374,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--optimizer", choices=("adam", "sgd", "sgd-momentum"), default="adam",
                     help="optimizer whose state the memory model counts (default adam)")
     pl.add_argument("--inference", action="store_true", help="plan forward passes only (no gradients or optimizer state)")
+    pl.add_argument("--baseline", choices=("uniform", "params"), default=None,
+                    help="also print this baseline's stage table next to fxpipe's: uniform layer counts, or equal "
+                         "parameter bytes (DeepSpeed / torch pipelining style), with the same cost model")
     pl.add_argument("-o", "--output", default="plan.json", metavar="PLAN.json", help="where to write the plan (default plan.json)")
     pl.set_defaults(func=_cmd_plan)
 
@@ -382,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("plan", metavar="PLAN.json", help="a plan written by `fxpipe plan`")
     ins.add_argument("--format", "-f", choices=("text", "trace", "code", "png"), default="text",
                      help="what to show (default text)")
+    ins.add_argument("--why", action="store_true",
+                     help="explain the plan: each stage's time (compute, transfer, bubble) and memory (params, grads, "
+                          "optimizer state, activations, buffers), and the baselines' predicted times")
     ins.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout (trace: default PLAN.trace.json)")
     ins.set_defaults(func=_cmd_inspect)
 

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from fxpipe.errors import PlanError
 
-__all__ = ["Device", "Link", "Cluster", "cpu_calibration", "CUDA_PRESETS"]
+__all__ = ["Device", "Link", "NodeLink", "Cluster", "cpu_calibration", "CUDA_PRESETS", "NODE_LINK_PRESETS"]
 
 GiB = 1024**3
 
@@ -33,6 +33,15 @@ CUDA_PRESETS: dict[str, dict[str, float]] = {
     "h200": {"peak_flops": 67e12, "mem_bandwidth": 4.8e12, "memory": 141 * GiB},
     "a100": {"peak_flops": 19.5e12, "mem_bandwidth": 2.0e12, "memory": 80 * GiB},
     "l4": {"peak_flops": 30e12, "mem_bandwidth": 0.3e12, "memory": 24 * GiB},
+}
+
+# Link between two GPUs of the same node (bytes/s, seconds): NVLink-class for the SXM parts,
+# PCIe-class for L4. Between nodes `Cluster.preset` defaults to 25e9 B/s (200 Gb/s) and 2e-5 s.
+NODE_LINK_PRESETS: dict[str, tuple[float, float]] = {
+    "h100": (450e9, 5e-6),
+    "h200": (450e9, 5e-6),
+    "a100": (300e9, 5e-6),
+    "l4": (32e9, 5e-6),
 }
 
 
@@ -48,6 +57,9 @@ class Device:
         memory: usable bytes for this device's stages.
         launch_overhead: seconds per op dispatched (Python + kernel launch).
         threads: CPU intra-op threads this device's worker may use (CPU only).
+        node: the machine (node) the device sits in, or -1 for unknown. Devices with a known
+            node are linked by the cluster's node links (see `NodeLink`), so a 64-GPU cluster
+            needs no 64 x 64 list of links.
     """
 
     name: str
@@ -57,6 +69,7 @@ class Device:
     memory: float
     launch_overhead: float = 5e-6
     threads: int = 1
+    node: int = -1
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -73,6 +86,8 @@ class Device:
                             f"got {self.launch_overhead!r}")
         if not _is_int(self.threads) or self.threads < 1:
             raise PlanError(f"device {self.name!r}: threads must be an integer >= 1, got {self.threads!r}")
+        if not _is_int(self.node) or self.node < -1:
+            raise PlanError(f"device {self.name!r}: node must be an integer >= 0 (or -1 for unknown), got {self.node!r}")
 
 
 def _is_number(v: Any) -> bool:
@@ -107,20 +122,57 @@ class Link:
         return 0.0 if nbytes <= 0 else self.latency + nbytes / self.bandwidth
 
 
+@dataclass(frozen=True, slots=True)
+class NodeLink:
+    """The link between devices of two nodes (or within one node), by node number.
+
+    ``NodeLink(a, a, ...)`` prices every pair of devices inside node a; ``NodeLink(a, b, ...)``
+    with a != b every pair with one device in node a and one in node b (both directions);
+    ``NodeLink(-1, -1, ...)`` every pair of devices in two different nodes not listed otherwise.
+    """
+
+    src_node: int
+    dst_node: int
+    bandwidth: float  # bytes/s
+    latency: float = 0.0  # seconds per message
+
+    def __post_init__(self) -> None:
+        what = f"node link {self.src_node!r}-{self.dst_node!r}"
+        for f in ("src_node", "dst_node"):
+            v = getattr(self, f)
+            if not _is_int(v) or v < -1:
+                raise PlanError(f"{what}: {f} must be a node number >= 0 (or -1 for any), got {v!r}")
+        if (self.src_node == -1) != (self.dst_node == -1):
+            raise PlanError(f"{what}: -1 (any node) must be used for both ends: (-1, -1) is the default "
+                            "between two different nodes")
+        if not (_is_number(self.bandwidth) and math.isfinite(self.bandwidth) and self.bandwidth > 0):
+            raise PlanError(f"{what}: bandwidth must be a positive number of bytes/s, got {self.bandwidth!r}")
+        if not (_is_number(self.latency) and math.isfinite(self.latency) and self.latency >= 0):
+            raise PlanError(f"{what}: latency must be a number of seconds >= 0, got {self.latency!r}")
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (min(self.src_node, self.dst_node), max(self.src_node, self.dst_node))
+
+
 @dataclass(frozen=True)
 class Cluster:
     """Devices in pipeline order plus the links between them.
 
-    Links not listed default to `default_link` bandwidth/latency (same-kind CPU devices share
-    memory, so their default link is a memory copy).
+    The link between devices i and j is, in this order: the `Link` listed for the pair; when
+    both devices have a known node, the `NodeLink` for their two nodes (or, for two different
+    nodes, the ``(-1, -1)`` default node link); else a default by device kind (same-kind CPU
+    devices share memory, so their default link is a memory copy).
     """
 
     devices: tuple[Device, ...]
     links: tuple[Link, ...] = ()
+    node_links: tuple[NodeLink, ...] = ()
     _index: dict = field(default_factory=dict, compare=False, repr=False)
+    _node_index: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        for f in ("devices", "links"):  # lists are convenient to write; store tuples (frozen, hashable)
+        for f in ("devices", "links", "node_links"):  # lists are convenient to write; store tuples (frozen, hashable)
             if isinstance(getattr(self, f), list):
                 object.__setattr__(self, f, tuple(getattr(self, f)))
         if not isinstance(self.devices, tuple) or not self.devices:
@@ -139,6 +191,13 @@ class Cluster:
             if (l.src, l.dst) in self._index or (l.dst, l.src) in self._index:
                 raise PlanError(f"link {l.src}->{l.dst} is given twice (a link serves both directions); keep one")
             self._index[(l.src, l.dst)] = l
+        if not isinstance(self.node_links, tuple) or not all(isinstance(l, NodeLink) for l in self.node_links):
+            raise PlanError(f"cluster node_links must be a tuple of fxpipe.NodeLink values, got {self.node_links!r}")
+        for l in self.node_links:
+            if l.key in self._node_index:
+                raise PlanError(f"node link {l.src_node}-{l.dst_node} is given twice (a link serves both directions); "
+                                "keep one")
+            self._node_index[l.key] = l
 
     def __len__(self) -> int:
         return len(self.devices)
@@ -150,17 +209,119 @@ class Cluster:
         if (j, i) in self._index:
             l = self._index[(j, i)]
             return Link(i, j, l.bandwidth, l.latency)
+        a, b = self.devices[i].node, self.devices[j].node
+        if a >= 0 and b >= 0 and self._node_index:
+            nl = self._node_index.get((min(a, b), max(a, b)))
+            if nl is None and a != b:
+                nl = self._node_index.get((-1, -1))
+            if nl is not None:
+                return Link(i, j, nl.bandwidth, nl.latency)
         return _default_link(self.devices[i], self.devices[j], i, j)
 
     def subset(self, order: Sequence[int]) -> "Cluster":
-        """A cluster of the given devices in the given order, links re-indexed."""
+        """A cluster of the given devices in the given order, links re-indexed (node links kept)."""
         pos = {d: k for k, d in enumerate(order)}
         links = tuple(
             Link(pos[l.src], pos[l.dst], l.bandwidth, l.latency)
             for l in self.links
             if l.src in pos and l.dst in pos
         )
-        return Cluster(tuple(self.devices[d] for d in order), links)
+        return Cluster(tuple(self.devices[d] for d in order), links, self.node_links)
+
+    def nodes(self) -> tuple[int, ...]:
+        """The distinct known node numbers, ascending."""
+        return tuple(sorted({d.node for d in self.devices if d.node >= 0}))
+
+    @staticmethod
+    def preset(name: str, count: int, per_node: int = 8, *, inter_node_bandwidth: float = 25e9,
+               inter_node_latency: float = 2e-5, intra_node_bandwidth: float | None = None,
+               intra_node_latency: float | None = None, memory: float | None = None,
+               first_node: int = 0) -> "Cluster":
+        """`count` GPUs of a known kind (h100, h200, a100, l4), `per_node` to a node.
+
+        Speeds and memory come from `CUDA_PRESETS`, the link inside a node from
+        `NODE_LINK_PRESETS` (NVLink-class for H100/H200/A100, PCIe-class for L4); nodes are
+        joined by a slower network (default 25e9 B/s = 200 Gb/s, 2e-5 s). The GPUs need not
+        exist here: the result is for planning offline.
+
+        Example:
+            >>> c = Cluster.preset("h100", 16, per_node=8)
+            >>> c.link(0, 1).bandwidth, c.link(7, 8).bandwidth
+            (450000000000.0, 25000000000.0)
+        """
+        key = name.lower() if isinstance(name, str) else name
+        if key not in CUDA_PRESETS:
+            raise PlanError(f"unknown GPU preset {name!r}: use one of {', '.join(map(repr, CUDA_PRESETS))}, "
+                            "or build fxpipe.Device values (or a cluster file) for other hardware")
+        if not _is_int(count) or count < 1:
+            raise PlanError(f"preset {name!r}: count must be a positive integer, got {count!r}")
+        if not _is_int(per_node) or per_node < 1:
+            raise PlanError(f"preset {name!r}: per_node must be a positive integer, got {per_node!r}")
+        if not _is_int(first_node) or first_node < 0:
+            raise PlanError(f"preset {name!r}: first_node must be an integer >= 0, got {first_node!r}")
+        spec = CUDA_PRESETS[key]
+        bw, lat = NODE_LINK_PRESETS[key]
+        bw = bw if intra_node_bandwidth is None else intra_node_bandwidth
+        lat = lat if intra_node_latency is None else intra_node_latency
+        mem = spec["memory"] if memory is None else memory
+        devices = tuple(
+            Device(f"{key}:{k}", "cuda", spec["peak_flops"], spec["mem_bandwidth"], mem, 8e-6, 1,
+                   node=first_node + k // per_node)
+            for k in range(count))
+        n_nodes = (count + per_node - 1) // per_node
+        node_links = tuple(NodeLink(first_node + k, first_node + k, bw, lat) for k in range(n_nodes))
+        if n_nodes > 1:
+            node_links += (NodeLink(-1, -1, inter_node_bandwidth, inter_node_latency),)
+        return Cluster(devices, (), node_links)
+
+    @staticmethod
+    def concat(a: "Cluster", b: "Cluster", *, link: Link | NodeLink | tuple[float, float] | None = None) -> "Cluster":
+        """Devices of `a` then of `b`; `link` (bandwidth, latency) joins every node of a to every node of b.
+
+        b's nodes are renumbered after a's, each side keeps its own links, and a side's default
+        inter-node link ``(-1, -1)`` is spelled out for its own node pairs. Devices of unknown
+        node are joined by `link` too (as explicit device links).
+
+        Example:
+            >>> mixed = Cluster.concat(Cluster.preset("h100", 8), Cluster.preset("a100", 8), link=(25e9, 2e-5))
+            >>> mixed.link(0, 1).bandwidth, mixed.link(8, 9).bandwidth, mixed.link(7, 8).bandwidth
+            (450000000000.0, 300000000000.0, 25000000000.0)
+        """
+        if not isinstance(a, Cluster) or not isinstance(b, Cluster):
+            raise PlanError(f"Cluster.concat needs two Cluster values, got {type(a).__name__} and {type(b).__name__}")
+        if link is None:
+            bw, lat = 25e9, 2e-5
+        elif isinstance(link, (Link, NodeLink)):
+            bw, lat = link.bandwidth, link.latency
+        elif isinstance(link, (tuple, list)) and len(link) == 2:
+            bw, lat = link
+        else:
+            raise PlanError(f"Cluster.concat: link must be (bandwidth, latency), a Link or a NodeLink, got {link!r}")
+        NodeLink(0, 1, bw, lat)  # validates the numbers
+        shift = (max(a.nodes()) + 1) if a.nodes() else 0
+
+        def spelled(c: Cluster, offset: int) -> list[NodeLink]:
+            out = [NodeLink(l.src_node + offset, l.dst_node + offset, l.bandwidth, l.latency)
+                   for l in c.node_links if l.src_node >= 0]
+            default = c._node_index.get((-1, -1))
+            if default is not None:
+                ns = c.nodes()
+                have = {l.key for l in c.node_links}
+                out += [NodeLink(x + offset, y + offset, default.bandwidth, default.latency)
+                        for i, x in enumerate(ns) for y in ns[i + 1:] if (x, y) not in have]
+            return out
+
+        devices = a.devices + tuple(d if d.node < 0 else _with_node(d, d.node + shift) for d in b.devices)
+        node_links = spelled(a, 0) + spelled(b, shift)
+        node_links += [NodeLink(x, y + shift, bw, lat) for x in a.nodes() for y in b.nodes()]
+        na = len(a.devices)
+        links = list(a.links) + [Link(l.src + na, l.dst + na, l.bandwidth, l.latency) for l in b.links]
+        listed = {(l.src, l.dst) for l in links} | {(l.dst, l.src) for l in links}
+        for i, da in enumerate(a.devices):
+            for j, db in enumerate(b.devices):
+                if (da.node < 0 or db.node < 0) and (i, na + j) not in listed:
+                    links.append(Link(i, na + j, bw, lat))
+        return Cluster(devices, tuple(links), tuple(node_links))
 
     # ---- construction -------------------------------------------------------------------
     @staticmethod
@@ -196,10 +357,13 @@ class Cluster:
         return Cluster(tuple(out))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "devices": [asdict(d) for d in self.devices],
+        out: dict[str, Any] = {
+            "devices": [_device_dict(d) for d in self.devices],
             "links": [asdict(l) for l in self.links],
         }
+        if self.node_links:  # written only when used, so files stay readable by older fxpipe
+            out["node_links"] = [asdict(l) for l in self.node_links]
+        return out
 
     @staticmethod
     def from_dict(data: Any, where: str = "cluster") -> "Cluster":
@@ -209,9 +373,10 @@ class Cluster:
         if not isinstance(data, dict) or "devices" not in data:
             raise PlanError(f"{where}: expected an object with a 'devices' list (and optional 'links'), "
                             f"got {type(data).__name__}; e.g. {example}")
-        extra = sorted(str(k) for k in data if k not in ("devices", "links"))
+        extra = sorted(str(k) for k in data if k not in ("devices", "links", "node_links"))
         if extra:
-            raise PlanError(f"{where}: unknown field(s) {extra}; a cluster has only 'devices' and 'links'")
+            raise PlanError(f"{where}: unknown field(s) {extra}; a cluster has only 'devices', 'links' "
+                            "and 'node_links'")
         if not isinstance(data["devices"], list) or not data["devices"]:
             raise PlanError(f"{where}: 'devices' must be a non-empty list of device objects, got {data['devices']!r}")
         devs = []
@@ -248,8 +413,28 @@ class Cluster:
                 links.append(Link(l["src"], l["dst"], l["bandwidth"], l.get("latency", 0.0)))
             except PlanError as e:
                 raise PlanError(f"{where}: links[{k}]: {e}") from None
+        node_links = []
+        raw_nl = data.get("node_links", [])
+        if not isinstance(raw_nl, list):
+            raise PlanError(f"{where}: 'node_links' must be a list of node link objects, got {type(raw_nl).__name__}")
+        nl_fields = ("src_node", "dst_node", "bandwidth", "latency")
+        for k, l in enumerate(raw_nl):
+            if not isinstance(l, dict):
+                raise PlanError(f"{where}: node_links[{k}] must be an object like "
+                                f"{{\"src_node\": 0, \"dst_node\": 0, \"bandwidth\": 4.5e11}}, got {l!r}")
+            missing = [f for f in nl_fields[:3] if f not in l]
+            if missing:
+                raise PlanError(f"{where}: node_links[{k}] is missing {', '.join(missing)} "
+                                "(required: src_node, dst_node, bandwidth)")
+            extra = sorted(str(f) for f in l if f not in nl_fields)
+            if extra:
+                raise PlanError(f"{where}: node_links[{k}] has unknown field(s) {extra} (allowed: {', '.join(nl_fields)})")
+            try:
+                node_links.append(NodeLink(l["src_node"], l["dst_node"], l["bandwidth"], l.get("latency", 0.0)))
+            except PlanError as e:
+                raise PlanError(f"{where}: node_links[{k}]: {e}") from None
         try:
-            return Cluster(tuple(devs), tuple(links))
+            return Cluster(tuple(devs), tuple(links), tuple(node_links))
         except PlanError as e:
             raise PlanError(f"{where}: {e}") from None
 
@@ -267,6 +452,19 @@ class Cluster:
         except (ValueError, RecursionError) as e:
             raise PlanError(f"cluster file {path} is not valid JSON: {e}") from None
         return Cluster.from_dict(data, where=f"cluster file {path}")
+
+
+def _device_dict(d: Device) -> dict[str, Any]:
+    out = asdict(d)
+    if d.node < 0:  # unknown node: leave the field out, as files written before it existed
+        del out["node"]
+    return out
+
+
+def _with_node(d: Device, node: int) -> Device:
+    from dataclasses import replace
+
+    return replace(d, node=node)
 
 
 def _kind(name: str) -> str:

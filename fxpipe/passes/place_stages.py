@@ -1,0 +1,404 @@
+"""Placement: which device runs which pipeline position, with the exact partitioner per order.
+
+A placement is an order of the cluster's devices: position j of the pipeline (stage j) runs
+on device ``order[j]``. For a given order the optimal contiguous partition is exact
+(`partition_stages`); placement searches orders on top of it, and every candidate is priced
+by the caller's own ``make_problem(order)``, so each device's speed and memory and each link
+between consecutive positions (``boundary_time`` is per link) enter the comparison: heavy
+boundaries end up on fast links because those orders win.
+
+Search:
+
+* **exhaustive** (at most ``exhaustive_limit`` devices, default 8): every order up to
+  symmetry. Two devices are interchangeable when they are equal in everything but their name
+  and node (speed, memory, kind, launch overhead, threads) and have the same link to every
+  third device (then swapping them is a symmetry of the cluster and changes no cost).
+  Interchangeability is an equivalence relation, so it is enough to enumerate the distinct
+  orders of the equivalence *classes* (multiset permutations) and give each class's members
+  in index order. 8 H100s in one node are 1 order, 4 H100 + 4 A100 in two nodes 70, 8 all
+  different devices 40,320. Exact: the result's bottleneck is the optimum over all orders x
+  all contiguous partitions.
+* **heuristic** (more devices): devices grouped by node (nodes in their given order), within
+  a node fastest first and fastest last; each in both directions; then a first-improvement
+  local search swapping whole nodes and, up to ``2 * exhaustive_limit`` devices, two devices
+  of different kinds (never two of the same kind: that only changes which node boundary a
+  cut crosses), within ``max_candidates`` evaluations (default 200). It reports ``lower_bound``, a valid bound on any order's
+  bottleneck: ``max(max_u min_d t[u][d], sum_u min_d t[u][d] / p)`` (each unit costs at
+  least its time on its fastest device; p devices share the total), so
+  ``partition.bottleneck / lower_bound`` bounds how far from optimal the heuristic can be.
+
+Ties on the bottleneck keep the earliest order enumerated: the given order first, so on a
+cluster whose orders are all equivalent the placement is the identity.
+
+Example:
+    >>> from fxpipe.compiler.cluster import Cluster
+    >>> c = Cluster.from_devices(["meta", "meta"])
+    >>> def make(order):
+    ...     return PartitionProblem(("a", "b"), ((1.0, 1.0), (1.0, 1.0)), ((0.0,),), (0.0, 0.0), (0.0, 0.0),
+    ...                             (0.0,), (1, 1), (1.0, 1.0), ("x", "y"))
+    >>> place_stages(make, c).order
+    (0, 1)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from fxpipe.compiler.cluster import Cluster
+from fxpipe.errors import PlanError
+from fxpipe.passes.partition_stages import Partition, PartitionProblem, _minmax_dp, partition_stages
+
+__all__ = ["Placement", "place_stages", "device_classes", "class_orders", "placement_lower_bound"]
+
+_RUNNER_UPS = 3
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The chosen device order and its optimal partition.
+
+    Attributes:
+        order: device index (into the cluster) per pipeline position.
+        partition: the exact optimal partition for that order.
+        problem: the `PartitionProblem` of that order (what ``make_problem(order)`` returned).
+        method: "exhaustive" (optimal over all orders) or "heuristic".
+        candidates: orders evaluated (each with the exact partitioner).
+        runner_ups: up to 3 other evaluated orders with their optimal bottleneck (seconds),
+            best first; orders that do not fit in memory are left out.
+        lower_bound: a valid lower bound on the bottleneck of any order (seconds), reported
+            for the heuristic (None for the exhaustive search, which is exact).
+    """
+
+    order: tuple[int, ...]
+    partition: Partition
+    problem: PartitionProblem
+    method: str
+    candidates: int
+    runner_ups: tuple[tuple[tuple[int, ...], float], ...]
+    lower_bound: float | None = None
+
+    def to_dict(self) -> dict:
+        """JSON form for ``plan.predicted["placement"]`` (what `explain` shows)."""
+        return {"order": list(self.order), "method": self.method, "candidates": self.candidates,
+                "runner_ups": [{"order": list(o), "bottleneck_ms": b * 1e3} for o, b in self.runner_ups],
+                "lower_bound_ms": None if self.lower_bound is None else self.lower_bound * 1e3}
+
+    def summary(self) -> str:
+        lines = [f"placement ({self.method}, {self.candidates} orders evaluated): order {list(self.order)}, "
+                 f"bottleneck {self.partition.bottleneck * 1e3:.4f} ms"]
+        if self.lower_bound is not None:
+            ratio = self.partition.bottleneck / self.lower_bound if self.lower_bound > 0 else math.inf
+            lines.append(f"  lower bound {self.lower_bound * 1e3:.4f} ms (within {ratio:.3f}x of it)")
+        for order, b in self.runner_ups:
+            lines.append(f"  runner-up {list(order)}: {b * 1e3:.4f} ms")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# Symmetry: interchangeable devices
+# --------------------------------------------------------------------------------------
+
+
+def _device_key(cluster: Cluster, i: int) -> tuple:
+    d = cluster.devices[i]
+    return (d.kind, d.peak_flops, d.mem_bandwidth, d.memory, d.launch_overhead, d.threads)
+
+
+def device_classes(cluster: Cluster) -> tuple[int, ...]:
+    """Class label per device: equal labels = interchangeable devices (see module doc).
+
+    Labels are numbered by first appearance, so label order follows device order.
+    """
+    p = len(cluster)
+    links = [[(0.0, 0.0) if i == j else (cluster.link(i, j).bandwidth, cluster.link(i, j).latency)
+              for j in range(p)] for i in range(p)]
+    keys = [_device_key(cluster, i) for i in range(p)]
+    label = [-1] * p
+    reps: list[int] = []
+    for i in range(p):
+        for c, r in enumerate(reps):
+            if keys[i] == keys[r] and all(links[i][k] == links[r][k] for k in range(p) if k != i and k != r):
+                label[i] = c
+                break
+        else:
+            label[i] = len(reps)
+            reps.append(i)
+    return tuple(label)
+
+
+def class_orders(labels: Sequence[int]) -> Iterator[tuple[int, ...]]:
+    """Every distinct order of the devices up to swapping interchangeable ones.
+
+    Multiset permutations of the labels in lexicographic order (the sorted one, i.e. the
+    given device order when labels follow it, first); each class's members are placed in
+    index order.
+    """
+    members: dict[int, list[int]] = {}
+    for i, c in enumerate(labels):
+        members.setdefault(c, []).append(i)
+    seq = sorted(labels)
+    n = len(seq)
+    while True:
+        used = {c: 0 for c in members}
+        order = []
+        for c in seq:
+            order.append(members[c][used[c]])
+            used[c] += 1
+        yield tuple(order)
+        # next lexicographic permutation of the multiset
+        k = n - 2
+        while k >= 0 and seq[k] >= seq[k + 1]:
+            k -= 1
+        if k < 0:
+            return
+        m = n - 1
+        while seq[m] <= seq[k]:
+            m -= 1
+        seq[k], seq[m] = seq[m], seq[k]
+        seq[k + 1:] = reversed(seq[k + 1:])
+
+
+def _count_orders(labels: Sequence[int]) -> int:
+    counts: dict[int, int] = {}
+    for c in labels:
+        counts[c] = counts.get(c, 0) + 1
+    total = math.factorial(len(labels))
+    for k in counts.values():
+        total //= math.factorial(k)
+    return total
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------
+
+
+def _bottleneck(problem: PartitionProblem) -> float:
+    """The optimal bottleneck of one order (pass 1 of `partition_stages`); inf if nothing fits."""
+    if problem.n < problem.p:
+        raise PlanError(f"the model has {problem.n} units but {problem.p} devices were given; "
+                        f"use at most {problem.n} devices, or finer units")
+    caps = np.asarray(problem.device_memory, dtype=np.float64)[None, :]
+    best, _ = _minmax_dp(problem, lambda t, m: np.where(m <= caps, t, np.inf), 0.0, np.maximum)
+    return float(best[problem.n, problem.p - 1])
+
+
+def placement_lower_bound(problem: PartitionProblem) -> float:
+    """A lower bound on the bottleneck of every order of the same devices.
+
+    ``max(max_u min_d t[u][d], sum_u min_d t[u][d] / p)``: boundary transfers and memory only
+    add to it. Valid for any order since it only uses the set of unit-time columns.
+    """
+    t = np.asarray(problem.unit_time, dtype=np.float64).reshape(problem.n, problem.p)
+    fastest = t.min(axis=1)
+    return float(max(fastest.max(), fastest.sum() / problem.p))
+
+
+class _Search:
+    def __init__(self, make_problem: Callable[[tuple[int, ...]], PartitionProblem], p: int):
+        self.make_problem = make_problem
+        self.p = p
+        self.seen: dict[tuple[int, ...], float] = {}
+        self.problems: dict[tuple[int, ...], PartitionProblem] = {}
+        self.first_problem: PartitionProblem | None = None
+
+    def __call__(self, order: tuple[int, ...]) -> float:
+        if order in self.seen:
+            return self.seen[order]
+        problem = self.make_problem(order)
+        if not isinstance(problem, PartitionProblem):
+            raise PlanError(f"make_problem({order}) returned {type(problem).__name__}, not a PartitionProblem")
+        if self.first_problem is not None and problem.p != self.first_problem.p:
+            raise PlanError(f"make_problem({order}) returned {problem.p} positions, an earlier order "
+                            f"{self.first_problem.p}: every order must give the same number of stages")
+        if self.first_problem is None:
+            self.first_problem = problem
+        b = _bottleneck(problem)
+        self.seen[order] = b
+        if math.isfinite(b):
+            self.problems[order] = problem
+            # keep only the few best problems alive (memory on big searches)
+            if len(self.problems) > 4 * _RUNNER_UPS:
+                keep = sorted(self.problems, key=lambda o: self.seen[o])[: 2 * _RUNNER_UPS]
+                self.problems = {o: self.problems[o] for o in keep}
+        return b
+
+    def best(self) -> list[tuple[tuple[int, ...], float]]:
+        """Evaluated orders that fit, best first (ties: evaluation order)."""
+        rank = {o: k for k, o in enumerate(self.seen)}
+        return sorted(((o, b) for o, b in self.seen.items() if math.isfinite(b)), key=lambda t: (t[1], rank[t[0]]))
+
+
+def place_stages(
+    make_problem: Callable[[tuple[int, ...]], PartitionProblem],
+    cluster: Cluster,
+    *,
+    exhaustive_limit: int = 8,
+    max_candidates: int = 200,
+) -> Placement:
+    """Choose the device order and the partition with the smallest bottleneck.
+
+    Args:
+        make_problem: order -> the `PartitionProblem` with position j on device ``order[j]``,
+            e.g. ``lambda order: _problem(costs, cluster.subset(order), ...)``.
+        cluster: the devices (and links) to place on; every device gets one position.
+        exhaustive_limit: up to this many devices every order (up to symmetry) is tried.
+        max_candidates: evaluation budget of the heuristic's local search.
+
+    Returns:
+        The `Placement`; ``placement.partition`` is ``partition_stages(placement.problem)``.
+
+    Raises:
+        PlanError: if no order has a partition that fits in memory (the message is the
+            partitioner's for the given order: what overflows and what would make it fit),
+            or there are fewer units than devices.
+    """
+    if not isinstance(cluster, Cluster):
+        raise PlanError(f"place_stages needs a fxpipe.Cluster, got {type(cluster).__name__}")
+    p = len(cluster)
+    search = _Search(make_problem, p)
+    labels = device_classes(cluster)
+    lower: float | None = None
+    if p <= exhaustive_limit:
+        method = "exhaustive"
+        for order in class_orders(labels):
+            search(order)
+    else:
+        method = "heuristic"
+        _heuristic(search, cluster, labels, max_candidates, device_swaps=p <= 2 * exhaustive_limit)
+    ranked = search.best()
+    if not ranked:
+        identity = tuple(range(p))
+        partition_stages(search.problems.get(identity) or make_problem(identity))  # raises the partitioner's message
+        raise AssertionError("place_stages: no order fits but the partitioner found one")  # pragma: no cover
+    order, _ = ranked[0]
+    problem = search.problems[order]
+    part = partition_stages(problem)
+    if method == "heuristic" and search.first_problem is not None:
+        lower = placement_lower_bound(search.first_problem)
+    return Placement(order=order, partition=part, problem=problem, method=method, candidates=len(search.seen),
+                     runner_ups=tuple(ranked[1:1 + _RUNNER_UPS]), lower_bound=lower)
+
+
+# --------------------------------------------------------------------------------------
+# Heuristic for many devices
+# --------------------------------------------------------------------------------------
+
+
+def _speed(cluster: Cluster, i: int) -> float:
+    d = cluster.devices[i]
+    return d.peak_flops
+
+
+def _base_orders(cluster: Cluster) -> list[tuple[int, ...]]:
+    p = len(cluster)
+    groups: dict[int, list[int]] = {}
+    for i, d in enumerate(cluster.devices):
+        groups.setdefault(d.node, []).append(i)
+    # nodes in order of first appearance; unknown-node devices (-1) as one group where they first appear
+    node_seq: list[int] = []
+    for d in cluster.devices:
+        if d.node not in node_seq:
+            node_seq.append(d.node)
+    out: list[tuple[int, ...]] = [tuple(range(p))]
+    for fast_first in (True, False):
+        inner = [sorted(groups[nd], key=lambda i: (-_speed(cluster, i) if fast_first else _speed(cluster, i), i))
+                 for nd in node_seq]
+        # nodes: as given, and fastest node first
+        node_speed = [sum(_speed(cluster, i) for i in g) / len(g) for g in inner]
+        for node_order in (list(range(len(inner))), sorted(range(len(inner)), key=lambda k: (-node_speed[k], k))):
+            o = tuple(i for k in node_order for i in inner[k])
+            out += [o, tuple(reversed(o))]
+    seen, uniq = set(), []
+    for o in out:
+        if o not in seen:
+            seen.add(o)
+            uniq.append(o)
+    return uniq
+
+
+def _canonical(order: tuple[int, ...], labels: Sequence[int]) -> tuple[int, ...]:
+    """The representative of `order` with each class's members in index order."""
+    members: dict[int, list[int]] = {}
+    for i, c in enumerate(labels):
+        members.setdefault(c, []).append(i)
+    used = {c: 0 for c in members}
+    out = []
+    for i in order:
+        c = labels[i]
+        out.append(members[c][used[c]])
+        used[c] += 1
+    return tuple(out)
+
+
+def _heuristic(search: _Search, cluster: Cluster, labels: Sequence[int], budget: int, device_swaps: bool) -> None:
+    for o in _base_orders(cluster):
+        search(_canonical(o, labels))
+    ranked = search.best()
+    if not ranked:
+        return
+    current, cur_b = ranked[0]
+    kind = [_device_key(cluster, i) for i in range(len(cluster))]
+    improved = True
+    while improved and len(search.seen) < budget:
+        improved = False
+        moves: list[tuple[int, ...]] = []
+        # swap two positions holding devices of different kinds
+        p = len(current)
+        for a in range(p if device_swaps else 0):
+            for b in range(a + 1, p):
+                if kind[current[a]] != kind[current[b]]:
+                    o = list(current)
+                    o[a], o[b] = o[b], o[a]
+                    moves.append(_canonical(tuple(o), labels))
+        # swap two whole nodes (runs of positions on one node)
+        runs: list[tuple[int, int]] = []
+        for j, i in enumerate(current):
+            nd = cluster.devices[i].node
+            if runs and nd >= 0 and cluster.devices[current[runs[-1][0]]].node == nd:
+                runs[-1] = (runs[-1][0], j + 1)
+            else:
+                runs.append((j, j + 1))
+        for x in range(len(runs)):
+            for y in range(x + 1, len(runs)):
+                (a0, a1), (b0, b1) = runs[x], runs[y]
+                if _same_node_kind(cluster, current[a0:a1], current[b0:b1], kind):
+                    continue  # a symmetry of the cluster: the same costs
+                o = current[:a0] + current[b0:b1] + current[a1:b0] + current[a0:a1] + current[b1:]
+                moves.append(_canonical(o, labels))
+        for o in moves:
+            if o in search.seen:
+                continue
+            if len(search.seen) >= budget:
+                break
+            b = search(o)
+            if b < cur_b:
+                current, cur_b = o, b
+                improved = True
+                break
+
+
+def _same_node_kind(cluster: Cluster, xs: Sequence[int], ys: Sequence[int], kind: Sequence[tuple]) -> bool:
+    """Whether two runs are whole nodes interchangeable by a symmetry (same devices in the
+    same order, same link inside, no link naming either node or device specifically)."""
+    if len(xs) != len(ys) or [kind[i] for i in xs] != [kind[i] for i in ys]:
+        return False
+    nx, ny = cluster.devices[xs[0]].node, cluster.devices[ys[0]].node
+    if nx < 0 or ny < 0:
+        return False
+    if any(sum(1 for d in cluster.devices if d.node == nd) != len(xs) for nd in (nx, ny)):
+        return False  # not whole nodes
+    idx = cluster._node_index
+    if (idx.get((nx, nx)) is None) != (idx.get((ny, ny)) is None):
+        return False
+    if idx.get((nx, nx)) is not None and (idx[(nx, nx)].bandwidth, idx[(nx, nx)].latency) != \
+            (idx[(ny, ny)].bandwidth, idx[(ny, ny)].latency):
+        return False
+    if any(a != b and (a in (nx, ny) or b in (nx, ny)) for a, b in idx):
+        return False
+    members = set(xs) | set(ys)
+    return not any(l.src in members or l.dst in members for l in cluster.links)
