@@ -19,10 +19,11 @@ from torch import nn
 
 from fxpipe.compiler.capture import Captured
 from fxpipe.compiler.cluster import Cluster, Device
-from fxpipe.compiler.pipeline import simulate_plan, Compilation, build_from_plan, build_plan, microbatch_sizes
+from fxpipe.compiler.pipeline import MICROBATCHES_UNSET, simulate_plan, Compilation, build_from_plan, build_plan, microbatch_sizes
 from fxpipe.compiler.plan import Plan
 from fxpipe.errors import PlanError, RuntimeMismatchError
-from fxpipe.passes.emit_schedule import emit_schedule, peak_inflight
+from fxpipe.passes.emit_schedule import Schedule, emit_schedule, peak_inflight
+from fxpipe.passes.simulate_schedule import Timeline, _device_peak_inflight
 from fxpipe.passes.split_stages import StageGraph, build_stage_module, resolve_attr, split_stages
 from fxpipe.runtime.local import LocalRuntime, StageRunner, _StepState, measured_timeline
 from fxpipe.runtime.program import compile_program
@@ -32,12 +33,15 @@ __all__ = ["compile", "plan", "simulate", "CompiledModel"]
 
 
 def plan(model: nn.Module, devices: Sequence[str | Device] | Cluster, example_inputs: Any = None, *,
-         example_kwargs: dict | None = None, microbatches: int = 4, schedule: str = "1f1b", train: bool = True,
-         optimizer: str = "adam", capture_method: str = "auto", leaf_modules: tuple[type, ...] = (),
-         virtual_stages: int | None = None, progress: bool = False) -> Plan:
+         example_kwargs: dict | None = None, microbatches: int = MICROBATCHES_UNSET,
+         schedule: "str | Schedule | os.PathLike" = "1f1b", train: bool = True, optimizer: str = "adam",
+         capture_method: str = "auto", leaf_modules: tuple[type, ...] = (), virtual_stages: int | None = None,
+         progress: bool = False, profile: bool = False) -> Plan:
     """Plan `model` for `devices` offline: decides stages, placement and schedule, runs nothing.
 
     Works for models on the meta device (no memory is allocated for parameters).
+    `schedule` may be the user's own (a Schedule or a .json/.csv file, see `compile`);
+    `profile=True` times every unit on the devices instead of pricing it by the roofline.
 
     Example:
         >>> p = fxpipe.plan(model, ["cpu"] * 3, example_inputs=(x,))   # doctest: +SKIP
@@ -45,7 +49,7 @@ def plan(model: nn.Module, devices: Sequence[str | Device] | Cluster, example_in
     """
     return build_plan(model, devices, example_inputs, example_kwargs, microbatches=microbatches, schedule=schedule,
                       train=train, optimizer=optimizer, capture_method=capture_method, leaf_modules=leaf_modules,
-                      virtual_stages=virtual_stages, progress=progress).plan
+                      virtual_stages=virtual_stages, progress=progress, profile=profile).plan
 
 
 def simulate(plan: Plan) -> Any:
@@ -63,10 +67,11 @@ def simulate(plan: Plan) -> Any:
 
 
 def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None = None, example_inputs: Any = None, *,
-            example_kwargs: dict | None = None, microbatches: int | None = None, schedule: str | None = None,
-            optimizer: str | None = None, plan: Plan | str | os.PathLike | None = None, capture_method: str = "auto",
+            example_kwargs: dict | None = None, microbatches: int | None = None,
+            schedule: "str | Schedule | os.PathLike | None" = None, optimizer: str | None = None,
+            plan: Plan | str | os.PathLike | None = None, capture_method: str = "auto",
             leaf_modules: tuple[type, ...] = (), virtual_stages: int | None = None, timeout: float = 300.0,
-            progress: bool = False) -> "CompiledModel":
+            progress: bool = False, profile: bool = False) -> "CompiledModel":
     """Compile `model` into a pipeline over `devices`.
 
     Args:
@@ -95,16 +100,20 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
             raise PlanError("compile needs devices (e.g. devices=['cpu', 'cpu']) or a plan "
                             "(plan=fxpipe.plan(...) or plan='plan.json'); neither was given")
         comp = build_plan(model, devices, example_inputs, example_kwargs,
-                          microbatches=4 if microbatches is None else microbatches,
+                          microbatches=MICROBATCHES_UNSET if microbatches is None else microbatches,
                           schedule="1f1b" if schedule is None else schedule, train=True,
                           optimizer="adam" if optimizer is None else optimizer, capture_method=capture_method,
-                          leaf_modules=leaf_modules, virtual_stages=virtual_stages, progress=progress)
+                          leaf_modules=leaf_modules, virtual_stages=virtual_stages, progress=progress,
+                          profile=profile)
         return CompiledModel(model, comp, timeout=timeout)
     if isinstance(plan, (str, os.PathLike)):
         plan = Plan.load(plan)
     elif not isinstance(plan, Plan):
         raise PlanError(f"plan must be a fxpipe.Plan or the path of a plan file, got {type(plan).__name__}")
     _require_same_as_plan(plan, devices, microbatches, schedule, optimizer)
+    if profile:
+        raise PlanError("profile=True decides costs while planning, but a plan was given; re-plan with "
+                        "fxpipe.plan(..., profile=True) and pass that plan")
     comp = build_from_plan(model, plan, example_inputs, example_kwargs, capture_method=capture_method,
                            leaf_modules=leaf_modules, progress=progress)
     return CompiledModel(model, comp, timeout=timeout)
@@ -146,6 +155,8 @@ class CompiledModel:
                             "before compiling, or use fxpipe.plan for offline planning")
         self.stage_graphs: list[StageGraph] = split_stages(self._cap.gm, [s.units for s in p.stages])
         self._replicas: list[tuple[torch.Tensor, torch.Tensor]] = []  # (canonical, replica)
+        self.last_timeline: Timeline | None = None  # the last recorded step (step(trace=...) / measure_memory)
+        self.last_memory: tuple[float, ...] | None = None  # its measured peak activation bytes per device
         runners = self._build_runners()
         if any(i.op.name in ("BWD_INPUT", "BWD_WEIGHT") for prog in p.schedule.programs for i in prog):
             runners = [with_split_backward(r) for r in runners]  # zero-bubble: BI and BW run apart
@@ -259,7 +270,7 @@ class CompiledModel:
         return _unflatten(self._cap.out_spec, flat)
 
     def step(self, *args: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor], trace: str | None = None,
-             **kwargs: Any) -> torch.Tensor:
+             measure_memory: bool = False, **kwargs: Any) -> torch.Tensor:
         """One pipelined forward+backward; gradients accumulate into `.grad` as in eager.
 
         `loss_fn(output, target)` sees the model's own output structure for one microbatch
@@ -270,13 +281,33 @@ class CompiledModel:
         `trace="run.json"` records every instruction's real start and end and writes a
         Chrome/Perfetto trace with the same event names as the predicted one
         (`fxpipe inspect plan.json --format trace`); `cm.last_timeline` keeps it.
+
+        While recording (`trace=...` or `measure_memory=True`) every forward also measures the
+        bytes autograd saves for backward; `cm.last_timeline.memory` is the activation memory
+        over time per device (allocated at F, freed at the end of B or BW), and
+        `cm.last_memory` its peak per device, in bytes: compare with
+        `fxpipe.simulate(cm.plan).peak_memory`.
         """
+        if not isinstance(measure_memory, bool):
+            raise RuntimeMismatchError(f"measure_memory must be True or False, got {measure_memory!r}")
         if not self.plan.train:
             raise PlanError("this model was compiled from an inference plan (train=False), which has no backward; "
                             "call it for inference, or re-plan with train=True to train")
         if not callable(loss_fn):
             raise RuntimeMismatchError(f"loss_fn must be callable as loss_fn(output, target) -> scalar tensor, "
                                        f"got {type(loss_fn).__name__} {loss_fn!r}; e.g. loss_fn=torch.nn.functional.mse_loss")
+        # The workers set their own thread counts; the driver thread computes with one so that
+        # its OpenMP team does not spin-wait on the cores the workers need after its last
+        # parallel region (MKL's default block time is 200 ms: a whole small step).
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._step(args, kwargs, target, loss_fn, trace, measure_memory)
+        finally:
+            torch.set_num_threads(prev)
+
+    def _step(self, args: tuple, kwargs: dict, target: Any, loss_fn: Callable, trace: str | None,
+              measure_memory: bool) -> torch.Tensor:
         per_mb, sizes, b = self._split(args, kwargs)
         targets = _split_target(target, self.plan.microbatches, b)
         self._sync_replicas()
@@ -289,7 +320,7 @@ class CompiledModel:
         for q in params:
             q.grad = None
         try:
-            self._rt.run([f for _, f in self._train_prog], state, record=trace is not None)
+            self._rt.run([f for _, f in self._train_prog], state, record=trace is not None or measure_memory)
             self._reduce_replica_grads()
         except BaseException:
             for q, g in zip(params, before):
@@ -304,8 +335,11 @@ class CompiledModel:
                     if q.grad is not None:
                         g.add_(q.grad.to(g.device))
                     q.grad = g
+        if trace is not None or measure_memory:
+            self.last_timeline = measured_timeline(state.events, len(self.devices),
+                                                   _device_peak_inflight(self.plan.schedule), state.saved_bytes)
+            self.last_memory = self.last_timeline.peak_memory
         if trace is not None:
-            self.last_timeline = measured_timeline(state.events, len(self.devices), peak_inflight(self.plan.schedule))
             with open(trace, "w") as f:
                 json.dump(self.last_timeline.to_chrome_trace(), f)
         last = self.devices[self.plan.stages[-1].device]

@@ -21,16 +21,18 @@ from fxpipe.compiler.capture import Captured, capture
 from fxpipe.compiler.cluster import Cluster, Device
 from fxpipe.compiler.plan import OPTIMIZER_STATE_FACTOR, Plan, StagePlan, graph_fingerprint
 from fxpipe.errors import PlanError
-from fxpipe.passes.annotate_costs import BWD_FACTOR, CostTable, annotate_costs, device_unit_times
+from fxpipe.passes.annotate_costs import CostTable, annotate_costs, device_unit_times
 from fxpipe.passes.emit_schedule import Schedule, emit_schedule, peak_inflight, validate_schedule
 from fxpipe.passes.group_units import Units, group_units
+from fxpipe.passes.load_schedule import load_schedule
 from fxpipe.passes.partition_stages import (Partition, PartitionProblem, params_partition, partition_stages,
                                             uniform_partition)
+from fxpipe.passes.profile_units import profile_units
 from fxpipe.passes.propagate_shapes import propagate_shapes
 from fxpipe.passes.simulate_schedule import Timeline, simulate_schedule
 
 __all__ = ["build_plan", "build_from_plan", "check_options", "Compilation", "normalize_inputs", "microbatch_sizes",
-           "SCHEDULES", "simulate_plan", "virtual_stage_count"]
+           "SCHEDULES", "simulate_plan", "virtual_stage_count", "custom_schedule", "plan_costs", "MICROBATCHES_UNSET"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 
@@ -158,35 +160,99 @@ def _front(model: nn.Module, args: tuple, kwargs: dict, p: int, m: int, capture_
     return cap, units, costs
 
 
+class _Unset:
+    """The default of `microbatches`: 4, or what a custom schedule says (None is a bad value)."""
+
+    def __repr__(self) -> str:
+        return "4 (or the schedule's)"
+
+
+MICROBATCHES_UNSET: Any = _Unset()
+
+
+def custom_schedule(schedule: Any) -> Schedule | None:
+    """The user's own schedule when `schedule` is one (a Schedule, or the path of a .json/.csv
+    file, read by `load_schedule`), None when it names a built-in kind."""
+    if isinstance(schedule, Schedule):
+        validate_schedule(schedule)
+        return schedule
+    if isinstance(schedule, os.PathLike) or (
+            isinstance(schedule, str) and schedule not in SCHEDULES and Path(schedule).suffix.lower() in (".json", ".csv")):
+        return load_schedule(schedule)
+    return None
+
+
+def _resolve_schedule(schedule: Any, microbatches: Any, p: int, train: bool,
+                      virtual_stages: Any) -> tuple[str, Schedule | None, Any]:
+    """(kind, user schedule or None, m): a user schedule decides the stage count and m."""
+    user = custom_schedule(schedule)
+    given = microbatches is not MICROBATCHES_UNSET
+    if user is None:
+        return schedule, None, microbatches if given else 4
+    if given and microbatches != user.num_microbatches:
+        raise PlanError(f"microbatches={microbatches!r} was given but the schedule runs {user.num_microbatches} "
+                        "microbatches; leave microbatches out (the schedule decides it) or write the schedule for "
+                        f"{microbatches}")
+    if user.num_devices != p:
+        raise PlanError(f"the schedule has programs for {user.num_devices} devices but the cluster has {p} devices; "
+                        f"give {user.num_devices} devices or write the schedule for {p}")
+    if user.train != train:
+        raise PlanError(f"the schedule is a {'training' if user.train else 'forward-only'} schedule but "
+                        f"train={train} was asked for")
+    if virtual_stages is not None:
+        raise PlanError("virtual_stages is decided by a custom schedule's stage_device; leave it out")
+    return user.kind, user, user.num_microbatches
+
+
 def build_plan(
     model: nn.Module,
     devices: Sequence[str | Device] | Cluster,
     example_inputs: Any = None,
     example_kwargs: dict | None = None,
     *,
-    microbatches: int = 4,
-    schedule: str = "1f1b",
+    microbatches: int = MICROBATCHES_UNSET,
+    schedule: str | Schedule | os.PathLike = "1f1b",
     train: bool = True,
     optimizer: str = "adam",
     capture_method: str = "auto",
     leaf_modules: tuple[type, ...] = (),
     virtual_stages: int | None = None,
     progress: bool = False,
+    profile: bool = False,
 ) -> Compilation:
-    """Run the planning passes; decide everything, execute nothing."""
-    check_options(microbatches=microbatches, schedule=schedule, optimizer=optimizer, train=train)
-    v = virtual_stage_count(schedule, virtual_stages)
+    """Run the planning passes; decide everything, execute nothing (except, with `profile`,
+    each unit once per device kind to time it).
+
+    `schedule` is a built-in kind or the user's own (a Schedule, or a .json/.csv path): its
+    stage_device and num_microbatches then decide the stages and m (4 by default otherwise).
+    """
     cluster = devices if isinstance(devices, Cluster) else Cluster.from_devices(devices)
+    kind, user, m = _resolve_schedule(schedule, microbatches, len(cluster), train, virtual_stages)
+    check_options(microbatches=m, schedule=kind if user is None else SCHEDULES[0], optimizer=optimizer, train=train)
+    if not isinstance(profile, bool):
+        raise PlanError(f"profile must be True or False, got {profile!r}")
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     prog = _Progress(progress)
-    p, m = len(cluster), microbatches
-    stage_device = _stage_devices(schedule, p, v)
+    p = len(cluster)
+    stage_device = user.stage_device if user is not None else _stage_devices(kind, p, virtual_stage_count(kind, virtual_stages))
     cap, units, costs = _front(model, args, kwargs, len(stage_device), m, capture_method, leaf_modules, prog)
+
+    # profiling after the units (it times each one) and before the partition (which it prices)
+    if profile:
+        prog.start("profile")
+        flat = cap.flat_inputs(args, kwargs)
+        size = microbatch_sizes(cap.batch_size, m)[0]
+        fwd, bwd = profile_units(cap.gm, model, [x[:size] if x.dim() else x for x in flat],
+                                 [cluster.devices[d] for d in sorted(set(stage_device))], train=train,
+                                 progress=progress)
+        costs = costs.with_measured(fwd, bwd)
+        prog.done("profile", f"({len(fwd)} device kind(s))")
 
     # the schedule first: which stage sits where and how many microbatches each keeps alive
     # do not depend on the cut, and the partitioner needs both for its memory model
     prog.start("schedule")
-    sched = emit_schedule(schedule, len(stage_device), m, stage_device=stage_device, train=train)
+    sched = user if user is not None else emit_schedule(kind, len(stage_device), m, stage_device=stage_device,
+                                                        train=train)
     validate_schedule(sched)
     inflight = peak_inflight(sched)
     prog.done("schedule")
@@ -212,7 +278,11 @@ def build_plan(
         "bubble": sum(tl.bubble_fraction) / len(tl.bubble_fraction),
         "bubble_per_device": list(tl.bubble_fraction),
         "peak_memory_bytes": [s.memory_bytes for s in stages],
+        "peak_activation_bytes": list(tl.peak_memory or ()),
+        "cost_source": "measured" if costs.measured_fwd else "roofline",
     }
+    if costs.measured_fwd:  # the plan file's cost table has no room for them (see CostTable)
+        predicted["measured_costs"] = costs.measured_to_dict()
     plan = Plan(
         fingerprint=_fingerprint(model, cap), model_name=type(model).__name__, capture_path=cap.path,
         input_names=cap.input_names, batch_size=cap.batch_size, microbatches=m, train=train, optimizer=optimizer,
@@ -253,7 +323,18 @@ def build_from_plan(
 
 def simulate_plan(plan: Plan) -> Timeline:
     """Play a plan's schedule against its cost model (see `fxpipe.simulate`)."""
-    return _simulate(plan.schedule, plan.stages, plan.costs)
+    return _simulate(plan.schedule, plan.stages, plan_costs(plan))
+
+
+def plan_costs(plan: Plan) -> CostTable:
+    """The plan's cost table with its measured times (kept in `predicted["measured_costs"]`)."""
+    measured = plan.predicted.get("measured_costs")
+    if not measured or plan.costs.measured_fwd:
+        return plan.costs
+    try:
+        return plan.costs.with_measured(measured["fwd_s"], measured["bwd_s"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise PlanError(f"the plan's predicted.measured_costs is damaged ({e}); re-plan with profile=True") from None
 
 
 def _simulate(sched: Schedule, stages: Sequence[StagePlan], costs: CostTable) -> Timeline:
@@ -305,10 +386,11 @@ def _stage_plans(part: Partition, costs: CostTable, cluster: Cluster, stage_devi
         d = stage_device[s]
         dev = cluster.devices[d]
         fwd = sum(costs.fwd_time(u, dev) for u in range(a, b))
+        bwd = sum(costs.bwd_time(u, dev) for u in range(a, b))
         send_bytes = costs.boundary_bytes[b - 1] if s < p - 1 else 0.0
         nxt = stage_device[s + 1] if s < p - 1 else d
         send = cluster.link(d, nxt).transfer_time(send_bytes) if nxt != d else 0.0
         out.append(StagePlan(index=s, device=d, units=(a, b), param_bytes=sum(costs.param_bytes[a:b]),
-                             fwd_ms=fwd * 1e3, bwd_ms=(fwd * BWD_FACTOR * 1e3) if train else 0.0, send_ms=send * 1e3,
+                             fwd_ms=fwd * 1e3, bwd_ms=bwd * 1e3 if train else 0.0, send_ms=send * 1e3,
                              send_bytes=send_bytes, memory_bytes=part.stage_memory[s], inflight=int(inflight[s])))
     return out

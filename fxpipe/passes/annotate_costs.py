@@ -8,7 +8,7 @@ units, the bytes that cross it: the numbers the partitioner decides on and the p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -19,7 +19,7 @@ from fxpipe.compiler.cluster import Device
 from fxpipe.passes.group_units import COMPUTE_OPS, UNIT, Units
 from fxpipe.passes.propagate_shapes import FLOPS, VAL
 
-__all__ = ["NodeCost", "CostTable", "annotate_costs", "COST", "BWD_FACTOR", "value_bytes"]
+__all__ = ["NodeCost", "CostTable", "annotate_costs", "COST", "BWD_FACTOR", "value_bytes", "device_key"]
 
 COST = "fxpipe.cost"
 BWD_FACTOR = 2.0  # backward ~ 2x forward: grad wrt input and grad wrt weight
@@ -51,8 +51,41 @@ class CostTable:
     node_flops: tuple[tuple[float, ...], ...]
     node_bytes: tuple[tuple[float, ...], ...]
 
+    # Measured times (the profiler's, `passes/profile_units.py`), when there are any: per
+    # device key (`device_key`), seconds per microbatch of each unit's forward and backward.
+    # They are deliberately not dataclass fields: the plan file's loader checks the cost
+    # table's fields strictly, so a plan carries them in `predicted["measured_costs"]`
+    # (`measured_to_dict` / `with_measured`), and old plans without them still load.
+    measured_fwd = None  # type: dict[str, tuple[float, ...]] | None
+    measured_bwd = None  # type: dict[str, tuple[float, ...]] | None
+
+    def with_measured(self, fwd: dict[str, Sequence[float]], bwd: dict[str, Sequence[float]]) -> "CostTable":
+        """A copy of this table that prices units by the measured times (per device key)."""
+        n = len(self.unit_names)
+        for name, table in (("fwd", fwd), ("bwd", bwd)):
+            for k, v in table.items():
+                if len(v) != n:
+                    raise ValueError(f"measured {name} times for {k!r} have {len(v)} entries for {n} units")
+        out = replace(self)
+        object.__setattr__(out, "measured_fwd", {str(k): tuple(map(float, v)) for k, v in fwd.items()})
+        object.__setattr__(out, "measured_bwd", {str(k): tuple(map(float, v)) for k, v in bwd.items()})
+        return out
+
+    def measured_for(self, dev: Device) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """(forward, backward) seconds per unit measured on `dev`'s kind, or None."""
+        k = device_key(dev)
+        if self.measured_fwd and k in self.measured_fwd and self.measured_bwd and k in self.measured_bwd:
+            return self.measured_fwd[k], self.measured_bwd[k]
+        return None
+
     def unit_time(self, u: int, dev: Device, train: bool = True) -> float:
-        """Seconds unit u takes on `dev` per microbatch (forward, plus backward when training)."""
+        """Seconds unit u takes on `dev` per microbatch (forward, plus backward when training).
+
+        Measured times for `dev`'s kind are used when the table has them, else the roofline.
+        """
+        m = self.measured_for(dev)
+        if m is not None:
+            return m[0][u] + (m[1][u] if train else 0.0)
         t = sum(max(f / dev.peak_flops, b / dev.mem_bandwidth) for f, b in zip(self.node_flops[u], self.node_bytes[u]))
         t += self.launches[u] * dev.launch_overhead
         return t * (1.0 + BWD_FACTOR) if train else t
@@ -60,13 +93,35 @@ class CostTable:
     def fwd_time(self, u: int, dev: Device) -> float:
         return self.unit_time(u, dev, train=False)
 
+    def bwd_time(self, u: int, dev: Device) -> float:
+        """Seconds of unit u's backward on `dev` (measured, else BWD_FACTOR x the forward)."""
+        m = self.measured_for(dev)
+        return m[1][u] if m is not None else self.fwd_time(u, dev) * BWD_FACTOR
+
+    def measured_to_dict(self) -> dict[str, Any] | None:
+        """The measured times as JSON data (None when there are none)."""
+        if not self.measured_fwd:
+            return None
+        return {"fwd_s": {k: list(v) for k, v in self.measured_fwd.items()},
+                "bwd_s": {k: list(v) for k, v in (self.measured_bwd or {}).items()}}
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(map(list, v)) if k.startswith("node_") else list(v) for k, v in self.__dict__.items()}
+        d = {k: list(map(list, getattr(self, k))) if k.startswith("node_") else list(getattr(self, k))
+             for k in self.__dataclass_fields__}
+        return d
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "CostTable":
+    def from_dict(d: dict[str, Any], measured: dict[str, Any] | None = None) -> "CostTable":
+        """Rebuild from `to_dict` output; `measured` is `measured_to_dict` output (or None)."""
         fields = CostTable.__dataclass_fields__
-        return CostTable(**{k: tuple(tuple(x) for x in d[k]) if k.startswith("node_") else tuple(d[k]) for k in fields})
+        t = CostTable(**{k: tuple(tuple(x) for x in d[k]) if k.startswith("node_") else tuple(d[k]) for k in fields})
+        return t.with_measured(measured["fwd_s"], measured["bwd_s"]) if measured else t
+
+
+def device_key(dev: Device) -> str:
+    """What measured times are keyed by: devices with one key run a unit equally fast
+    (CPU workers with the same thread count; a CUDA device by its name)."""
+    return f"cpu/{dev.threads}t" if dev.kind == "cpu" else dev.name
 
 
 def value_bytes(v: Any) -> float:
@@ -110,7 +165,13 @@ def annotate_costs(gm: fx.GraphModule, units: Units) -> CostTable:
     Reads `fxpipe.val`, `fxpipe.flops` and `fxpipe.unit` from node.meta (run
     `propagate_shapes` and `group_units` first). Writes `node.meta["fxpipe.cost"]`.
     Returns the CostTable; mutates only node.meta.
+
+    Activation bytes are what autograd really keeps for backward (`saved_for_backward`):
+    a node's output counts when some op saves it (or a view of it) or it is a model output,
+    plus the buffers ops save beside their inputs (dropout masks, normalisation statistics).
+    A residual add's output that only feeds another add is not kept, a GELU's input is.
     """
+    saved_roots, extra = saved_for_backward(gm)
     n = len(units)
     flops = [0.0] * n
     nbytes = [0.0] * n
@@ -144,7 +205,9 @@ def annotate_costs(gm: fx.GraphModule, units: Units) -> CostTable:
         if f == 0 and not view and isinstance(node.meta.get(VAL), torch.Tensor):
             f = float(node.meta[VAL].numel())  # elementwise: one op per output element
         is_tensor_op = isinstance(node.meta.get(VAL), torch.Tensor) or node.op == "call_module"
-        cost = NodeCost(f, moved, p_b, 0.0 if view or not is_tensor_op else out_b, 1 if is_tensor_op else 0)
+        kept = out_b if node in saved_roots else 0.0
+        cost = NodeCost(f, moved, p_b, 0.0 if view or not is_tensor_op else kept + extra.get(node, 0.0),
+                        1 if is_tensor_op else 0)
         node.meta[COST] = cost
         flops[u] += cost.flops
         nbytes[u] += cost.bytes
@@ -156,6 +219,104 @@ def annotate_costs(gm: fx.GraphModule, units: Units) -> CostTable:
         nb[u].append(cost.bytes)
     return CostTable(units.names, tuple(flops), tuple(nbytes), tuple(launches), tuple(pbytes), tuple(tbytes),
                      tuple(abytes), boundary_bytes(gm, n), tuple(map(tuple, nf)), tuple(map(tuple, nb)))
+
+
+def saved_for_backward(gm: fx.GraphModule) -> tuple[set[fx.Node], dict[fx.Node, float]]:
+    """Which values autograd keeps for backward, found by running each node once on meta
+    tensors under `saved_tensors_hooks`.
+
+    Returns (the nodes whose output is kept: saved by an op, directly or through a view, or a
+    model output; per node, bytes of other tensors its op saves). Parameters and model inputs
+    are not activations. A node that cannot run on meta tensors keeps its output, as before.
+    Reads `fxpipe.val`; mutates nothing.
+    """
+    kept: set[fx.Node] = set()
+    extra: dict[fx.Node, float] = {}
+    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    for v in pytree.tree_leaves(out_node.args[0]):
+        if isinstance(v, fx.Node):
+            kept.add(v)
+    for node in gm.graph.nodes:
+        if node.op not in COMPUTE_OPS or not isinstance(node.meta.get(VAL), (torch.Tensor, tuple, list)):
+            continue
+        found = _saved_by(gm, node)
+        if found is None:
+            kept.add(node)
+            continue
+        ins, out_saved, other = found
+        kept.update(ins)
+        if out_saved:
+            kept.add(node)
+        if other:
+            extra[node] = other
+    roots = set()
+    for n in kept:  # a view keeps its base alive
+        while n.op in COMPUTE_OPS and _is_view(n):
+            src = [a for a in n.all_input_nodes if isinstance(a.meta.get(VAL), torch.Tensor)]
+            if not src:
+                break
+            n = src[0]
+        roots.add(n)
+    return {n for n in roots if n.op in COMPUTE_OPS}, extra
+
+
+def _meta_like(v: Any, grad: bool) -> Any:
+    if not isinstance(v, torch.Tensor):
+        return v
+    t = torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device="meta")
+    return t.requires_grad_(True) if grad and (t.is_floating_point() or t.is_complex()) else t
+
+
+def _saved_by(gm: fx.GraphModule, node: fx.Node) -> tuple[list[fx.Node], bool, float] | None:
+    """(input nodes it saves, whether it saves its output, bytes of anything else it saves),
+    or None when the node cannot be run on meta tensors."""
+    params: set[int] = set()
+    by_id: dict[int, fx.Node] = {}
+
+    def arg(n: fx.Node) -> Any:
+        val = n.meta.get(VAL)
+        t = _meta_like(val, True)
+        if isinstance(t, torch.Tensor):
+            (params.add(id(t)) if n.op == "get_attr" else by_id.__setitem__(id(t), n))
+        return t
+
+    try:
+        args = fx.node.map_arg(node.args, arg)
+        kwargs = fx.node.map_arg(node.kwargs, arg)
+        seen: list[torch.Tensor] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            seen.append(t)
+            return t
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if node.op == "call_module":
+                mod = gm.get_submodule(node.target)
+                state = {k: _meta_like(v, isinstance(v, torch.nn.Parameter) and v.requires_grad)
+                         for k, v in list(mod.named_parameters()) + list(mod.named_buffers())}
+                params.update(id(v) for v in state.values())
+                out = torch.func.functional_call(mod, state, args, kwargs)
+            elif node.op == "call_method":
+                out = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                out = node.target(*args, **kwargs)
+    except Exception:
+        return None
+    outs = {id(t) for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)}
+    ins: list[fx.Node] = []
+    out_saved, other, counted = False, 0.0, set()
+    for t in seen:
+        base = t._base if t._base is not None else t
+        if id(base) in params:
+            continue
+        if id(base) in by_id:
+            ins.append(by_id[id(base)])
+        elif id(base) in outs and not isinstance(out, (tuple, list)):
+            out_saved = True
+        elif id(base) not in counted:
+            counted.add(id(base))
+            other += base.numel() * base.element_size()
+    return ins, out_saved, other
 
 
 def live_ranges(gm: fx.GraphModule, n_units: int) -> dict[fx.Node, tuple[int, int]]:

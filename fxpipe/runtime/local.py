@@ -12,6 +12,7 @@ waits longer than `timeout` fails naming the device and the instruction it waite
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -83,6 +84,7 @@ class _StepState:
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
     grads_out: dict[tuple[int, int], list] = field(default_factory=dict)
     events: list = field(default_factory=list)  # measured Events when recording
+    saved_bytes: dict[tuple[int, int], float] = field(default_factory=dict)  # (stage, mb) -> bytes, when recording
 
 
 class LocalRuntime:
@@ -284,10 +286,39 @@ _OPS = {"forward": "FWD", "backward": "BWD", "backward_input": "BWD_INPUT", "bac
 
 
 class _Recorder:
-    """Stands in for the runtime in one device's program and times each instruction."""
+    """Stands in for the runtime in one device's program and times each instruction.
+
+    It also measures the activation memory of each forward: the bytes of the tensors autograd
+    saves for backward (`saved_tensors_hooks` around the stage's forward; each storage counted
+    once, parameters and buffers excluded), into `state.saved_bytes[(stage, mb)]`.
+    """
 
     def __init__(self, rt: LocalRuntime, device: int, t0: float, events: list, stream: Any):
         self._rt, self._d, self._t0, self._events, self._stream = rt, device, t0, events, stream
+        self._params: dict[int, set[int]] = {}  # stage -> storage pointers of its parameters and buffers
+
+    def _measured_forward(self, fn: Callable[..., None], s: int, mb: int) -> None:
+        st = self._rt.stages[s]
+        if s not in self._params:
+            self._params[s] = {t.untyped_storage().data_ptr() for t in list(st.module.parameters()) + list(st.module.buffers())}
+        params = self._params[s]
+        # per storage, the distinct views saved of it: a view of a larger tensor (a microbatch
+        # slice of the caller's batch) counts its own bytes, capped at the storage's size
+        views: dict[int, tuple[int, set]] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr not in params:
+                    views.setdefault(ptr, (storage.nbytes(), set()))[1].add(
+                        (t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.element_size()))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(s, mb)
+        total = sum(min(cap, sum(math.prod(shape) * size for _, shape, _, size in vs)) for cap, vs in views.values())
+        self._rt.state.saved_bytes[(s, mb)] = float(total)
 
     def __getattr__(self, name: str) -> Callable:
         fn = getattr(self._rt, name)
@@ -301,7 +332,10 @@ class _Recorder:
 
             peer = src if src >= 0 else dst
             start = time.perf_counter()
-            fn(s, mb, **({"src": src} if src >= 0 else {"dst": dst} if dst >= 0 else {}))
+            if op_name == "FWD" and self._rt.state.train:
+                self._measured_forward(fn, s, mb)
+            else:
+                fn(s, mb, **({"src": src} if src >= 0 else {"dst": dst} if dst >= 0 else {}))
             if self._stream is not None:
                 self._stream.synchronize()
             end = time.perf_counter()
@@ -312,8 +346,14 @@ class _Recorder:
         return timed
 
 
-def measured_timeline(events: Sequence[Any], num_devices: int, peak_inflight: Sequence[int]) -> Any:
-    """A simulator Timeline from a recorded step (same event names, so traces overlay)."""
+def measured_timeline(events: Sequence[Any], num_devices: int, peak_inflight: Sequence[int],
+                      saved_bytes: dict[tuple[int, int], float] | None = None) -> Any:
+    """A simulator Timeline from a recorded step (same event names, so traces overlay).
+
+    With `saved_bytes` ((stage, mb) -> bytes its forward saved for backward), the timeline's
+    `memory` / `peak_memory` are the measured activation memory per device, counted as the
+    simulator counts it: allocated when the FWD starts, freed when its B (or BW) ends.
+    """
     from fxpipe.passes.emit_schedule import Op
     from fxpipe.passes.simulate_schedule import Timeline
 
@@ -324,4 +364,26 @@ def measured_timeline(events: Sequence[Any], num_devices: int, peak_inflight: Se
         if e.lane == "compute" and not e.instr.op.name.startswith("RECV"):
             busy[e.device] += e.end - e.start
     bubble = tuple(1 - b / step if step > 0 else 0.0 for b in busy)
-    return Timeline(tuple(events), step, tuple(busy), bubble, tuple(peak_inflight))
+    memory = peak = None
+    if saved_bytes:
+        changes: list[list[tuple[float, int, float]]] = [[] for _ in range(num_devices)]
+        for e in events:
+            key = (e.instr.stage, e.instr.mb)
+            if e.instr.op is Op.FWD:
+                changes[e.device].append((e.start, 1, saved_bytes.get(key, 0.0)))
+            elif e.instr.op in (Op.BWD, Op.BWD_WEIGHT):
+                changes[e.device].append((e.end, 0, -saved_bytes.get(key, 0.0)))  # frees first at a tie
+        mem = []
+        for ch in changes:
+            ch.sort(key=lambda c: (c[0], c[1]))
+            steps, level = [(0.0, 0.0)], 0.0
+            for t, _, b in ch:
+                level = max(0.0, level + b)
+                if steps[-1][0] == t:
+                    steps[-1] = (t, level)
+                else:
+                    steps.append((t, level))
+            mem.append(tuple(steps))
+        memory = tuple(mem)
+        peak = tuple(max(b for _, b in steps) for steps in memory)
+    return Timeline(tuple(events), step, tuple(busy), bubble, tuple(peak_inflight), memory, peak)

@@ -1,0 +1,222 @@
+"""Profile: measure each unit's forward and backward time on the real device.
+
+The roofline of `annotate_costs` is a model; this pass replaces it with the clock. Every
+unit becomes its own fx graph with explicit inputs (`split_stages` with one stage per unit),
+runs on the example microbatch on the device, and is timed: a few warm-up runs, then the
+median of `repeats` runs of the forward, and of the backward (input and weight gradients,
+through `torch.autograd.grad`, so the user's `.grad` is never touched). CPU workers of one
+host share its memory bandwidth, so on CPU as many copies of the unit run at once as the
+cluster has CPU workers (alone, a bandwidth-bound unit runs up to ~1.7x faster than in the
+pipeline). On CUDA, events on
+the current stream bracket the work and the device is synchronised before reading them.
+
+Example:
+    >>> fwd, bwd = profile_units(gm, model, flat_mb, [dev])             # doctest: +SKIP
+    >>> costs = costs.with_measured(fwd, bwd)                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxpipe.compiler.cluster import Device
+from fxpipe.errors import PlanError
+from fxpipe.passes.annotate_costs import device_key
+from fxpipe.passes.split_stages import build_stage_module, resolve_attr, split_stages
+
+__all__ = ["profile_units"]
+
+
+def profile_units(gm: fx.GraphModule, model: nn.Module, example_inputs: Sequence[torch.Tensor],
+                  devices: Sequence[Device], *, train: bool = True, warmup: int = 2, repeats: int = 5,
+                  progress: bool = False) -> tuple[dict[str, tuple[float, ...]], dict[str, tuple[float, ...]]]:
+    """Time every unit of `gm` on each distinct kind of device in `devices`.
+
+    Reads `node.meta["fxpipe.unit"]` (run `group_units` first). Does not mutate `gm`, the
+    model's parameters or their `.grad`.
+
+    Args:
+        gm: the captured graph.
+        model: the user's model (its parameters back the graph's attributes; they must be real,
+            not on the meta device).
+        example_inputs: the graph's flat inputs for one microbatch (the size planning prices).
+        devices: the cluster's devices; one measurement per `device_key` (CPU workers with the
+            same thread count share one).
+        train: also time the backward (else backward times are 0).
+        warmup, repeats: runs before timing, and timed runs whose median is kept.
+        progress: one line per device kind and unit on stderr.
+
+    Returns:
+        (forward, backward): per device key, seconds per microbatch for each unit.
+    """
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        raise PlanError("profile=True runs every unit on the device, but the model's parameters are on the meta "
+                        "device: materialize them first, or plan with profile=False (roofline costs)")
+    n = 1 + max(n.meta["fxpipe.unit"] for n in gm.graph.nodes if "fxpipe.unit" in n.meta)
+    graphs = split_stages(gm, [(u, u + 1) for u in range(n)])
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    fwd: dict[str, tuple[float, ...]] = {}
+    bwd: dict[str, tuple[float, ...]] = {}
+    # the timed runs may update buffers (BatchNorm's running statistics): put them back after
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        _profile_devices(graphs, gm, model, dict(zip(names, example_inputs)), devices, train, warmup, repeats,
+                         progress, fwd, bwd)
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    return fwd, bwd
+
+
+def _profile_devices(graphs: list, gm: fx.GraphModule, model: nn.Module, inputs: dict[str, torch.Tensor],
+                     devices: Sequence[Device], train: bool, warmup: int, repeats: int, progress: bool,
+                     fwd: dict, bwd: dict) -> None:
+    for dev in devices:
+        key = device_key(dev)
+        if key in fwd:
+            continue
+        if dev.kind == "meta":
+            raise PlanError(f"profile=True needs devices that exist on this machine; device {dev.name!r} is 'meta': "
+                            "plan with profile=False (roofline costs) instead")
+        tdev = torch.device("cpu" if dev.kind == "cpu" else dev.name)
+        prev = torch.get_num_threads()
+        if dev.kind == "cpu":
+            torch.set_num_threads(dev.threads)  # what the runtime's worker for it uses
+        # CPU workers share the host's memory bandwidth and caches: time a unit while as many
+        # copies of it run as the cluster has CPU workers, which is how the pipeline runs it
+        copies = sum(1 for d in devices if d.kind == "cpu") if dev.kind == "cpu" else 1
+        try:
+            f, b = _profile_device(graphs, gm, model, inputs, tdev, train, warmup, repeats, progress, key,
+                                   copies, dev.threads)
+        finally:
+            torch.set_num_threads(prev)
+        fwd[key], bwd[key] = tuple(f), tuple(b)
+
+
+def _profile_device(graphs: list, gm: fx.GraphModule, model: nn.Module, inputs: dict[str, torch.Tensor],
+                    dev: torch.device, train: bool, warmup: int, repeats: int, progress: bool,
+                    key: str, copies: int = 1, threads: int = 1) -> tuple[list[float], list[float]]:
+    values: dict[str, Any] = {}  # boundary values by name, produced by earlier units
+    fwd_t, bwd_t = [], []
+    for sg in graphs:
+        objects = {t: _on(resolve_attr(model, gm, t), dev) for t in sg.attrs + sg.modules}
+        mod = build_stage_module(sg, objects, dev)
+        recv = [_on(values[r], dev) for r in sg.recv]
+        model_in = [_on(inputs[i], dev) for i in sg.model_inputs]
+        params = [p for p in mod.parameters() if p.requires_grad]
+        with torch.no_grad():
+            out = mod(*recv, *model_in)
+
+        # the other copies get their own weights: two pipeline stages never share a cache line
+        mods = [mod] + [copy.deepcopy(mod) for _ in range(copies - 1)]
+
+        def forward_of(i: int) -> Callable[[], None]:
+            def forward() -> None:
+                with torch.no_grad():
+                    mods[i](*recv, *model_in)
+            return forward
+
+        tf = _concurrently(lambda i: _time(forward_of(i), dev, warmup, repeats), copies, threads)
+        tb = 0.0
+        if train:
+            leaves = [r.detach().requires_grad_(True) if isinstance(r, torch.Tensor) and r.is_floating_point() else r
+                      for r in recv]
+            inputs_wrt = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+            if inputs_wrt or params:
+                tb = _concurrently(lambda i: _time_backward(
+                    mods[i], leaves, model_in, inputs_wrt + [q for q in mods[i].parameters() if q.requires_grad],
+                    dev, warmup, repeats), copies, threads)
+        fwd_t.append(tf)
+        bwd_t.append(tb)
+        for name, v in zip(sg.send, out):
+            values[name] = v.detach() if isinstance(v, torch.Tensor) else v
+        if progress:
+            print(f"fxpipe: profile {key} unit {sg.index}: fwd {tf * 1e3:.3f} ms, bwd {tb * 1e3:.3f} ms",
+                  file=sys.stderr, flush=True)
+    return fwd_t, bwd_t
+
+
+def _time_backward(mod: fx.GraphModule, leaves: list, model_in: list, wrt: list, dev: torch.device, warmup: int,
+                   repeats: int) -> float:
+    """Median seconds of the backward alone (each run does its own forward, untimed)."""
+    times = []
+    for i in range(warmup + repeats):
+        with torch.enable_grad():
+            outs = [o for o in mod(*leaves, *model_in) if isinstance(o, torch.Tensor) and o.requires_grad]
+        if not outs:
+            return 0.0
+        grads = [torch.ones_like(o) for o in outs]
+        t = _clock(lambda: torch.autograd.grad(outs, wrt, grads, allow_unused=True), dev)
+        if i >= warmup:
+            times.append(t)
+    return statistics.median(times)
+
+
+def _concurrently(measure: Callable[[int], float], copies: int, threads: int) -> float:
+    """The mean of `measure(i)` run by `copies` threads at once (each with `threads` intra-op threads)."""
+    if copies <= 1:
+        return measure(0)
+    results: list[float] = [0.0] * copies
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(copies)
+
+    def run(i: int) -> None:
+        try:
+            torch.set_num_threads(threads)
+            barrier.wait()
+            results[i] = measure(i)
+        except BaseException as e:  # re-raised in the calling thread
+            errors.append(e)
+            barrier.abort()
+
+    others = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(1, copies)]
+    for t in others:
+        t.start()
+    run(0)
+    for t in others:
+        t.join()
+    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+    if real or errors:
+        raise (real or errors)[0]
+    return statistics.mean(results)
+
+
+def _time(fn: Callable[[], None], dev: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    return statistics.median(_clock(fn, dev) for _ in range(repeats))
+
+
+def _clock(fn: Callable[[], Any], dev: torch.device) -> float:
+    if dev.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(dev)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(dev)
+        return start.elapsed_time(end) / 1e3
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _on(obj: Any, dev: torch.device) -> Any:
+    """`obj` on `dev`: itself when already there (the user's objects are never moved), else a copy."""
+    if isinstance(obj, nn.Module):
+        tensors = list(obj.parameters()) + list(obj.buffers())
+        return obj if all(t.device == dev for t in tensors) else copy.deepcopy(obj).to(dev)
+    if isinstance(obj, torch.Tensor) and obj.device != dev:
+        t = obj.detach().to(dev)
+        return nn.Parameter(t, requires_grad=obj.requires_grad) if isinstance(obj, nn.Parameter) else t
+    return obj
