@@ -71,7 +71,7 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
             schedule: "str | Schedule | os.PathLike | None" = None, optimizer: str | None = None,
             plan: Plan | str | os.PathLike | None = None, capture_method: str = "auto",
             leaf_modules: tuple[type, ...] = (), virtual_stages: int | None = None, timeout: float = 300.0,
-            progress: bool = False, profile: bool = False) -> "CompiledModel":
+            progress: bool = False, profile: bool = False, backend: str = "local") -> "CompiledModel":
     """Compile `model` into a pipeline over `devices`.
 
     Args:
@@ -89,10 +89,16 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
             Its devices, microbatches, schedule and optimizer are used; giving different ones
             here is an error rather than a silent choice between the two.
         timeout: seconds a worker waits for a message before failing.
+        backend: "local" (one process, a worker thread per device) or "distributed" (one
+            rank per device on torch.distributed, launched by torchrun: every rank runs the
+            same script and builds only its own stages; see runtime/dist_model.py).
 
     Returns:
         A CompiledModel: call it for inference, `.step(...)` for a training step.
     """
+    if backend not in ("local", "distributed"):
+        raise PlanError(f"backend must be 'local' (one process, a worker thread per device) or 'distributed' "
+                        f"(one rank per device on torch.distributed, launched by torchrun), got {backend!r}")
     if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and math.isfinite(timeout) and timeout > 0):
         raise PlanError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if plan is None:
@@ -105,7 +111,7 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
                           optimizer="adam" if optimizer is None else optimizer, capture_method=capture_method,
                           leaf_modules=leaf_modules, virtual_stages=virtual_stages, progress=progress,
                           profile=profile)
-        return CompiledModel(model, comp, timeout=timeout)
+        return _make_compiled(model, comp, timeout, backend)
     if isinstance(plan, (str, os.PathLike)):
         plan = Plan.load(plan)
     elif not isinstance(plan, Plan):
@@ -116,6 +122,14 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
                         "fxpipe.plan(..., profile=True) and pass that plan")
     comp = build_from_plan(model, plan, example_inputs, example_kwargs, capture_method=capture_method,
                            leaf_modules=leaf_modules, progress=progress)
+    return _make_compiled(model, comp, timeout, backend)
+
+
+def _make_compiled(model: nn.Module, comp: Compilation, timeout: float, backend: str) -> Any:
+    if backend == "distributed":
+        from fxpipe.runtime.dist_model import DistributedCompiledModel
+
+        return DistributedCompiledModel(model, comp, timeout=timeout)
     return CompiledModel(model, comp, timeout=timeout)
 
 
@@ -125,7 +139,7 @@ def _require_same_as_plan(plan: Plan, devices: Any, microbatches: Any, schedule:
     if devices is not None:
         cluster = devices if isinstance(devices, Cluster) else Cluster.from_devices(devices)
         ours = [d.name for d in cluster.devices]
-        if ours != theirs:
+        if sorted(ours) != sorted(theirs):  # placement may have reordered them
             raise PlanError(f"the plan was made for devices {theirs} but devices={ours} was given; leave devices out "
                             "to use the plan's devices, or re-plan the model for these devices")
     kind = plan.schedule.kind

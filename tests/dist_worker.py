@@ -67,11 +67,19 @@ def run_case(case: dict, rank: int, fault: dict | None) -> dict:
     model, args, kwargs, target, loss_fn = MODELS[case["model"]](case["batch"])
     world = int(os.environ["WORLD_SIZE"])
     t0 = time.monotonic()
-    comp = build_plan(model, ["cpu"] * world, args or None, kwargs or None, microbatches=case["microbatches"],
-                      schedule=case["schedule"])
-    t1 = time.monotonic()
-    cm = DistributedCompiledModel(model, comp, timeout=case.get("timeout", 90))
-    t2 = time.monotonic()
+    if case.get("via_compile"):  # the public entry point: fxpipe.compile(..., backend="distributed")
+        import fxpipe
+
+        cm = fxpipe.compile(model, ["cpu"] * world, args or None, example_kwargs=kwargs or None,
+                            microbatches=case["microbatches"], schedule=case["schedule"],
+                            timeout=case.get("timeout", 90), backend="distributed")
+        t1 = t2 = time.monotonic()
+    else:
+        comp = build_plan(model, ["cpu"] * world, args or None, kwargs or None, microbatches=case["microbatches"],
+                          schedule=case["schedule"])
+        t1 = time.monotonic()
+        cm = DistributedCompiledModel(model, comp, timeout=case.get("timeout", 90))
+        t2 = time.monotonic()
     if fault is not None and fault["rank"] == rank:
         orig = distributed.DistRuntime._send
 

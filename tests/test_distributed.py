@@ -136,7 +136,7 @@ def check(name: str, case: dict, results: list):
 
 CASES_2 = {
     "mlp_gpipe_uneven": {"model": "mlp", "batch": 10, "microbatches": 4, "schedule": "gpipe"},
-    "mlp_1f1b": {"model": "mlp", "batch": 8, "microbatches": 4, "schedule": "1f1b"},
+    "mlp_1f1b": {"model": "mlp", "batch": 8, "microbatches": 4, "schedule": "1f1b", "via_compile": True},
     "mlp_zb": {"model": "mlp", "batch": 8, "microbatches": 4, "schedule": "zb-h1"},
     "mlp_interleaved": {"model": "mlp", "batch": 8, "microbatches": 4, "schedule": "interleaved"},
     "gpt2_1f1b": {"model": "gpt2", "batch": 4, "microbatches": 2, "schedule": "1f1b"},

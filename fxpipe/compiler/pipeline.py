@@ -25,6 +25,7 @@ from fxpipe.passes.annotate_costs import CostTable, annotate_costs, device_unit_
 from fxpipe.passes.emit_schedule import Schedule, emit_schedule, peak_inflight, validate_schedule
 from fxpipe.passes.group_units import Units, group_units
 from fxpipe.passes.load_schedule import load_schedule
+from fxpipe.passes.place_stages import place_stages
 from fxpipe.passes.partition_stages import (Partition, PartitionProblem, params_partition, partition_stages,
                                             uniform_partition)
 from fxpipe.passes.profile_units import profile_units
@@ -257,10 +258,14 @@ def build_plan(
     inflight = peak_inflight(sched)
     prog.done("schedule")
 
-    # partition with the schedule's in-flight counts: memory depends on the schedule
+    # placement and partition together: every distinct device order gets the exact partition
+    # (with the schedule's in-flight counts, since memory depends on the schedule); identical
+    # devices keep the order given
     prog.start("partition")
-    problem = _problem(costs, cluster, stage_device, inflight, train, optimizer)
-    part = partition_stages(problem)
+    placement = place_stages(
+        lambda order: _problem(costs, cluster.subset(order), stage_device, inflight, train, optimizer), cluster)
+    cluster = cluster.subset(placement.order)
+    problem, part = placement.problem, placement.partition
     baselines = {}
     for name, b in (("uniform", uniform_partition(problem)),
                     ("params", params_partition(problem, costs.param_bytes))):
@@ -280,6 +285,7 @@ def build_plan(
         "peak_memory_bytes": [s.memory_bytes for s in stages],
         "peak_activation_bytes": list(tl.peak_memory or ()),
         "cost_source": "measured" if costs.measured_fwd else "roofline",
+        "placement": placement.to_dict(),
     }
     if costs.measured_fwd:  # the plan file's cost table has no room for them (see CostTable)
         predicted["measured_costs"] = costs.measured_to_dict()
