@@ -21,7 +21,7 @@ from fxpipe.compiler.capture import Captured
 from fxpipe.compiler.cluster import Cluster, Device
 from fxpipe.compiler.pipeline import MICROBATCHES_UNSET, simulate_plan, Compilation, build_from_plan, build_plan, microbatch_sizes
 from fxpipe.compiler.plan import Plan
-from fxpipe.errors import PlanError, RuntimeMismatchError
+from fxpipe.errors import FxpipeError, PlanError, RuntimeMismatchError
 from fxpipe.passes.emit_schedule import Schedule, emit_schedule, peak_inflight
 from fxpipe.passes.simulate_schedule import Timeline, _device_peak_inflight
 from fxpipe.passes.split_stages import StageGraph, build_stage_module, resolve_attr, split_stages
@@ -272,11 +272,7 @@ class CompiledModel:
         per_mb, sizes, _ = self._split(args, kwargs)
         self._sync_replicas()
         state = _StepState(inputs=per_mb, train=False)
-        try:
-            self._rt.run([f for _, f in self._infer_prog], state)
-        except BaseException:
-            self._drop_failed_run()
-            raise
+        self._rt.run([f for _, f in self._infer_prog], state)
         flat = []
         for k in range(len(state.results[0])):
             vals = [state.results[mb][k] for mb in range(len(per_mb))]
@@ -341,7 +337,6 @@ class CompiledModel:
                 q.grad = g
             for _, rep in self._replicas:
                 rep.grad = None
-            self._drop_failed_run()
             raise
         with torch.no_grad():
             for q, g in zip(params, before):
@@ -354,19 +349,9 @@ class CompiledModel:
                                                    _device_peak_inflight(self.plan.schedule), state.saved_bytes)
             self.last_memory = self.last_timeline.peak_memory
         if trace is not None:
-            with open(trace, "w") as f:
-                json.dump(self.last_timeline.to_chrome_trace(), f)
+            _write_json_atomically(trace, self.last_timeline.to_chrome_trace(), "trace file")
         last = self.devices[self.plan.stages[-1].device]
         return sum(l.detach().to(last) for l in state.losses.values())
-
-    def _drop_failed_run(self) -> None:
-        # A failed run leaves its step state (activations, autograd graphs) and undelivered
-        # messages in the runtime until the next run; free them now.
-        # TODO(runtime): LocalRuntime.run should do this itself in a `finally`.
-        self._rt.state = None
-        for box in self._rt.mailboxes:
-            with box.cv:
-                box.items.clear()
 
     def _checked_loss(self, loss_fn: Callable[[Any, Any], torch.Tensor]) -> Callable[[Any, Any], torch.Tensor]:
         """`loss_fn` wrapped so that its failures name the stage, device and instruction."""
@@ -498,3 +483,19 @@ def _split_target(target: Any, m: int, batch: int) -> list[Any]:
                 f"got {got}; give one target per input sample, split along dim 0 like the inputs")
         parts.append(torch.tensor_split(t, m))
     return [pytree.tree_unflatten([p[i] for p in parts], spec) for i in range(m)]
+
+
+def _write_json_atomically(path: str | os.PathLike, data: Any, what: str) -> None:
+    """Write JSON via a temporary file: no half-written file is ever left behind."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise FxpipeError(f"cannot write {what} {path}: {e.strerror or e}; check that the folder exists and is writable") from None

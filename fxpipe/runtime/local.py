@@ -138,31 +138,48 @@ class LocalRuntime:
             except BaseException as e:  # reported by the driver below
                 with lock:
                     errors.append((d, e))
-                self.aborted.set()
-                for m in self.mailboxes:
-                    with m.cv:
-                        m.cv.notify_all()
+                self._abort()
 
         prev_threads = torch.get_num_threads()
         workers = [threading.Thread(target=work, args=(d, p), name=f"fxpipe-device-{d}", daemon=True)
                    for d, p in enumerate(programs)]
+        ok = False
         try:
             for w in workers:
                 w.start()
-            for w in workers:
-                w.join()
+            try:
+                for w in workers:
+                    w.join()
+            except BaseException:
+                # Ctrl-C in the driver: stop the workers at their next receive, then re-raise
+                self._abort()
+                for w in workers:
+                    w.join()
+                raise
+            for s in self.streams.values():
+                s.synchronize()
+            real = [(d, e) for d, e in errors if not isinstance(e, PipelineAborted)]
+            if real:
+                d, e = real[0]
+                if isinstance(e, FxpipeError):
+                    raise e
+                raise RuntimeMismatchError(
+                    f"device {d} failed while running {self.current[d]}: {type(e).__name__}: {e}") from e
+            ok = True
+            return state
         finally:
             torch.set_num_threads(prev_threads)
-        for s in self.streams.values():
-            s.synchronize()
-        real = [(d, e) for d, e in errors if not isinstance(e, PipelineAborted)]
-        if real:
-            d, e = real[0]
-            if isinstance(e, FxpipeError):
-                raise e
-            raise RuntimeMismatchError(f"device {d} failed while running {self.current[d]}: {type(e).__name__}: {e}") from e
-        self.state = None
-        return state
+            self.state = None
+            if not ok:  # a failed step's activations, graphs and undelivered messages go now
+                for box in self.mailboxes:
+                    with box.cv:
+                        box.items.clear()
+
+    def _abort(self) -> None:
+        self.aborted.set()
+        for m in self.mailboxes:
+            with m.cv:
+                m.cv.notify_all()
 
     # ---- instruction set ---------------------------------------------------------------
     def _to(self, value: Any, device: torch.device) -> Any:
