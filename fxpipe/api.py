@@ -36,7 +36,7 @@ def plan(model: nn.Module, devices: Sequence[str | Device] | Cluster, example_in
          example_kwargs: dict | None = None, microbatches: int = MICROBATCHES_UNSET,
          schedule: "str | Schedule | os.PathLike" = "1f1b", train: bool = True, optimizer: str = "adam",
          capture_method: str = "auto", leaf_modules: tuple[type, ...] = (), virtual_stages: int | None = None,
-         progress: bool = False, profile: bool = False) -> Plan:
+         progress: bool = False, profile: bool = False, fuse: bool = False) -> Plan:
     """Plan `model` for `devices` offline: decides stages, placement and schedule, runs nothing.
 
     Works for models on the meta device (no memory is allocated for parameters).
@@ -49,7 +49,7 @@ def plan(model: nn.Module, devices: Sequence[str | Device] | Cluster, example_in
     """
     return build_plan(model, devices, example_inputs, example_kwargs, microbatches=microbatches, schedule=schedule,
                       train=train, optimizer=optimizer, capture_method=capture_method, leaf_modules=leaf_modules,
-                      virtual_stages=virtual_stages, progress=progress, profile=profile).plan
+                      virtual_stages=virtual_stages, progress=progress, profile=profile, fuse=fuse).plan
 
 
 def simulate(plan: Plan) -> Any:
@@ -71,7 +71,8 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
             schedule: "str | Schedule | os.PathLike | None" = None, optimizer: str | None = None,
             plan: Plan | str | os.PathLike | None = None, capture_method: str = "auto",
             leaf_modules: tuple[type, ...] = (), virtual_stages: int | None = None, timeout: float = 300.0,
-            progress: bool = False, profile: bool = False, backend: str = "local") -> "CompiledModel":
+            progress: bool = False, profile: bool = False, backend: str = "local",
+            fuse: bool = False) -> "CompiledModel":
     """Compile `model` into a pipeline over `devices`.
 
     Args:
@@ -89,6 +90,9 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
             Its devices, microbatches, schedule and optimizer are used; giving different ones
             here is an error rather than a silent choice between the two.
         timeout: seconds a worker waits for a message before failing.
+        fuse: rewrite fusable chains (bias+GELU, add+LayerNorm, scale+mask+softmax,
+            dropout+add) into fused ops: CuPy kernels on CUDA, the same eager ops elsewhere.
+            A plan records it, and compile(plan=...) follows the plan.
         backend: "local" (one process, a worker thread per device) or "distributed" (one
             rank per device on torch.distributed, launched by torchrun: every rank runs the
             same script and builds only its own stages; see runtime/dist_model.py).
@@ -110,7 +114,7 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
                           schedule="1f1b" if schedule is None else schedule, train=True,
                           optimizer="adam" if optimizer is None else optimizer, capture_method=capture_method,
                           leaf_modules=leaf_modules, virtual_stages=virtual_stages, progress=progress,
-                          profile=profile)
+                          profile=profile, fuse=fuse)
         return _make_compiled(model, comp, timeout, backend)
     if isinstance(plan, (str, os.PathLike)):
         plan = Plan.load(plan)

@@ -123,3 +123,31 @@ def test_cli_plan_interleaved_and_png(tmp_path, capsys):
     png = tmp_path / "plan.png"
     assert cli_main(["inspect", str(plan_path), "--format", "png", "-o", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fuse_option_rewrites_and_stays_equal(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=16,
+                                  resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    ref = copy.deepcopy(model)
+    x = torch.randint(0, 64, (4, 8))
+
+    def loss_fn(out, t):
+        return nn.functional.cross_entropy(out.logits.flatten(0, 1), t.flatten())
+
+    cm = fxpipe.compile(model, ["cpu", "cpu"], (x,), microbatches=2, fuse=True)
+    assert cm.plan.predicted["fuse"] is True
+    assert "fused_" in "".join(sg.code() for sg in cm.stage_graphs)
+    torch.testing.assert_close(cm(x).logits, ref(x).logits, rtol=1e-4, atol=1e-5)
+    loss = cm.step(x, target=x, loss_fn=loss_fn)
+    want = loss_fn(ref(x), x)
+    want.backward()
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-5, atol=1e-6)
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # the plan remembers the rewrite: compiling from it again fuses the same way
+    cm.plan.save(tmp_path / "plan.json")
+    again = fxpipe.compile(copy.deepcopy(ref), plan=str(tmp_path / "plan.json"), example_inputs=(x,))
+    assert "fused_" in "".join(sg.code() for sg in again.stage_graphs)

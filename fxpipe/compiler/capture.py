@@ -43,6 +43,7 @@ class Captured:
     batch_size: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    fingerprint: str = ""  # set by the pipeline: hash of the graph as captured
 
     def flat_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         """The tensors to feed the graph, from a call like the user's `model(*args, **kwargs)`."""

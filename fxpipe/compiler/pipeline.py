@@ -25,6 +25,7 @@ from fxpipe.passes.annotate_costs import CostTable, annotate_costs, device_unit_
 from fxpipe.passes.emit_schedule import Schedule, emit_schedule, peak_inflight, validate_schedule
 from fxpipe.passes.group_units import Units, group_units
 from fxpipe.passes.load_schedule import load_schedule
+from fxpipe.passes.fuse_elementwise import fuse_elementwise
 from fxpipe.passes.place_stages import place_stages
 from fxpipe.passes.partition_stages import (Partition, PartitionProblem, params_partition, partition_stages,
                                             uniform_partition)
@@ -133,16 +134,19 @@ def check_options(*, microbatches: Any, schedule: Any, optimizer: Any, train: An
 
 
 def _front(model: nn.Module, args: tuple, kwargs: dict, p: int, m: int, capture_method: str,
-           leaf_modules: tuple[type, ...], prog: "_Progress", plan: Plan | None = None) -> tuple[Captured, Units, CostTable]:
-    """capture -> shapes -> units -> costs: what planning and re-using a saved `plan` share."""
+           leaf_modules: tuple[type, ...], prog: "_Progress", plan: Plan | None = None,
+           fuse: bool = False) -> tuple[Captured, Units, CostTable]:
+    """capture -> shapes -> (fuse) -> units -> costs: what planning and re-using a saved `plan` share."""
     if not isinstance(model, nn.Module):
         raise PlanError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     # capture first: everything after works on the one flat fx graph it returns
     prog.start("capture")
     cap = capture(model, args, kwargs, method=capture_method, leaf_modules=leaf_modules)
     prog.done("capture", f"({cap.path}, {len(cap.gm.graph.nodes)} nodes)")
+    # the fingerprint is of the graph as captured: later rewrites (fusion) do not change it
+    cap.fingerprint = _fingerprint(model, cap)
     if plan is not None:  # another model's plan is refused before any more work
-        plan.require_fingerprint(_fingerprint(model, cap))
+        plan.require_fingerprint(cap.fingerprint)
     sizes = microbatch_sizes(cap.batch_size, m)
     _dump("capture", cap.gm.code)
 
@@ -151,6 +155,13 @@ def _front(model: nn.Module, args: tuple, kwargs: dict, p: int, m: int, capture_
     flat = cap.flat_inputs(args, kwargs)
     propagate_shapes(cap.gm, [x[: sizes[0]] if x.dim() else x for x in flat])
     prog.done("shapes")
+
+    # fusion after shapes (it reads them to match bias and mask operands), before units and
+    # costs (a fused op is one node of its unit, priced with the FLOPs it replaced)
+    if fuse:
+        prog.start("fuse")
+        fused = fuse_elementwise(cap.gm).fused
+        prog.done("fuse", f"({len(fused)} fused)")
 
     # units before costs: costs are aggregated per unit, the partitioner's atoms
     prog.start("units+costs")
@@ -220,6 +231,7 @@ def build_plan(
     virtual_stages: int | None = None,
     progress: bool = False,
     profile: bool = False,
+    fuse: bool = False,
 ) -> Compilation:
     """Run the planning passes; decide everything, execute nothing (except, with `profile`,
     each unit once per device kind to time it).
@@ -236,7 +248,8 @@ def build_plan(
     prog = _Progress(progress)
     p = len(cluster)
     stage_device = user.stage_device if user is not None else _stage_devices(kind, p, virtual_stage_count(kind, virtual_stages))
-    cap, units, costs = _front(model, args, kwargs, len(stage_device), m, capture_method, leaf_modules, prog)
+    cap, units, costs = _front(model, args, kwargs, len(stage_device), m, capture_method, leaf_modules, prog,
+                               fuse=fuse)
 
     # profiling after the units (it times each one) and before the partition (which it prices)
     if profile:
@@ -285,12 +298,13 @@ def build_plan(
         "peak_memory_bytes": [s.memory_bytes for s in stages],
         "peak_activation_bytes": list(tl.peak_memory or ()),
         "cost_source": "measured" if costs.measured_fwd else "roofline",
+        "fuse": fuse,
         "placement": placement.to_dict(),
     }
     if costs.measured_fwd:  # the plan file's cost table has no room for them (see CostTable)
         predicted["measured_costs"] = costs.measured_to_dict()
     plan = Plan(
-        fingerprint=_fingerprint(model, cap), model_name=type(model).__name__, capture_path=cap.path,
+        fingerprint=cap.fingerprint, model_name=type(model).__name__, capture_path=cap.path,
         input_names=cap.input_names, batch_size=cap.batch_size, microbatches=m, train=train, optimizer=optimizer,
         cluster=cluster, stages=tuple(stages), schedule=sched, costs=costs, predicted=predicted,
         baselines=baselines, timings=prog.timings)
@@ -319,7 +333,7 @@ def build_from_plan(
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     prog = _Progress(progress)
     cap, units, costs = _front(model, args, kwargs, len(plan.cluster), plan.microbatches, capture_method,
-                               leaf_modules, prog, plan=plan)
+                               leaf_modules, prog, plan=plan, fuse=bool(plan.predicted.get("fuse", False)))
     if tuple(costs.unit_names) != tuple(plan.costs.unit_names):
         raise PlanError(f"the plan has {len(plan.costs.unit_names)} units but this model groups into {len(units)} "
                         f"(first difference at unit {_first_difference(plan.costs.unit_names, costs.unit_names)}); "
