@@ -22,7 +22,7 @@ from fxpipe.compiler.cluster import Cluster, Device
 from fxpipe.compiler.pipeline import MICROBATCHES_UNSET, simulate_plan, Compilation, build_from_plan, build_plan, microbatch_sizes
 from fxpipe.compiler.plan import Plan
 from fxpipe.errors import FxpipeError, PlanError, RuntimeMismatchError
-from fxpipe.passes.emit_schedule import Schedule, emit_schedule, peak_inflight
+from fxpipe.passes.emit_schedule import Schedule, emit_schedule
 from fxpipe.passes.simulate_schedule import Timeline, _device_peak_inflight
 from fxpipe.passes.split_stages import StageGraph, build_stage_module, resolve_attr, split_stages
 from fxpipe.runtime.local import LocalRuntime, StageRunner, _StepState, measured_timeline

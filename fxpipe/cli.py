@@ -236,6 +236,8 @@ def _cmd_plan(a: argparse.Namespace) -> int:
     except OSError as e:
         raise CliError(f"cannot write {out}: {e.strerror or e}") from None
     print(plan.summary())
+    phases = ", ".join(f"{k} {v:.2f}s" for k, v in plan.timings.items())
+    print(f"planning time: {sum(plan.timings.values()):.2f}s ({phases})")
     if a.baseline:
         from fxpipe.passes.explain_plan import compare_baseline
 

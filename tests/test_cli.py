@@ -92,6 +92,7 @@ def test_plan_prints_summary_and_progress(factory: Path, tmp_path: Path, capsys:
     assert rc == 0, stderr
     assert "3 stages" in stdout and "schedule gpipe" in stdout
     assert f"wrote {out}" in stdout
+    assert "planning time:" in stdout and "capture" in stdout.split("planning time:")[1]
     assert "fxpipe: capture" in stderr and "fxpipe: partition" in stderr
     plan = fxpipe.Plan.load(out)
     assert (plan.num_stages, plan.microbatches, plan.schedule.kind, plan.optimizer) == (3, 4, "gpipe", "sgd")

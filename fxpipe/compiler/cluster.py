@@ -441,16 +441,7 @@ class Cluster:
     @staticmethod
     def load(path: str | os.PathLike) -> "Cluster":
         """Read a cluster file (see `from_dict` for the format); PlanError names what is wrong."""
-        try:
-            text = Path(path).read_text()
-        except FileNotFoundError:
-            raise PlanError(f"cluster file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise PlanError(f"cannot read cluster file {path}: {e}") from None
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as e:
-            raise PlanError(f"cluster file {path} is not valid JSON: {e}") from None
+        data = read_json_file(path, "cluster file")
         return Cluster.from_dict(data, where=f"cluster file {path}")
 
 
@@ -465,6 +456,21 @@ def _with_node(d: Device, node: int) -> Device:
     from dataclasses import replace
 
     return replace(d, node=node)
+
+
+def read_json_file(path: str | os.PathLike, what: str, hint: str = "") -> Any:
+    """Parse a JSON file; every way it can fail (missing, unreadable, not JSON) is a PlanError
+    naming `what` and the path."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise PlanError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PlanError(f"cannot read {what} {path}: {e}") from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise PlanError(f"{what} {path} is not valid JSON: {e}{hint}") from None
 
 
 def _kind(name: str) -> str:

@@ -6,13 +6,12 @@ partition, schedule, simulate, plan. `FXPIPE_DUMP=dir` writes each step's text f
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -27,8 +26,7 @@ from fxpipe.passes.group_units import Units, group_units
 from fxpipe.passes.load_schedule import load_schedule
 from fxpipe.passes.fuse_elementwise import fuse_elementwise
 from fxpipe.passes.place_stages import place_stages
-from fxpipe.passes.partition_stages import (Partition, PartitionProblem, params_partition, partition_stages,
-                                            uniform_partition)
+from fxpipe.passes.partition_stages import Partition, PartitionProblem, params_partition, uniform_partition
 from fxpipe.passes.profile_units import profile_units
 from fxpipe.passes.propagate_shapes import propagate_shapes
 from fxpipe.passes.simulate_schedule import Timeline, simulate_schedule

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from fxpipe.compiler.cluster import Cluster
+from fxpipe.compiler.cluster import Cluster, read_json_file
 from fxpipe.errors import FxpipeError, PlanError
 from fxpipe.passes.annotate_costs import CostTable
 from fxpipe.passes.emit_schedule import Schedule
@@ -220,16 +220,7 @@ class Plan:
     @staticmethod
     def load(path: str | os.PathLike, fingerprint: str | None = None) -> "Plan":
         """Read a plan file; with `fingerprint`, refuse a plan made for another model."""
-        try:
-            text = Path(path).read_text()
-        except FileNotFoundError:
-            raise PlanError(f"plan file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise PlanError(f"cannot read plan file {path}: {e}") from None
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as e:
-            raise PlanError(f"plan file {path} is not valid JSON (truncated?): {e}; re-create it with `fxpipe plan`") from None
+        data = read_json_file(path, "plan file", " (truncated?); re-create it with `fxpipe plan`")
         plan = Plan.from_dict(data, where=f"plan file {path}")
         if fingerprint is not None:
             plan.require_fingerprint(fingerprint)

@@ -561,7 +561,7 @@ def _infeasible_message(problem: PartitionProblem) -> str:
         f"params + grads + optimizer state + microbatches in flight x (activations + boundary "
         f"buffers) <= its device's memory).",
         # Spell the bounds out only while they stay readable.
-        f"The closest partition"
+        "The closest partition"
         + (f" {list(closest.bounds)}" if p <= _MAX_BOUNDS_LISTED else "")
         + f" (smallest worst shortfall) still overflows on {len(over)} of {p} devices:",
     ]

@@ -178,7 +178,6 @@ def simulate_schedule(
     tbw = tuple(x / 2 for x in tb) if bwd_weight_time is None else _costs("bwd_weight_time", bwd_weight_time, (p,))
     act = None if activation_bytes is None else _costs("activation_bytes", activation_bytes, (p,), unit="bytes")
     duration = {Op.FWD: tf, Op.BWD: tb, Op.BWD_INPUT: tbi, Op.BWD_WEIGHT: tbw}
-    sd = s.stage_device
     D = s.num_devices
 
     clock = [0.0] * D  # when each compute lane is next free
