@@ -26,7 +26,7 @@ def _leaves(*ts):
     return [t.detach().clone().requires_grad_(True) if t is not None and t.is_floating_point() else t for t in ts]
 
 
-def _compare(fused_fn, eager_fn, inputs, dtype, grad_idx):
+def _assert_matches_eager(fused_fn, eager_fn, inputs, dtype, grad_idx):
     """fused(inputs) vs eager(inputs upcast to fp32): outputs and gradients of `grad_idx`."""
     a = _leaves(*inputs)
     ref = _leaves(*[t.float() if t is not None and t.is_floating_point() else t for t in inputs])
@@ -51,9 +51,9 @@ def _kernels_ran():
 def test_bias_gelu(dtype, shape, approx):
     x = torch.randn(shape, device="cuda", dtype=dtype)
     b = torch.randn(shape[-1], device="cuda", dtype=dtype)
-    _compare(lambda x, b: fused_ops.bias_gelu(x, b, approx), lambda x, b: F.gelu(x + b, approximate=approx),
+    _assert_matches_eager(lambda x, b: fused_ops.bias_gelu(x, b, approx), lambda x, b: F.gelu(x + b, approximate=approx),
              (x, b), dtype, (0, 1))
-    _compare(lambda x: fused_ops.bias_gelu(x, None), lambda x: F.gelu(x), (x,), dtype, (0,))
+    _assert_matches_eager(lambda x: fused_ops.bias_gelu(x, None), lambda x: F.gelu(x), (x,), dtype, (0,))
     assert _kernels_ran()
 
 
@@ -75,8 +75,8 @@ def test_add_layer_norm(dtype, shape, keep_sum):
         y = F.layer_norm(s, n, w, beta, 1e-5)
         return y + 0.5 * s if keep_sum else y
 
-    _compare(fused, eager, (a, b, w, beta), dtype, (0, 1, 2, 3))
-    _compare(lambda a, b: fused_ops.add_layer_norm(a, b, n, None, None, 1e-5)[0],
+    _assert_matches_eager(fused, eager, (a, b, w, beta), dtype, (0, 1, 2, 3))
+    _assert_matches_eager(lambda a, b: fused_ops.add_layer_norm(a, b, n, None, None, 1e-5)[0],
              lambda a, b: F.layer_norm(a + b, n, None, None, 1e-5), (a, b), dtype, (0, 1))
 
 
@@ -104,7 +104,7 @@ def test_scale_mask_softmax(dtype, mask_kind, divide):
             v = v.masked_fill(mask, fill)
         return torch.softmax(v, -1)
 
-    _compare(lambda x: fused_ops.scale_mask_softmax(x, s, divide, mask, kind, fill, -1), eager, (x,), dtype, (0,))
+    _assert_matches_eager(lambda x: fused_ops.scale_mask_softmax(x, s, divide, mask, kind, fill, -1), eager, (x,), dtype, (0,))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -112,8 +112,8 @@ def test_scale_mask_softmax(dtype, mask_kind, divide):
 def test_dropout_add(dtype, shape):
     x, r = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(2))
     # p = 0 and eval mode are exact
-    _compare(lambda x, r: fused_ops.dropout_add(x, r, 0.0, True), lambda x, r: x + r, (x, r), dtype, (0, 1))
-    _compare(lambda x, r: fused_ops.dropout_add(x, r, 0.3, False), lambda x, r: x + r, (x, r), dtype, (0, 1))
+    _assert_matches_eager(lambda x, r: fused_ops.dropout_add(x, r, 0.0, True), lambda x, r: x + r, (x, r), dtype, (0, 1))
+    _assert_matches_eager(lambda x, r: fused_ops.dropout_add(x, r, 0.3, False), lambda x, r: x + r, (x, r), dtype, (0, 1))
     # training: kept values are x / (1 - p), the keep rate is 1 - p, backward uses the same mask
     # (a zero residual keeps x's rounding out of the check)
     p = 0.3
