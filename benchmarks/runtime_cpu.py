@@ -25,6 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fxpipe  # noqa: E402
+from benchmarks._models import mlp_blocks  # noqa: E402
 
 
 @dataclass
@@ -41,9 +42,7 @@ class Config:
 
 
 def make_model(c: Config) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(*[nn.Sequential(nn.Linear(c.hidden, c.ffn), nn.GELU(), nn.Linear(c.ffn, c.hidden))
-                           for _ in range(c.blocks)])
+    return mlp_blocks(c.blocks, c.hidden, c.ffn)
 
 
 def timed(fn, c: Config) -> float:

@@ -34,6 +34,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks._models import mlp_blocks  # noqa: E402
 
 
 @dataclass
@@ -49,9 +50,7 @@ class Config:
 
 
 def make_model(cfg: Config) -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(*[nn.Sequential(nn.Linear(cfg.hidden, cfg.ffn), nn.GELU(), nn.Linear(cfg.ffn, cfg.hidden))
-                           for _ in range(cfg.blocks)])
+    return mlp_blocks(cfg.blocks, cfg.hidden, cfg.ffn)
 
 
 def data(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:

@@ -395,44 +395,12 @@ class Cluster:
                 devs.append(Device(**d))
             except PlanError as e:
                 raise PlanError(f"{where}: devices[{k}]: {e}") from None
-        links = []
-        raw_links = data.get("links", [])
-        if not isinstance(raw_links, list):
-            raise PlanError(f"{where}: 'links' must be a list of link objects, got {type(raw_links).__name__}")
-        for k, l in enumerate(raw_links):
-            if not isinstance(l, dict):
-                raise PlanError(f"{where}: links[{k}] must be an object like "
-                                f"{{\"src\": 0, \"dst\": 1, \"bandwidth\": 4.5e11}}, got {l!r}")
-            missing = [f for f in ("src", "dst", "bandwidth") if f not in l]
-            if missing:
-                raise PlanError(f"{where}: links[{k}] is missing {', '.join(missing)} (required: src, dst, bandwidth)")
-            extra = sorted(str(f) for f in l if f not in Link.__dataclass_fields__)
-            if extra:
-                raise PlanError(f"{where}: links[{k}] has unknown field(s) {extra} (allowed: src, dst, bandwidth, latency)")
-            try:
-                links.append(Link(l["src"], l["dst"], l["bandwidth"], l.get("latency", 0.0)))
-            except PlanError as e:
-                raise PlanError(f"{where}: links[{k}]: {e}") from None
-        node_links = []
-        raw_nl = data.get("node_links", [])
-        if not isinstance(raw_nl, list):
-            raise PlanError(f"{where}: 'node_links' must be a list of node link objects, got {type(raw_nl).__name__}")
-        nl_fields = ("src_node", "dst_node", "bandwidth", "latency")
-        for k, l in enumerate(raw_nl):
-            if not isinstance(l, dict):
-                raise PlanError(f"{where}: node_links[{k}] must be an object like "
-                                f"{{\"src_node\": 0, \"dst_node\": 0, \"bandwidth\": 4.5e11}}, got {l!r}")
-            missing = [f for f in nl_fields[:3] if f not in l]
-            if missing:
-                raise PlanError(f"{where}: node_links[{k}] is missing {', '.join(missing)} "
-                                "(required: src_node, dst_node, bandwidth)")
-            extra = sorted(str(f) for f in l if f not in nl_fields)
-            if extra:
-                raise PlanError(f"{where}: node_links[{k}] has unknown field(s) {extra} (allowed: {', '.join(nl_fields)})")
-            try:
-                node_links.append(NodeLink(l["src_node"], l["dst_node"], l["bandwidth"], l.get("latency", 0.0)))
-            except PlanError as e:
-                raise PlanError(f"{where}: node_links[{k}]: {e}") from None
+        links = _parse_entries(data.get("links", []), where, "links", ("src", "dst", "bandwidth"), ("latency",),
+                               lambda l: Link(l["src"], l["dst"], l["bandwidth"], l.get("latency", 0.0)))
+        node_links = _parse_entries(data.get("node_links", []), where, "node_links",
+                                    ("src_node", "dst_node", "bandwidth"), ("latency",),
+                                    lambda l: NodeLink(l["src_node"], l["dst_node"], l["bandwidth"],
+                                                       l.get("latency", 0.0)))
         try:
             return Cluster(tuple(devs), tuple(links), tuple(node_links))
         except PlanError as e:
@@ -456,6 +424,30 @@ def _with_node(d: Device, node: int) -> Device:
     from dataclasses import replace
 
     return replace(d, node=node)
+
+
+def _parse_entries(raw: Any, where: str, name: str, required: tuple[str, ...], optional: tuple[str, ...],
+                   build: Any) -> list:
+    """Validate a JSON list of link-like objects and build each; PlanError names the entry."""
+    if not isinstance(raw, list):
+        raise PlanError(f"{where}: '{name}' must be a list of objects, got {type(raw).__name__}")
+    example = ", ".join(f'"{f}": ...' for f in required)
+    out = []
+    for k, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise PlanError(f"{where}: {name}[{k}] must be an object like {{{example}}}, got {entry!r}")
+        missing = [f for f in required if f not in entry]
+        if missing:
+            raise PlanError(f"{where}: {name}[{k}] is missing {', '.join(missing)} (required: {', '.join(required)})")
+        extra = sorted(str(f) for f in entry if f not in required + optional)
+        if extra:
+            raise PlanError(f"{where}: {name}[{k}] has unknown field(s) {extra} "
+                            f"(allowed: {', '.join(required + optional)})")
+        try:
+            out.append(build(entry))
+        except PlanError as e:
+            raise PlanError(f"{where}: {name}[{k}]: {e}") from None
+    return out
 
 
 def read_json_file(path: str | os.PathLike, what: str, hint: str = "") -> Any:
