@@ -64,6 +64,15 @@ def _patterns(R, C, dtype):
     def eager_da(x, r):
         return F.dropout(x, 0.1, True) + r
 
+    def eager_new_gelu(x):  # GPT-2's NewGELUActivation, op by op: a general elementwise chain
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3.0))))
+
+    def eager_swiglu(g, u):
+        return F.silu(g) * u
+
+    new_gelu = ("mul(i0,0.5);pow(i0,3.0);mul(v1,0.044715);add(i0,v2);mul(v3,0.7978845608028654);tanh(v4);"
+                "add(v5,1.0);mul(v0,v6)")
+
     return [
         ("bias_gelu", eager_bg, lambda: fused_ops.bias_gelu(x, b), (x, b), 2 * N * es + C * es),
         ("add_layer_norm", eager_ln, lambda: fused_ops.add_layer_norm(x, y, (C,), w, b, 1e-5)[0], (x, y, w, b),
@@ -71,6 +80,9 @@ def _patterns(R, C, dtype):
         ("scale_mask_softmax", eager_sm, lambda: fused_ops.scale_mask_softmax(x, 0.125, False, m, "add"), (x, m),
          3 * N * es),
         ("dropout_add", eager_da, lambda: fused_ops.dropout_add(x, y, 0.1, True), (x, y), 3 * N * es),
+        ("chain:new_gelu", eager_new_gelu, lambda: fused_ops.elementwise_chain(new_gelu, x), (x,), 2 * N * es),
+        ("chain:swiglu", eager_swiglu, lambda: fused_ops.elementwise_chain("silu(i0);mul(v0,i1)", x, y), (x, y),
+         3 * N * es),
     ]
 
 

@@ -12,6 +12,7 @@ Ops:
     scale_mask_softmax(x, scale, divide, mask, mask_kind, fill_value, dim)
                                              softmax((x * scale | x / scale) (+ mask | masked_fill), dim)
     dropout_add(x, residual, p, training)    dropout(x, p, training) + residual
+    elementwise_chain(program, *inputs)      the ops of `program` (see `cuda/chain.py`)
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fxpipe.cuda import chain as C
 from fxpipe.cuda import kernels as K
 
-__all__ = ["bias_gelu", "add_layer_norm", "scale_mask_softmax", "dropout_add", "FUSED_OPS"]
+__all__ = ["bias_gelu", "add_layer_norm", "scale_mask_softmax", "dropout_add", "elementwise_chain", "FUSED_OPS"]
 
 
 def _cuda_ok(*ts: Any) -> bool:
@@ -302,9 +304,75 @@ def dropout_add(x: Any, residual: Any, p: float = 0.5, training: bool = True) ->
     return _DropoutAdd.apply(x, residual, float(p), train, vec)
 
 
+# ---- general elementwise chains --------------------------------------------------------------
+
+def _chain_operands(inputs: Sequence[torch.Tensor], shape: torch.Size) -> tuple[list[torch.Tensor], tuple[str, ...]]:
+    """Inputs as the kernels index them (see `chain.BROADCAST_MODES`), other broadcasts expanded."""
+    ready, modes = [], []
+    cols = shape[-1] if len(shape) else 1
+    for t in inputs:
+        if t.shape == shape:
+            ready.append(t.contiguous())
+            modes.append("full")
+        elif t.numel() == 1:
+            ready.append(t.reshape(()).contiguous())
+            modes.append("scalar")
+        elif t.dim() >= 1 and t.numel() == cols and t.shape[-1] == cols:
+            ready.append(t.contiguous())
+            modes.append("row")
+        else:
+            ready.append(t.expand(shape).contiguous())
+            modes.append("full")
+    return ready, tuple(modes)
+
+
+class _Chain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, program, *inputs):
+        shape = torch.broadcast_shapes(*(t.shape for t in inputs))
+        ready, modes = _chain_operands(inputs, shape)
+        out = torch.empty(shape, dtype=inputs[0].dtype, device=inputs[0].device)
+        K.launch_chain(program, modes, None, [*ready, out], out.numel(), shape[-1] if len(shape) else 1)
+        ctx.save_for_backward(*inputs)
+        ctx.program = program
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        inputs = ctx.saved_tensors
+        need = tuple(bool(x) for x in ctx.needs_input_grad[1:])
+        if not any(need):
+            return (None,) * (1 + len(inputs))
+        dy = dy.contiguous()
+        ready, modes = _chain_operands(inputs, dy.shape)
+        grads = [torch.empty_like(dy) if k else None for k in need]
+        K.launch_chain(ctx.program, modes, need, [*ready, dy, *(g for g in grads if g is not None)], dy.numel(),
+                       dy.shape[-1] if dy.dim() else 1)
+        out = [None if g is None else (g if g.shape == t.shape else g.sum_to_size(t.shape)) for g, t in zip(grads, inputs)]
+        return (None, *out)
+
+
+def elementwise_chain(program: str, *inputs: Any) -> Any:
+    """The elementwise ops of `program` applied to `inputs` (see `fxpipe.cuda.chain`).
+
+    On CUDA (fp32/fp16/bf16, all inputs one dtype) one kernel computes the whole chain in fp32
+    registers and one kernel its backward; elsewhere the ops run one by one as in the graph.
+
+    Example:
+        >>> x, u = torch.randn(4, 8), torch.randn(4, 8)
+        >>> torch.equal(elementwise_chain("silu(i0);mul(v0,i1)", x, u), F.silu(x) * u)
+        True
+    """
+    if inputs and _cuda_ok(*inputs):
+        C.parse_program(program)  # a malformed program fails here, not inside NVRTC
+        return _Chain.apply(program, *inputs)
+    return C.run_eager(program, tuple(inputs))
+
+
 FUSED_OPS = {
     "bias_gelu": bias_gelu,
     "add_layer_norm": add_layer_norm,
     "scale_mask_softmax": scale_mask_softmax,
     "dropout_add": dropout_add,
+    "elementwise_chain": elementwise_chain,
 }

@@ -22,7 +22,7 @@ import torch
 
 from fxpipe.errors import FxpipeError
 
-__all__ = ["available", "launch", "SHARE", "row_config", "vec_width", "KernelCompileError", "DTYPES"]
+__all__ = ["available", "launch", "launch_chain", "SHARE", "row_config", "vec_width", "KernelCompileError", "DTYPES"]
 
 DTYPES = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat16"}
 MAX_CHUNKS_PER_THREAD = 8  # rows longer than 1024 threads x 8 vectors run the eager fallback
@@ -558,3 +558,43 @@ def elementwise_grid(nv: int, device: torch.device, row_vectors: int | None = No
         if g <= wave * 2:
             return max(g, blocks // g * g), 1
     return blocks, 0
+
+
+# ---- elementwise chains (sources generated per program by `cuda/chain.py`) ----------------
+
+@functools.lru_cache(maxsize=256)
+def _chain_functions(program: str, dtype_kind: str, modes: tuple[str, ...], need: tuple[bool, ...] | None) -> Any:
+    from fxpipe.cuda.chain import kernel_source
+
+    cp = _cupy()
+    grads = need if need is not None else tuple(False for _ in modes)
+    src = _PRELUDE % {"kind": dtype_kind, "vec": 1, "threads": 256, "nv": 1} + kernel_source(program, modes, grads)
+    name = "chain_fwd" if need is None else "chain_bwd"
+    try:
+        mod = cp.RawModule(code=src, options=("-std=c++17",))
+        return mod.get_function(name)
+    except Exception as e:
+        import hashlib
+        import os
+        import tempfile
+
+        path = os.path.join(tempfile.gettempdir(), f"fxpipe_chain_{hashlib.sha1(src.encode()).hexdigest()[:12]}.cu")
+        with open(path, "w") as f:
+            f.write(src)
+        raise KernelCompileError(f"NVRTC could not compile the elementwise chain {program!r} for {dtype_kind}: {e}\n"
+                                 f"  source: {path}") from e
+
+
+def launch_chain(program: str, modes: tuple[str, ...], need: tuple[bool, ...] | None, tensors: list[torch.Tensor],
+                 n: int, cols: int) -> None:
+    """Run a chain's forward (`need` None) or backward kernel on torch's current stream.
+
+    `tensors`: the inputs as `fused_ops._chain_operands` prepared them, then the output (forward)
+    or dy and the needed gradient buffers (backward)."""
+    cp = _cupy()
+    dev = tensors[0].device
+    index = dev.index or 0
+    kern = _chain_functions(program, DTYPES[tensors[0].dtype], modes, need)
+    grid = elementwise_grid(n, dev)[0]
+    with cp.cuda.Device(index), _stream(index):
+        kern((grid,), (256,), tuple(np.uint64(t.data_ptr()) for t in tensors) + (np.int64(n), np.int64(cols)))

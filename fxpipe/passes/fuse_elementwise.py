@@ -14,16 +14,22 @@ add_layer_norm         layer_norm(add(a, b)) over the last dim; the sum may    f
 scale_mask_softmax     softmax(add(x * s | x / s, mask) | masked_fill(...),    fused_ops.scale_mask_softmax
                        dim=-1); the scale or the mask may be absent
 dropout_add            add(dropout(x, p, training), residual)                  fused_ops.dropout_add
+elementwise_chain      any run of >= 2 elementwise ops (add sub mul div neg    fused_ops.elementwise_chain
+                       exp log sqrt rsqrt sigmoid tanh relu gelu silu, x ** c)
+                       whose intermediates nobody else reads
 =====================  ======================================================  ====================
 
 An intermediate value that another node reads is never swallowed: the chain is left alone
 (or, for add+LayerNorm's sum, returned by the fused op as a second output). Where a pair
 could join two patterns (a residual add between dropout and LayerNorm), add+LayerNorm wins:
-it saves the larger round trip through memory.
+it saves the larger round trip through memory. Chains are matched last, so the named patterns
+(whose kernels also fuse a reduction or the RNG) keep their ops; a chain then takes what is
+left, e.g. GPT-2's tanh-GELU written out as eight ops, or SwiGLU's ``silu(gate) * up``.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -33,11 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxpipe.cuda import fused_ops
+from fxpipe.cuda.chain import ChainStep, format_program
 from fxpipe.passes.propagate_shapes import FLOPS, VAL
 
 __all__ = ["fuse_elementwise", "FuseResult", "PATTERNS"]
 
-PATTERNS = ("add_layer_norm", "bias_gelu", "scale_mask_softmax", "dropout_add")
+PATTERNS = ("add_layer_norm", "bias_gelu", "scale_mask_softmax", "dropout_add", "elementwise_chain")
 
 _aten = torch.ops.aten
 _ADD = {operator.add, torch.add, _aten.add.Tensor}
@@ -305,11 +312,146 @@ def _fuse_dropout_add(gm: fx.GraphModule, n: fx.Node) -> bool:
     return True
 
 
+# ---- general elementwise chains ----------------------------------------------------------
+
+# graph target -> chain op name; binary ops take (a, b) in that order
+_CHAIN_FUNCTIONS: dict[Any, str] = {
+    operator.add: "add", torch.add: "add", _aten.add.Tensor: "add", _aten.add.Scalar: "add",
+    operator.sub: "sub", torch.sub: "sub", _aten.sub.Tensor: "sub", _aten.sub.Scalar: "sub",
+    operator.mul: "mul", torch.mul: "mul", _aten.mul.Tensor: "mul", _aten.mul.Scalar: "mul",
+    operator.truediv: "div", torch.div: "div", _aten.div.Tensor: "div", _aten.div.Scalar: "div",
+    operator.neg: "neg", torch.neg: "neg", _aten.neg.default: "neg",
+    torch.exp: "exp", _aten.exp.default: "exp", torch.log: "log", _aten.log.default: "log",
+    torch.sqrt: "sqrt", _aten.sqrt.default: "sqrt", torch.rsqrt: "rsqrt", _aten.rsqrt.default: "rsqrt",
+    torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", _aten.sigmoid.default: "sigmoid",
+    torch.tanh: "tanh", F.tanh: "tanh", _aten.tanh.default: "tanh",
+    torch.relu: "relu", F.relu: "relu", _aten.relu.default: "relu",
+    F.gelu: "gelu", torch._C._nn.gelu: "gelu", _aten.gelu.default: "gelu",
+    F.silu: "silu", _aten.silu.default: "silu",
+    operator.pow: "pow", torch.pow: "pow", _aten.pow.Tensor_Scalar: "pow",
+}
+_CHAIN_METHODS = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "neg": "neg", "exp": "exp", "log": "log",
+                  "sqrt": "sqrt", "rsqrt": "rsqrt", "sigmoid": "sigmoid", "tanh": "tanh", "relu": "relu", "pow": "pow"}
+_CHAIN_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.GELU: "gelu"}
+_ALLOWED_KWARGS = {"alpha": 1, "approximate": None, "inplace": False, "rounding_mode": None}
+
+
+def _float_tensor(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) and v.dtype.is_floating_point
+
+
+def _chain_op(gm: fx.GraphModule, n: fx.Node) -> tuple[str, list[Any]] | None:
+    """(op, operands) when `n` is one elementwise op a chain can hold, else None.
+
+    Operands are graph nodes holding floating tensors or Python numbers (as floats)."""
+    if n.op == "call_module":
+        mod = _module(gm, n)
+        name = next((v for k, v in _CHAIN_MODULES.items() if type(mod) is k), None)
+        if name is None or getattr(mod, "inplace", False) or len(n.args) != 1 or n.kwargs:
+            return None
+        if name == "gelu":
+            name = {"none": "gelu", "tanh": "gelu_tanh"}.get(mod.approximate)
+        args: list[Any] = [n.args[0]] if name else []
+    elif n.op == "call_function":
+        try:
+            name = _CHAIN_FUNCTIONS.get(n.target)
+        except TypeError:  # unhashable target
+            return None
+        args = list(n.args)
+    elif n.op == "call_method":
+        name = _CHAIN_METHODS.get(str(n.target))
+        args = list(n.args)
+    else:
+        return None
+    if name is None:
+        return None
+    kwargs = dict(n.kwargs)
+    for k, v in kwargs.items():
+        if k == "approximate" and name == "gelu" and v in ("none", "tanh"):
+            continue
+        if k not in _ALLOWED_KWARGS or v != _ALLOWED_KWARGS[k]:
+            return None
+    if name == "gelu":
+        approx = kwargs.get("approximate", args[1] if len(args) > 1 else "none")
+        args = args[:1]
+        name = {"none": "gelu", "tanh": "gelu_tanh"}.get(approx) if isinstance(approx, str) else None
+        if name is None:
+            return None
+    if name == "add" or name == "sub":
+        args = args[:2] if len(args) == 2 or (len(args) == 3 and args[2] == 1) else []
+    arity = 2 if name in ("add", "sub", "mul", "div", "pow") else 1
+    if len(args) != arity:
+        return None
+    out: list[Any] = []
+    for a in args:
+        if isinstance(a, fx.Node):
+            if not _float_tensor(_val(a)):
+                return None
+            out.append(a)
+        elif isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a):
+            out.append(float(a))
+        else:
+            return None
+    if all(not isinstance(a, fx.Node) for a in out):
+        return None
+    if name == "pow" and not isinstance(out[1], float):
+        return None  # a tensor exponent is not in the kernels' derivative table
+    if not _float_tensor(_val(n)):
+        return None
+    return name, out
+
+
+def _fuse_chain(gm: fx.GraphModule, tail: fx.Node) -> bool:
+    """Grow a chain backwards from `tail` over producers that only the chain reads; fuse >= 2 ops."""
+    first = _chain_op(gm, tail)
+    shape, dtype = _shape(tail), getattr(_val(tail), "dtype", None)
+    if first is None or shape is None:
+        return False
+    ops = {tail: first}
+    grew = True
+    while grew:
+        grew = False
+        for node in list(ops):
+            for a in ops[node][1]:
+                if not isinstance(a, fx.Node) or a in ops or a.meta.get("fxpipe.fused"):
+                    continue
+                # an intermediate must be read by the chain only and be as large as the output
+                # (a smaller one would be recomputed per element) with the same dtype
+                if not all(u in ops for u in a.users) or _shape(a) != shape or _val(a).dtype != dtype:
+                    continue
+                op = _chain_op(gm, a)
+                if op is not None:
+                    ops[a] = op
+                    grew = True
+    if len(ops) < 2:
+        return False
+    order = {m: i for i, m in enumerate(gm.graph.nodes)}
+    chain = sorted(ops, key=order.__getitem__)
+    inputs: list[fx.Node] = []
+    for node in chain:
+        for a in ops[node][1]:
+            if isinstance(a, fx.Node) and a not in ops and a not in inputs:
+                if _val(a).dtype != dtype:
+                    return False  # mixed precision: leave torch's type promotion to torch
+                inputs.append(a)
+    index = {node: f"v{k}" for k, node in enumerate(chain)}
+    steps = [ChainStep(ops[node][0], tuple(index[a] if a in index else (f"i{inputs.index(a)}" if isinstance(a, fx.Node)
+                                                                        else a) for a in ops[node][1]))
+             for node in chain]
+    program = format_program(steps)
+    g = gm.graph
+    fused = _fused_node(g, tail, "elementwise_chain", fused_ops.elementwise_chain, (program, *inputs), {}, tail, chain)
+    tail.replace_all_uses_with(fused)
+    _erase(g, reversed(chain))
+    return True
+
+
 _MATCHERS = {
     "add_layer_norm": _fuse_add_layer_norm,
     "bias_gelu": _fuse_bias_gelu,
     "scale_mask_softmax": _fuse_scale_mask_softmax,
     "dropout_add": _fuse_dropout_add,
+    "elementwise_chain": _fuse_chain,
 }
 
 
@@ -347,7 +489,10 @@ def fuse_elementwise(gm: fx.GraphModule, patterns: Iterable[str] | None = None) 
     for name in PATTERNS:
         if name not in chosen:
             continue
-        for node in list(gm.graph.nodes):
+        nodes = list(gm.graph.nodes)
+        if name == "elementwise_chain":
+            nodes.reverse()  # grow from a chain's last op, so one chain is one fused op
+        for node in nodes:
             if getattr(node, "_erased", False) or node.op not in ("call_function", "call_module", "call_method"):
                 continue
             if node.meta.get("fxpipe.fused"):

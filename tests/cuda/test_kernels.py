@@ -178,3 +178,32 @@ def test_dlpack_sharing_gives_the_same_results(monkeypatch):
     out = fused_ops.bias_gelu(x, b)
     out.sum().backward()
     assert torch.equal(out, ref) and torch.equal(x.grad, gx)
+
+
+# ---- general elementwise chains --------------------------------------------------------------
+
+NEW_GELU = ("mul(i0,0.5);pow(i0,3.0);mul(v1,0.044715);add(i0,v2);mul(v3,0.7978845608028654);tanh(v4);"
+            "add(v5,1.0);mul(v0,v6)")
+CHAINS = [
+    # (program, input shapes (output shape first), positive-only inputs)
+    (NEW_GELU, [(64, 1024)], False),
+    ("silu(i0);mul(v0,i1)", [(3, 7, 768), (3, 7, 768)], False),                     # SwiGLU
+    ("add(i0,i1);gelu(v0);mul(v1,i2)", [(9, 100), (100,), ()], False),              # row + scalar inputs
+    ("sub(1.0,i0);div(v0,i1);rsqrt(i1);mul(v1,v2);sigmoid(v3);relu(i0);add(v4,v5)",
+     [(4, 33, 16), (4, 1, 16)], True),                                                # expanded broadcast
+    ("neg(i0);exp(v0);log(i1);sqrt(i1);add(v1,v2);mul(v4,v3);tanh(i0);gelu_tanh(v6);sub(v5,v7)",
+     [(256, 257), (256, 257)], True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("program,shapes,positive", CHAINS, ids=[str(i) for i in range(len(CHAINS))])
+def test_elementwise_chain(dtype, program, shapes, positive):
+    from fxpipe.cuda.chain import run_eager
+
+    ts = [torch.randn(s, device="cuda", dtype=dtype) for s in shapes]
+    if positive:
+        ts = [t.abs() + 0.5 for t in ts]
+    _assert_matches_eager(lambda *a: fused_ops.elementwise_chain(program, *a), lambda *a: run_eager(program, a),
+                          ts, dtype, tuple(range(len(ts))))
+    assert kernels._chain_functions.cache_info().currsize > 0

@@ -13,8 +13,13 @@ from torch.testing import FileCheck
 
 from fxpipe.compiler.capture import capture
 from fxpipe.errors import PlanError
+from fxpipe.cuda import fused_ops
+from fxpipe.cuda.chain import ChainProgramError, ChainStep, format_program, kernel_source, parse_program, run_eager
 from fxpipe.passes.fuse_elementwise import PATTERNS, fuse_elementwise
 from fxpipe.passes.propagate_shapes import VAL, propagate_shapes
+
+
+NAMED = [p for p in PATTERNS if p != "elementwise_chain"]
 
 
 class BiasGelu(nn.Module):
@@ -146,9 +151,9 @@ def test_block_fuses_all_four(method):
     model = Block()
     inputs = (torch.randn(2, 3, 16, requires_grad=True), torch.randn(2, 3, 16))
     ref, res = _fuse(model, inputs, method)
-    assert sorted(res.fused) == sorted(PATTERNS)
+    assert sorted(res.fused) == sorted(NAMED)  # the block has no op left for a chain
     code = res.graph_module.code
-    for p in PATTERNS:
+    for p in NAMED:
         FileCheck().check_count(f"fxpipe_cuda_fused_ops_{p}(", 1, exactly=True).run(code)
     _same(ref, res.graph_module, inputs)
     # the rewritten graph still propagates on the meta device, and fused nodes carry values
@@ -162,7 +167,7 @@ def test_layer_norm_sum_used_elsewhere_is_returned_too():
     model = AddNorm(keep=True)
     inputs = _inputs(model)
     ref, res = _fuse(model, inputs, "fx")
-    assert res.fused == ["add_layer_norm"]
+    assert res.fused == ["add_layer_norm", "elementwise_chain"]  # out * 2 + s is a chain of its own
     assert "keep_sum = True" in res.graph_module.code
     _same(ref, res.graph_module, inputs)
 
@@ -209,7 +214,7 @@ class TwoDimNorm(nn.Module):
                          ids=lambda m: type(m).__name__)
 def test_intermediates_used_elsewhere_are_left_alone(model, method):
     inputs = (torch.randn(2, 3, 16, requires_grad=True), torch.randn(2, 3, 16))
-    ref, res = _fuse(model, inputs, method)
+    ref, res = _fuse(model, inputs, method, NAMED)  # (a general chain may still take the leftovers)
     assert not res.modified and res.fused == []
     assert "fused_" not in res.graph_module.code
     _same(ref, res.graph_module, inputs)
@@ -230,8 +235,10 @@ def test_full_size_addend_is_not_a_bias():
             return F.gelu(x + y)
 
     inputs = (torch.randn(4, 16), torch.randn(4, 16))
+    _, res = _fuse(AddAct(), inputs, "fx", NAMED)
+    assert not res.modified  # no bias to fold into bias_gelu's kernel
     _, res = _fuse(AddAct(), inputs, "fx")
-    assert not res.modified  # no bias to fold: torch's own add and gelu are as good
+    assert res.fused == ["elementwise_chain"]  # but add and gelu are still one pass over memory
 
 
 def test_without_shapes_structure_decides():
@@ -263,3 +270,125 @@ def test_fused_ops_fall_back_on_meta_and_cpu():
     assert torch.equal(fused_ops.dropout_add(x, r, 0.5, False), x + r)
     b = torch.randn(8)
     assert torch.equal(fused_ops.bias_gelu(b, x), F.gelu(x + b))  # the 1-D operand is the bias
+
+
+# ---- general elementwise chains ---------------------------------------------------------
+
+class NewGeluSwiGlu(nn.Module):
+    """GPT-2's tanh-GELU written out op by op, then SwiGLU's silu(gate) * up."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.gate, self.out = nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = self.fc(x)
+        h = 0.5 * h * (1.0 + torch.tanh(0.7978845608028654 * (h + 0.044715 * torch.pow(h, 3.0))))
+        return self.out(h * F.silu(self.gate(x))) + x
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_chain_of_elementwise_ops_is_one_fused_op(method):
+    model = NewGeluSwiGlu()
+    inputs = (torch.randn(2, 3, 16, requires_grad=True),)
+    ref, res = _fuse(model, inputs, method)
+    assert res.fused == ["elementwise_chain"]
+    (node,) = [n for n in res.graph_module.graph.nodes if n.meta.get("fxpipe.fused")]
+    program, *operands = node.args
+    steps, n_inputs = parse_program(program)
+    # pow, 4 muls by constants or values, 2 adds, tanh, silu, and the product with the gate
+    assert [s.op for s in steps].count("tanh") == 1 and [s.op for s in steps][-2:] == ["silu", "mul"]
+    assert len(steps) == 10 and n_inputs == 2 == len(operands)
+    assert all(o.meta[VAL].shape == (2, 3, 32) for o in operands)
+    assert node.meta["fxpipe.flops"] == sum(n.meta.get("fxpipe.flops", 0) or 0 for n in ref.graph.nodes
+                                            if n.op == "call_function" and n.name not in
+                                            {m.name for m in res.graph_module.graph.nodes})
+    _same(ref, res.graph_module, inputs)  # the CPU path runs the same ops: bitwise equal
+
+
+class SharedIntermediate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        h = x * 2.0
+        y = torch.sigmoid(h) * (x + self.b)  # b: a bias vector, broadcast along the last dim
+        return y, h
+
+
+def test_chain_keeps_values_read_elsewhere_and_broadcast_inputs():
+    x = torch.randn(4, 8, requires_grad=True)
+    ref, res = _fuse(SharedIntermediate(), (x,), "fx")
+    assert res.fused == ["elementwise_chain"]
+    (node,) = [n for n in res.graph_module.graph.nodes if n.meta.get("fxpipe.fused")]
+    steps, n_inputs = parse_program(node.args[0])
+    # h = x * 2 is also an output: it stays, and the chain reads it
+    assert [s.op for s in steps] == ["sigmoid", "add", "mul"] and n_inputs == 3
+    assert "mul" in {n.target.__name__ for n in res.graph_module.graph.nodes
+                     if n.op == "call_function" and hasattr(n.target, "__name__")}
+    y0, h0 = ref(x)
+    y1, h1 = res.graph_module(x)
+    assert torch.equal(y0, y1) and torch.equal(h0, h1)
+    g0 = torch.autograd.grad(y0.sum() + h0.sum(), (x, *ref.parameters()))
+    g1 = torch.autograd.grad(y1.sum() + h1.sum(), (x, *res.graph_module.parameters()))
+    assert len(g1) == 2
+    assert all(torch.equal(a, c) for a, c in zip(g0, g1))
+
+
+class NotAChain(nn.Module):
+    def forward(self, x, y):
+        a = torch.tanh(x)                   # one op alone
+        b = x.double() * y.double() + 1.0   # float64 chain: fused, its own dtype
+        c = x * y.double()                  # mixed precision: left to torch
+        return a, b, c
+
+
+def test_single_ops_and_mixed_dtypes_are_left_alone():
+    x, y = torch.randn(3, 4), torch.randn(3, 4)
+    ref, res = _fuse(NotAChain(), (x, y), "fx")
+    assert res.fused == ["elementwise_chain"]
+    (node,) = [n for n in res.graph_module.graph.nodes if n.meta.get("fxpipe.fused")]
+    assert node.args[0] == "mul(i0,i1);add(v0,1.0)"
+    assert all(torch.equal(a, b) for a, b in zip(ref(x, y), res.graph_module(x, y)))
+
+
+def test_chain_program_format_parse_and_eager_meaning():
+    steps = [ChainStep("mul", ("i0", 0.5)), ChainStep("sub", (1.0, "v0")), ChainStep("div", ("v1", "i1")),
+             ChainStep("gelu_tanh", ("v2",)), ChainStep("rsqrt", ("i1",)), ChainStep("add", ("v3", "v4"))]
+    text = format_program(steps)
+    assert parse_program(text) == (tuple(steps), 2)
+    x, y = torch.randn(5), torch.rand(5) + 0.5
+    expected = F.gelu((1.0 - x * 0.5) / y, approximate="tanh") + torch.rsqrt(y)
+    assert torch.equal(run_eager(text, (x, y)), expected)
+    assert torch.equal(fused_ops.elementwise_chain(text, x, y), expected)
+    for bad in ("", "foo(i0)", "mul(i0)", "add(v1,i0)", "pow(i0,i1)", "add(1.0,2.0)", "mul(i0,x)", "exp(i0"):
+        with pytest.raises(ChainProgramError):
+            parse_program(bad)
+
+
+def test_chain_kernel_source_has_forward_and_reverse_mode_backward():
+    src = kernel_source("mul(i0,i1);tanh(v0)", ("full", "row"), (True, False))
+    assert "const float a1 = ld(in1[(i % cols)]);" in src
+    assert "const float v1 = tanhf(v0);" in src and "out[i] = st(v1);" in src
+    # d tanh(v0)/d v0 = 1 - v1^2, then d(a0*a1)/d a0 = a1; the row input gets no gradient buffer
+    assert "gv0 += gv1 * (1.f - v1 * v1);" in src and "ga0 += gv0 * a1;" in src
+    assert "g0[i] = st(ga0);" in src and "g1[" not in src
+    assert src.count("{") == src.count("}")
+
+
+def test_chain_runs_in_a_compiled_pipeline_equal_to_eager():
+    import fxpipe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[NewGeluSwiGlu() for _ in range(4)])
+    x, t = torch.randn(8, 3, 16), torch.randn(8, 3, 16)
+    ref = copy.deepcopy(model)
+    cm = fxpipe.compile(model, ["cpu", "cpu"], example_inputs=(x,), microbatches=2, fuse=True)
+    assert "".join(sg.code() for sg in cm.stage_graphs).count("fused_ops_elementwise_chain(") == 4
+    loss = cm.step(x, target=t, loss_fn=F.mse_loss)
+    ref_loss = F.mse_loss(ref(x), t)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
