@@ -17,7 +17,11 @@ Search:
   orders of the equivalence *classes* (multiset permutations) and give each class's members
   in index order. 8 H100s in one node are 1 order, 4 H100 + 4 A100 in two nodes 70, 8 all
   different devices 40,320. Exact: the result's bottleneck is the optimum over all orders x
-  all contiguous partitions.
+  all contiguous partitions. Beyond ``_PRUNE_FROM`` distinct orders the enumeration is a
+  branch and bound (`_branch_and_bound`): orders are grown position by position, the DP
+  column of a position is computed once per (position, device, next device) and shared by
+  every order with that prefix, and a prefix whose lower bound cannot beat the fourth-best
+  complete order is dropped. Same result, runner-ups included, as enumerating them all.
 * **heuristic** (more devices): devices grouped by node (nodes in their given order), within
   a node fastest first and fastest last; each in both directions; then a first-improvement
   local search swapping whole nodes and, up to ``2 * exhaustive_limit`` devices, two devices
@@ -50,11 +54,13 @@ import numpy as np
 
 from fxpipe.compiler.cluster import Cluster
 from fxpipe.errors import PlanError
-from fxpipe.passes.partition_stages import Partition, PartitionProblem, _minmax_dp, partition_stages
+from fxpipe.passes.partition_stages import Partition, PartitionProblem, _minmax_dp, _stage_tables, partition_stages
 
 __all__ = ["Placement", "place_stages", "device_classes", "class_orders", "placement_lower_bound"]
 
 _RUNNER_UPS = 3
+_PRUNE_FROM = 50  # distinct orders above which the exhaustive search prunes (see _branch_and_bound)
+_TABLE_BUDGET = 512 * 2**20  # bytes of cached DP columns the branch and bound may hold
 
 
 @dataclass(frozen=True)
@@ -205,6 +211,8 @@ class _Search:
         self.seen: dict[tuple[int, ...], float] = {}
         self.problems: dict[tuple[int, ...], PartitionProblem] = {}
         self.first_problem: PartitionProblem | None = None
+        self.make_calls = 0  # make_problem calls made outside __call__ (branch and bound)
+        self.visited = 0  # complete orders the branch and bound priced from cached columns
 
     def __call__(self, order: tuple[int, ...]) -> float:
         if order in self.seen:
@@ -265,8 +273,9 @@ def place_stages(
     lower: float | None = None
     if p <= exhaustive_limit:
         method = "exhaustive"
-        for order in class_orders(labels):
-            search(order)
+        if _count_orders(labels) <= _PRUNE_FROM or not _branch_and_bound(search, cluster, labels):
+            for order in class_orders(labels):
+                search(order)
     else:
         method = "heuristic"
         _heuristic(search, cluster, labels, max_candidates, device_swaps=p <= 2 * exhaustive_limit)
@@ -280,8 +289,167 @@ def place_stages(
     part = partition_stages(problem)
     if method == "heuristic" and search.first_problem is not None:
         lower = placement_lower_bound(search.first_problem)
-    return Placement(order=order, partition=part, problem=problem, method=method, candidates=len(search.seen),
+    return Placement(order=order, partition=part, problem=problem, method=method, candidates=max(len(search.seen), search.visited),
                      runner_ups=tuple(ranked[1:1 + _RUNNER_UPS]), lower_bound=lower)
+
+
+# --------------------------------------------------------------------------------------
+# Branch and bound for exhaustive searches with many distinct orders
+# --------------------------------------------------------------------------------------
+
+
+class _ColumnTables:
+    """Stage tables of one position, keyed by (position, device there, device after it).
+
+    For placements with one position per device, position j's stage costs depend only on
+    the device at j (its speed, memory, recompute time) and on the one at j+1 (the link the
+    outgoing boundary crosses). One ``make_problem(order)`` call therefore yields the tables
+    of p keys; any order's DP is assembled from cached keys. `_branch_and_bound` checks the
+    assumption on the orders it returns and falls back to plain enumeration if it fails.
+    """
+
+    def __init__(self, search: _Search):
+        self.search = search
+        self.cache: dict[tuple[int, int, int], np.ndarray] = {}
+
+    def fill(self, order: tuple[int, ...]) -> None:
+        problem = self.search.make_problem(order)
+        self.search.make_calls += 1
+        n, p = problem.n, problem.p
+        caps = np.asarray(problem.device_memory, dtype=np.float64)
+        cols = np.full((p, n + 1, n + 1), np.inf)
+        for end, time, memory in _stage_tables(problem):
+            cols[:, :end, end] = np.where(memory <= caps[None, :], time, np.inf).T
+        for j in range(p):
+            self.cache.setdefault((j, order[j], order[j + 1] if j + 1 < p else -1), cols[j])
+
+    def get(self, j: int, order: tuple[int, ...], rest: Sequence[int]) -> np.ndarray:
+        """Position j's table for an order starting with ``order`` (which reaches j+1)."""
+        key = (j, order[j], order[j + 1] if j + 1 < len(order) else -1)
+        if key not in self.cache:
+            self.fill(tuple(order) + tuple(rest))
+        return self.cache[key]
+
+
+def _branch_and_bound(search: _Search, cluster: Cluster, labels: Sequence[int]) -> bool:
+    """Exhaustive search with pruning; leaves the best orders in `search.seen`.
+
+    Orders are visited in `class_orders`' lexicographic order (so ties resolve the same
+    way as plain enumeration). Returns False (nothing but the identity recorded) when it
+    does not apply: several positions per device, too many units for the table budget, or
+    an order whose assembled bottleneck differs from its own problem's (a `make_problem`
+    whose columns depend on more than the device at a position and the next one).
+    """
+    p = len(labels)
+    identity = tuple(range(p))
+    search(identity)  # validates make_problem (units >= devices, one PartitionProblem)
+    first = search.first_problem
+    assert first is not None
+    n = first.n
+    if first.p != p or 8.0 * (n + 1) ** 2 * p ** 3 > _TABLE_BUDGET:
+        return False
+    tables = _ColumnTables(search)
+    # unit times per device (position-independent by the same assumption), for the bound
+    unit_time = np.asarray(first.unit_time, dtype=np.float64).reshape(n, p)
+    members: dict[int, list[int]] = {}
+    for i, c in enumerate(labels):
+        members.setdefault(c, []).append(i)
+    classes = sorted(members)
+    keep = 1 + _RUNNER_UPS
+    top: list[tuple[float, int, tuple[int, ...]]] = []  # (bottleneck, visit rank, order), best first
+    visited = 0
+    start = np.full(n + 1, np.inf)
+    start[0] = 0.0  # no units on no positions costs nothing
+
+    # a tight bar from the start: the keep-th best of a few good orders (the heuristic's);
+    # pruning is strict against it, so those orders (or better ones) are still visited and
+    # ranked in visit order
+    seeds = sorted(search(_canonical(o, labels)) for o in _base_orders(cluster))
+    seed_bar = seeds[keep - 1] if len(seeds) >= keep else math.inf
+
+    def threshold() -> float:
+        return top[-1][0] if len(top) >= keep else math.inf
+
+    def hopeless(lb: float) -> bool:
+        return lb >= threshold() or lb > seed_bar
+
+    suffixes: dict[frozenset[int], np.ndarray] = {}  # remaining devices -> bound on the rest per start
+    # parameters, gradients and optimizer state alone must fit in the devices left
+    static = np.asarray(first.unit_static_bytes, dtype=np.float64)
+    static_suffix = np.concatenate([np.cumsum(static[::-1])[::-1], [0.0]])
+    dev_memory = np.asarray(first.device_memory, dtype=np.float64)
+    # slowness of each device relative to the fastest per unit: t[u][d] >= slow[d] * fastest[u],
+    # so a bottleneck T lets device d do at most T / slow[d] of "fastest time"
+    fastest = unit_time.min(axis=1)
+    fastest_suffix = np.concatenate([np.cumsum(fastest[::-1])[::-1], [0.0]])
+    pos = fastest > 0
+    slow = (unit_time[pos] / fastest[pos, None]).min(axis=0) if pos.any() else np.ones(p)
+
+    def lower_bound(best: np.ndarray, placed: int, remaining: list[int]) -> float:
+        """Any completion of a prefix of `placed` positions whose DP row is `best`: the
+        rest of the units need at least their fastest remaining device's time, in total
+        shared by the q positions left, and the slowest of them alone; and their static
+        bytes must fit in the remaining devices' memory together."""
+        q = p - placed
+        key = frozenset(remaining)
+        if key not in suffixes:
+            f = unit_time[:, sorted(key)].min(axis=1)
+            rest = np.maximum(np.concatenate([np.maximum.accumulate(f[::-1])[::-1], [0.0]]),
+                              np.concatenate([np.cumsum(f[::-1])[::-1], [0.0]]) / q)
+            rest = np.maximum(rest, fastest_suffix / (1.0 / slow[sorted(key)]).sum())
+            rest[static_suffix > dev_memory[sorted(key)].sum()] = np.inf
+            suffixes[key] = rest
+        lo, hi = placed, n - q + 1
+        return float(np.maximum(best[lo:hi], suffixes[key][lo:hi]).min())
+
+    def remaining(used: dict[int, int]) -> list[int]:
+        return [m for c in classes for m in members[c][used[c]:]]
+
+    def grow(order: list[int], used: dict[int, int], best: np.ndarray) -> None:
+        # `best[k]`: min bottleneck of units [0, k) on positions 0..len(order)-2 (the last
+        # position's table needs the device after it)
+        nonlocal visited
+        if len(order) == p:
+            col = tables.get(p - 1, tuple(order), ())
+            b = float(np.min(np.maximum(best[:, None], col), axis=0)[n])
+            visited += 1
+            if math.isfinite(b) and b < threshold() and b <= seed_bar:
+                top.append((b, visited, tuple(order)))
+                top.sort()
+                del top[keep:]
+            return
+        for c in classes:
+            if used[c] == len(members[c]):
+                continue
+            d = members[c][used[c]]
+            order.append(d)
+            used[c] += 1
+            nxt = best
+            if len(order) >= 2:  # position len-2's table is known now
+                j = len(order) - 2
+                col = tables.get(j, tuple(order), remaining(used))
+                nxt = np.min(np.maximum(best[:, None], col), axis=0)
+                if hopeless(lower_bound(nxt, j + 1, [order[-1]] + remaining(used))):
+                    nxt = None
+            if nxt is not None:
+                grow(order, used, nxt)
+            used[c] -= 1
+            order.pop()
+
+    grow([], {c: 0 for c in classes}, start)
+    # the assumption must hold for what we return: each kept order's own problem agrees
+    for b, _, order in top:
+        if search(order) != b:
+            search.seen, search.problems = {}, {}  # plain enumeration starts afresh
+            return False
+    # plain enumeration's tie rule (earliest in class_orders) = the visit rank
+    ranked = sorted(top, key=lambda t: t[1])
+    kept = {o: search.seen[o] for _, _, o in ranked}
+    if identity not in kept:
+        kept[identity] = search.seen[identity]  # a priced candidate, ranked after the kept ones
+    search.seen = kept
+    search.visited = visited
+    return True
 
 
 # --------------------------------------------------------------------------------------

@@ -7,13 +7,13 @@ import itertools
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fxpipe.compiler.cluster import Cluster, Device, Link, NodeLink
 from fxpipe.errors import PlanError
 from fxpipe.passes.partition_stages import PartitionProblem, evaluate_partition
-from fxpipe.passes.place_stages import Placement, class_orders, device_classes, place_stages
+from fxpipe.passes.place_stages import Placement, _count_orders, class_orders, device_classes, place_stages
 
 
 def problem_maker(cluster: Cluster, work, act_bytes, bbytes, static=None, inflight=None):
@@ -213,3 +213,76 @@ def test_more_devices_than_units_is_refused():
 def test_bad_make_problem_is_refused():
     with pytest.raises(PlanError, match="not a PartitionProblem"):
         place_stages(lambda order: None, Cluster.preset("h100", 2))
+
+
+# ----------------------------------------------------------------------------- branch and bound
+
+
+@st.composite
+def distinct_instances(draw):
+    """5-6 devices that differ in speed, memory or node: hundreds of distinct orders."""
+    p = draw(st.integers(5, 6))
+    n = draw(st.integers(p, 14))
+    speeds = draw(st.lists(st.sampled_from([1.0, 1.5, 2.0, 3.0, 5.0]), min_size=p, max_size=p))
+    mems = draw(st.lists(st.sampled_from([8.0, 12.0, 40.0, 1e9]), min_size=p, max_size=p))
+    nodes = draw(st.lists(st.integers(0, 2), min_size=p, max_size=p))
+    devices = tuple(dev(f"d{i}", s, m, node) for i, (s, m, node) in enumerate(zip(speeds, mems, nodes)))
+    cluster = Cluster(devices, (), (NodeLink(0, 0, 8.0, 0.01), NodeLink(1, 1, 2.0, 0.01), NodeLink(2, 2, 4.0, 0.0),
+                                    NodeLink(-1, -1, 0.5, 0.05)))
+    work = draw(st.lists(st.sampled_from([1.0, 2.0, 3.0, 4.0, 7.0]), min_size=n, max_size=n))
+    act = draw(st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=n, max_size=n))
+    bbytes = draw(st.lists(st.sampled_from([0.0, 1.0, 4.0, 8.0]), min_size=n - 1, max_size=n - 1))
+    static = draw(st.lists(st.sampled_from([0.0, 1.0, 2.0]), min_size=n, max_size=n))
+    return cluster, problem_maker(cluster, work, act, bbytes, static)
+
+
+@settings(max_examples=20, deadline=None)
+@given(distinct_instances())
+def test_branch_and_bound_equals_plain_enumeration(inst):
+    import fxpipe.passes.place_stages as ps
+
+    cluster, make = inst
+    assume(_count_orders(device_classes(cluster)) > ps._PRUNE_FROM)  # else plain enumeration runs
+    try:
+        pruned = place_stages(make, cluster)
+    except PlanError as e:
+        pruned = e
+    saved = ps._PRUNE_FROM
+    ps._PRUNE_FROM = 10**9
+    try:
+        try:
+            plain = place_stages(make, cluster)
+        except PlanError as e:
+            plain = e
+    finally:
+        ps._PRUNE_FROM = saved
+    if isinstance(plain, PlanError):
+        assert isinstance(pruned, PlanError) and str(pruned) == str(plain)
+        return
+    assert pruned.order == plain.order and pruned.partition == plain.partition
+    assert pruned.runner_ups == plain.runner_ups  # the same four best orders, same tie order
+    assert pruned.method == "exhaustive"
+
+
+def test_eight_distinct_devices_are_searched_exactly_without_visiting_every_order():
+    speeds = [1.0, 1.3, 1.7, 2.0, 2.6, 3.1, 4.0, 5.5]
+    devices = tuple(dev(f"d{i}", s, 1e9, i % 3) for i, s in enumerate(speeds))
+    cluster = Cluster(devices, (), (NodeLink(0, 0, 8.0, 0.0), NodeLink(1, 1, 4.0, 0.0), NodeLink(2, 2, 2.0, 0.0),
+                                    NodeLink(-1, -1, 1.0, 0.01)))
+    work = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0, 5.0, 3.0, 5.0, 8.0, 9.0, 7.0, 9.0, 3.0]
+    calls = []
+    make = problem_maker(cluster, work, [0.5] * 16, [2.0] * 15)
+
+    def counting(order):
+        calls.append(order)
+        return make(order)
+
+    assert _count_orders(device_classes(cluster)) == 40320
+    pl = place_stages(counting, cluster)
+    assert pl.method == "exhaustive" and len(calls) < 2000
+    # optimal over all 40,320 orders: no order's optimal partition beats it (checked on the
+    # orders a greedy would try: fastest devices on the heaviest units, both directions)
+    from fxpipe.passes.partition_stages import partition_stages
+
+    for order in [tuple(range(8)), tuple(reversed(range(8))), tuple(sorted(range(8), key=lambda i: -speeds[i]))]:
+        assert partition_stages(make(order)).bottleneck >= pl.partition.bottleneck
