@@ -20,7 +20,15 @@ Contracts:
 * `state_dict()` gathers the original keys to rank 0 (each tensor from the lowest rank
   whose stages use it; tensors no stage uses from rank 0); the other ranks get `{}`.
 * `__call__` (inference) returns the model's output on every rank.
-* `load_state_dict(sd)` is called on every rank with the same full state dict.
+* `load_state_dict(sd)` is called on every rank with the same full state dict; each rank
+  copies in only the tensors its stages use.
+* `save_checkpoint(folder)` / `load_checkpoint(folder)` (runtime/checkpoint.py): one file
+  per rank plus an index; a checkpoint loads under any plan and device count, or outside a
+  pipeline with `fxpipe.load_checkpoint(folder)`.
+* A model built on the meta device (`with torch.device("meta"): model = Net()`) compiles:
+  each rank allocates only its own stages' tensors (uninitialized) and `load_checkpoint` /
+  `load_state_dict` fills them, so no rank ever holds the whole model. Non-persistent meta
+  buffers (not in any state dict) are refused at compile time with their names.
 * After a PipelineFailure (dead or hung peer) the process group is unusable: exit the
   process (torchrun restarts the job).
 """
@@ -30,6 +38,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -42,6 +51,8 @@ from fxpipe.errors import FxpipeError, PlanError, RuntimeMismatchError
 from fxpipe.passes.emit_schedule import emit_schedule
 from fxpipe.passes.propagate_shapes import VAL, propagate_shapes
 from fxpipe.passes.split_stages import build_stage_module, resolve_attr, split_stages
+from fxpipe.runtime.checkpoint import (INDEX_NAME, check_compatible, copy_into, make_index, read_index,
+                                       read_tensors, remove_stale_shards, tensor_table, write_index, write_shard)
 from fxpipe.runtime.distributed import BoundaryLayout, DistRuntime, PipelineFailure, grad_layout
 from fxpipe.runtime.local import StageRunner, _StepState
 from fxpipe.runtime.program import compile_program
@@ -117,8 +128,7 @@ class DistributedCompiledModel:
         # control messages (plan check, loss) go over gloo on the host
         self._ctrl = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.timeout))
         self._check_same_plan()
-        if any(t.is_meta for t in model.parameters()):
-            raise PlanError("the model's parameters are on the meta device: materialize them before compiling")
+        self._table = tensor_table(model)
 
         # ---- stages of this rank --------------------------------------------------------
         self.stage_graphs = split_stages(self._cap.gm, [s.units for s in p.stages])
@@ -135,6 +145,8 @@ class DistributedCompiledModel:
                     users.setdefault(id(t), set()).add(r)
                     tensors[id(t)] = t
         self._users = users
+        self._unloaded: set[int] = set()  # ids of tensors materialized from meta, not yet loaded
+        self._materialize(tensors)
         split_bwd = any(i.op.name in ("BWD_INPUT", "BWD_WEIGHT") for prog in p.schedule.programs for i in prog)
         runners: list[StageRunner | None] = [None] * len(self.stage_graphs)
         moved: set[int] = set()
@@ -146,7 +158,8 @@ class DistributedCompiledModel:
                 objects[target] = self._move(obj, moved)
             module = build_stage_module(sg, objects, self.device)
             positions = tuple(self._cap.input_names.index(x) for x in sg.model_inputs)
-            r = StageRunner(s, module, self.device, rank, len(sg.recv), positions, s == len(self.stage_graphs) - 1)
+            r = StageRunner(s, module, self.device, rank, len(sg.recv), positions, s == len(self.stage_graphs) - 1,
+                            recompute=p.stages[s].recompute)
             runners[s] = with_split_backward(r) if split_bwd else r
         # tied parameters across ranks: one subgroup per set of ranks (created by every rank, same order)
         self._tied: list[tuple[Any, list[nn.Parameter]]] = []
@@ -212,6 +225,44 @@ class DistributedCompiledModel:
         except Exception as e:
             raise PipelineFailure(f"rank {self.rank} failed while {what}: {type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:300] if str(e) else ''} (a peer died or is stuck)") from None
+
+    def _materialize(self, used: dict[int, torch.Tensor]) -> None:
+        """Give this rank's meta tensors real (uninitialized) memory on its device, in place.
+
+        A model built on the meta device is planned whole, but each rank allocates only the
+        tensors its stages use (rank 0 also those no stage uses, so a checkpoint keeps them);
+        every other tensor stays on meta. `torch.utils.swap_tensors` keeps each tensor's
+        identity, so tied parameters stay tied and the optimizer sees the model's own objects.
+        The values come from `load_checkpoint` / `load_state_dict`; until then `step` refuses."""
+        # checked over every stage (not only this rank's), so all ranks refuse alike, before any collective
+        in_sd = {id(t) for t in self._table.tensors.values()}
+        names = {id(t): k for k, t in list(self.model.named_parameters(remove_duplicate=False))
+                 + list(self.model.named_buffers(remove_duplicate=False))}
+        lost = sorted({names.get(i, "a graph constant") for i, t in used.items() if t.is_meta and i not in in_sd})
+        if lost:
+            raise PlanError(
+                f"{lost[:5]} {'is' if len(lost) == 1 else 'are'} on the meta device but not in the "
+                "model's state_dict (non-persistent buffers, e.g. rotary inv_freq, are never in a checkpoint), so "
+                "no checkpoint can fill them and fxpipe does not guess how the model computes them: give them "
+                "real values before compiling (e.g. rebuild the buffer on the CPU and assign it to the module)")
+        mine = [t for i, t in used.items() if self.rank in self._users[i]]
+        if self.rank == 0:
+            mine += [t for t in self._table.tensors.values() if id(t) not in self._users]
+        meta = {id(t): t for t in mine if t.is_meta}
+        for i, t in meta.items():
+            real = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+            if isinstance(t, nn.Parameter):
+                real = nn.Parameter(real, requires_grad=t.requires_grad)
+            torch.utils.swap_tensors(t, real)
+            self._unloaded.add(i)
+
+    def _check_loaded(self, what: str) -> None:
+        if self._unloaded:
+            names = [k for k, t in self._table.tensors.items() if id(t) in self._unloaded]
+            raise RuntimeMismatchError(
+                f"rank {self.rank} cannot {what}: {len(self._unloaded)} of its tensors were allocated from the meta "
+                f"device and hold no values yet (e.g. {names[:3]}); call cm.load_checkpoint(folder) or "
+                "cm.load_state_dict(sd) on every rank first")
 
     def _move(self, obj: Any, moved: set[int]) -> Any:
         if isinstance(obj, nn.Module):
@@ -294,6 +345,7 @@ class DistributedCompiledModel:
 
         if not self.plan.train:
             raise PlanError("this model was compiled from an inference plan (train=False), which has no backward")
+        self._check_loaded("train")
         if not callable(loss_fn):
             raise RuntimeMismatchError(f"loss_fn must be callable as loss_fn(output, target) -> scalar tensor, "
                                        f"got {type(loss_fn).__name__}")
@@ -354,6 +406,7 @@ class DistributedCompiledModel:
         """Pipelined inference on every rank: equals `model(*args, **kwargs)` on every rank."""
         from fxpipe.api import _concat, _unflatten
 
+        self._check_loaded("run inference")
         per_mb, sizes, _ = self._split(args, kwargs)
         state = _StepState(inputs=per_mb, train=False)
         with torch.no_grad():
@@ -394,22 +447,34 @@ class DistributedCompiledModel:
         rs = self._users.get(id(t))
         return min(rs) if rs else 0
 
+    def _needed(self) -> list[str]:
+        """The state_dict keys whose tensors live on this rank (rank 0: also those no stage uses)."""
+        return [k for k, t in self._table.tensors.items()
+                if self._mine(t) or (self.rank == 0 and id(t) not in self._users)]
+
+    def _agree(self, error: BaseException | None, what: str) -> None:
+        """Every rank learns whether any rank failed `what`; all raise if one did."""
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
+        allv = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        self._collective(lambda: dist.all_gather(allv, flag, group=self._ctrl), what)
+        bad = [r for r, v in enumerate(allv) if v.item()]
+        if error is not None:
+            raise error
+        if bad:
+            raise RuntimeMismatchError(f"rank{'s' if len(bad) > 1 else ''} {bad} failed while {what} (see "
+                                       f"{'their' if len(bad) > 1 else 'its'} error); rank {self.rank} stopped too")
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The original model's state dict on rank 0 (each tensor from its owner rank); {} elsewhere.
 
         Every rank must call it (it is a collective)."""
-        objs = dict(self.model.named_parameters(remove_duplicate=False))
-        objs.update(dict(self.model.named_buffers(remove_duplicate=False)))
+        self._check_loaded("gather the state dict")
+        objs = self._table.tensors
         sd = self.model.state_dict()
-        keys = [k for k in sd if k in objs]
         per_rank: dict[int, list[str]] = {}
-        seen: set[int] = set()
-        for k in keys:
-            t = objs[k]
-            if id(t) in seen:
-                continue
-            seen.add(id(t))
-            per_rank.setdefault(self._owner(t), []).append(k)
+        for k, c in self._table.canonical.items():
+            if k == c:
+                per_rank.setdefault(self._owner(objs[k]), []).append(k)
         gathered: dict[str, torch.Tensor] = {}
         for r in range(1, self.world):
             ks = per_rank.get(r, [])
@@ -426,12 +491,79 @@ class DistributedCompiledModel:
                     gathered[k] = v.clone()
         if self.rank != 0:
             return {}
-        by_id = {id(objs[k]): v for k, v in gathered.items()}
-        return {k: by_id.get(id(objs[k]), v) if k in objs else v for k, v in sd.items()}
+        return {k: gathered.get(self._table.canonical[k], v) if k in objs else v for k, v in sd.items()}
 
     def load_state_dict(self, sd: dict[str, torch.Tensor], strict: bool = True) -> Any:
-        """Load the full state dict on every rank (each keeps what its stages use)."""
-        return self.model.load_state_dict(sd, strict=strict)
+        """Load a full state dict, given on every rank; each rank copies only the tensors its
+        stages use (in place). strict: missing or unexpected keys raise RuntimeMismatchError."""
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        objs = self._table.tensors
+        extra = set(self.model.state_dict(keep_vars=True)) - set(objs)  # non-tensor extra state
+        missing = [k for k in objs if k not in sd]
+        unexpected = [k for k in sd if k not in objs and k not in extra]
+        if strict and (missing or unexpected):
+            raise RuntimeMismatchError(f"the state dict does not fit {type(self.model).__name__}: missing keys "
+                                       f"{missing[:5]} ({len(missing)}), unexpected keys {unexpected[:5]} "
+                                       f"({len(unexpected)}); pass strict=False to load the keys that match")
+        for k in self._needed():
+            if k in sd:
+                copy_into(objs[k], sd[k])
+                self._unloaded.discard(id(objs[k]))
+        return _IncompatibleKeys(missing, unexpected)
+
+    def save_checkpoint(self, folder: str | os.PathLike) -> None:
+        """Write a sharded checkpoint (runtime/checkpoint.py): every rank writes the tensors it
+        owns (the lowest rank whose stages use a tensor; rank 0 also those no stage uses) under
+        their original keys to its own file, then rank 0 writes the index. A collective: call
+        it on every rank; `folder` must be one every rank sees. When it returns, on any rank,
+        the checkpoint is complete."""
+        self._check_loaded("save a checkpoint")
+        folder = Path(folder)
+        n = self.world
+        objs, canon = self._table.tensors, self._table.canonical
+        owner = {k: self._owner(objs[k]) for k in objs if canon[k] == k}
+        err: BaseException | None = None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if self.rank == 0:  # a folder whose save did not finish has no index
+                (folder / INDEX_NAME).unlink(missing_ok=True)
+        except OSError as e:
+            err = FxpipeError(f"rank {self.rank} cannot create the checkpoint folder {folder}: {e.strerror or e}")
+        self._agree(err, f"preparing checkpoint folder {folder}")
+        try:
+            write_shard(folder, self.rank, n, {k: objs[k] for k, r in owner.items() if r == self.rank})
+        except FxpipeError as e:
+            err = e
+        self._agree(err, f"writing its shard of checkpoint {folder}")
+        if self.rank == 0:
+            try:
+                index = make_index(self._table, owner, n, self.plan.fingerprint, type(self.model).__name__, n)
+                remove_stale_shards(folder, index.files)
+                write_index(folder, index)
+            except FxpipeError as e:
+                err = e
+        self._agree(err, f"writing the index of checkpoint {folder}")
+
+    def load_checkpoint(self, folder: str | os.PathLike) -> None:
+        """Load a checkpoint saved under any plan and device count (or by the local
+        CompiledModel): each rank reads the index and only the tensors its stages use,
+        memory-mapped, from whichever files hold them. A checkpoint of another model (graph
+        fingerprint, keys, shapes, dtypes) is refused on every rank before anything changes.
+        A collective: call it on every rank."""
+        err: BaseException | None = None
+        values: dict[str, torch.Tensor] = {}
+        try:
+            index = read_index(folder)
+            check_compatible(index, self._table, self.plan.fingerprint, folder, type(self.model).__name__)
+            values = read_tensors(folder, index, self._needed())
+        except FxpipeError as e:
+            err = e
+        self._agree(err, f"loading checkpoint {os.fspath(folder)!r}")
+        for k, v in values.items():
+            t = self._table.tensors[k]
+            copy_into(t, v)
+            self._unloaded.discard(id(t))
 
     def code(self, train: bool = True) -> str:
         """The generated program this rank runs."""
