@@ -36,11 +36,13 @@ def plan(model: nn.Module, devices: Sequence[str | Device] | Cluster, example_in
          example_kwargs: dict | None = None, microbatches: int = MICROBATCHES_UNSET,
          schedule: "str | Schedule | os.PathLike" = "1f1b", train: bool = True, optimizer: str = "adam",
          capture_method: str = "auto", leaf_modules: tuple[type, ...] = (), virtual_stages: int | None = None,
-         progress: bool = False, profile: bool = False, fuse: bool = False) -> Plan:
+         progress: bool = False, profile: bool = False, fuse: bool = False,
+         recompute: bool | str = "auto") -> Plan:
     """Plan `model` for `devices` offline: decides stages, placement and schedule, runs nothing.
 
     Works for models on the meta device (no memory is allocated for parameters).
-    `schedule` may be the user's own (a Schedule or a .json/.csv file, see `compile`);
+    `schedule` may be the user's own (a Schedule or a .json/.csv file, see `compile`), or
+    "auto"; `microbatches` may be "auto" (see `compile`); `recompute` as in `compile`.
     `profile=True` times every unit on the devices instead of pricing it by the roofline.
 
     Example:
@@ -49,7 +51,8 @@ def plan(model: nn.Module, devices: Sequence[str | Device] | Cluster, example_in
     """
     return build_plan(model, devices, example_inputs, example_kwargs, microbatches=microbatches, schedule=schedule,
                       train=train, optimizer=optimizer, capture_method=capture_method, leaf_modules=leaf_modules,
-                      virtual_stages=virtual_stages, progress=progress, profile=profile, fuse=fuse).plan
+                      virtual_stages=virtual_stages, progress=progress, profile=profile, fuse=fuse,
+                      recompute=recompute).plan
 
 
 def simulate(plan: Plan) -> Any:
@@ -72,7 +75,7 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
             plan: Plan | str | os.PathLike | None = None, capture_method: str = "auto",
             leaf_modules: tuple[type, ...] = (), virtual_stages: int | None = None, timeout: float = 300.0,
             progress: bool = False, profile: bool = False, backend: str = "local",
-            fuse: bool = False) -> "CompiledModel":
+            fuse: bool = False, recompute: bool | str | None = None) -> "CompiledModel":
     """Compile `model` into a pipeline over `devices`.
 
     Args:
@@ -80,10 +83,16 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
         devices: e.g. ["cpu", "cpu"] or ["cuda:0", "cuda:1"], or a Cluster. May be left out
             when `plan` is given (the plan's devices are used).
         example_inputs: a real call's arguments (tensor, tuple or dict); dim 0 is the batch.
-        microbatches: m, the number of microbatches a batch is split into (default 4).
+        microbatches: m, the number of microbatches a batch is split into (default 4), or
+            "auto": the candidate (1, 2, 4, .., 32, at most the batch) with the smallest
+            predicted step among those that fit.
         schedule: "1f1b" (default), "gpipe", "interleaved" (v virtual stages per device,
-            round-robin) or "zb-h1" (zero bubble: backward split into input and weight
-            gradients, weight gradients deferred into the bubbles).
+            round-robin), "zb-h1" (zero bubble: backward split into input and weight
+            gradients, weight gradients deferred into the bubbles), or "auto": the one
+            with the smallest predicted step that fits (`plan.predicted["auto"]` lists all).
+        recompute: activation recomputation per stage: "auto" (default: only stages that
+            would not fit in memory otherwise keep just their boundary and re-run their
+            forward in backward), True (every stage) or False (none). Not with "zb-h1".
         virtual_stages: v for "interleaved" (default 2).
         optimizer: optimizer kind for the memory model ("adam" (default), "sgd", "sgd-momentum", ...).
         plan: a Plan (or a plan file path) to use instead of planning; it must be for this model.
@@ -114,13 +123,16 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
                           schedule="1f1b" if schedule is None else schedule, train=True,
                           optimizer="adam" if optimizer is None else optimizer, capture_method=capture_method,
                           leaf_modules=leaf_modules, virtual_stages=virtual_stages, progress=progress,
-                          profile=profile, fuse=fuse)
+                          profile=profile, fuse=fuse, recompute="auto" if recompute is None else recompute)
         return _make_compiled(model, comp, timeout, backend)
     if isinstance(plan, (str, os.PathLike)):
         plan = Plan.load(plan)
     elif not isinstance(plan, Plan):
         raise PlanError(f"plan must be a fxpipe.Plan or the path of a plan file, got {type(plan).__name__}")
     _require_same_as_plan(plan, devices, microbatches, schedule, optimizer)
+    if recompute is not None:
+        raise PlanError("recompute is decided per stage by the plan (its stages' recompute flags); leave recompute "
+                        "out when giving plan=, or re-plan with fxpipe.plan(..., recompute=...)")
     if profile:
         raise PlanError("profile=True decides costs while planning, but a plan was given; re-plan with "
                         "fxpipe.plan(..., profile=True) and pass that plan")
@@ -199,7 +211,7 @@ class CompiledModel:
             module = build_stage_module(sg, objects, dev)
             positions = tuple(self._cap.input_names.index(n) for n in sg.model_inputs)
             runners.append(StageRunner(sg.index, module, dev, sp.device, len(sg.recv), positions,
-                                       sg.index == len(self.stage_graphs) - 1))
+                                       sg.index == len(self.stage_graphs) - 1, recompute=sp.recompute))
         return runners
 
     def _place(self, obj: Any, stage: int, dev: torch.device, owner: dict[int, int]) -> Any:
@@ -403,6 +415,20 @@ class CompiledModel:
         res = self.model.load_state_dict(sd, strict=strict)
         self._sync_replicas()
         return res
+
+    def save_checkpoint(self, folder: str | os.PathLike) -> None:
+        """Write a checkpoint folder (one shard file + index, runtime/checkpoint.py) that any
+        plan loads, local or distributed, whatever its device count."""
+        from fxpipe.runtime.checkpoint import save_model
+
+        save_model(self.model, folder, self.plan.fingerprint, len(self.devices))
+
+    def load_checkpoint(self, folder: str | os.PathLike) -> None:
+        """Load a checkpoint saved under any plan (refused when it is of another model)."""
+        from fxpipe.runtime.checkpoint import load_into_model
+
+        load_into_model(self.model, folder, self.plan.fingerprint)
+        self._sync_replicas()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.model.zero_grad(set_to_none=set_to_none)

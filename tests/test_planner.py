@@ -187,7 +187,7 @@ def test_explain_text(plan_file: Path):
     plan = fxpipe.Plan.load(plan_file)
     text = explain(plan)
     for words in ("compute ms", "transfer ms", "bubble ms", "<- bottleneck", "params", "grads", "optimizer",
-                  "activations", "buffers", "uniform", "params", "step ms"):
+                  "activations", "buffers", "transients", "uniform", "params", "step ms"):
         assert words in text
     assert len([l for l in text.splitlines() if l.strip().startswith(("0 ", "1 ", "2 "))]) == 6
 

@@ -6,6 +6,7 @@ partition, schedule, simulate, plan. `FXPIPE_DUMP=dir` writes each step's text f
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -19,22 +20,27 @@ from torch import nn
 from fxpipe.compiler.capture import Captured, capture
 from fxpipe.compiler.cluster import Cluster, Device
 from fxpipe.compiler.plan import OPTIMIZER_STATE_FACTOR, Plan, StagePlan, graph_fingerprint
-from fxpipe.errors import PlanError
+from fxpipe.errors import PlanError, ScheduleError
 from fxpipe.passes.annotate_costs import CostTable, annotate_costs, device_unit_times
-from fxpipe.passes.emit_schedule import Schedule, emit_schedule, peak_inflight, validate_schedule
+from fxpipe.passes.emit_schedule import Op, Schedule, emit_schedule, peak_inflight, validate_schedule
 from fxpipe.passes.group_units import Units, group_units
 from fxpipe.passes.load_schedule import load_schedule
 from fxpipe.passes.fuse_elementwise import fuse_elementwise
 from fxpipe.passes.place_stages import place_stages
-from fxpipe.passes.partition_stages import Partition, PartitionProblem, params_partition, uniform_partition
+from fxpipe.passes.partition_stages import (Partition, PartitionProblem, memory_shortfall, params_partition,
+                                            uniform_partition)
 from fxpipe.passes.profile_units import profile_units
 from fxpipe.passes.propagate_shapes import propagate_shapes
 from fxpipe.passes.simulate_schedule import Timeline, simulate_schedule
 
 __all__ = ["build_plan", "build_from_plan", "check_options", "Compilation", "normalize_inputs", "microbatch_sizes",
-           "SCHEDULES", "simulate_plan", "virtual_stage_count", "custom_schedule", "plan_costs", "MICROBATCHES_UNSET"]
+           "SCHEDULES", "simulate_plan", "virtual_stage_count", "custom_schedule", "plan_costs", "MICROBATCHES_UNSET",
+           "AUTO_MICROBATCHES", "recompute_mode"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+# auto mode's candidates; the order is also the tie-break (simpler schedules first)
+AUTO_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+AUTO_MICROBATCHES = (1, 2, 4, 8, 16, 32)
 
 
 @dataclass
@@ -88,7 +94,7 @@ class _Progress:
 
     def done(self, key: str, extra: str = "") -> None:
         dt = time.perf_counter() - self._t
-        self.timings[key] = round(dt, 4)
+        self.timings[key] = round(self.timings.get(key, 0.0) + dt, 4)  # auto mode repeats phases
         if self.enabled:
             print(f" {dt:.2f}s{(' ' + extra) if extra else ''}", file=sys.stderr, flush=True)
 
@@ -117,18 +123,41 @@ def virtual_stage_count(schedule: str, virtual_stages: Any) -> int:
     return virtual_stages
 
 
-def check_options(*, microbatches: Any, schedule: Any, optimizer: Any, train: Any) -> None:
-    """Refuse bad planning options before any work is done (PlanError says what to pass)."""
-    if not isinstance(schedule, str) or schedule not in SCHEDULES:
-        raise PlanError(f"unknown schedule {schedule!r}: use one of {', '.join(map(repr, SCHEDULES))}")
+def recompute_mode(recompute: Any) -> str:
+    """The partitioner's mode for the `recompute` option: True -> "on", False -> "off", "auto"."""
+    if recompute is True:
+        return "on"
+    if recompute is False:
+        return "off"
+    if isinstance(recompute, str) and recompute == "auto":
+        return "auto"
+    raise PlanError(f"recompute must be True (every stage recomputes its activations in backward), False (none) "
+                    f"or 'auto' (only stages that would not fit otherwise), got {recompute!r}")
+
+
+def check_options(*, microbatches: Any, schedule: Any, optimizer: Any, train: Any, recompute: Any = False) -> None:
+    """Refuse bad planning options before any work is done (PlanError says what to pass).
+
+    `schedule` and `microbatches` may be "auto" (auto mode picks them)."""
+    if not isinstance(schedule, str) or schedule not in SCHEDULES + ("auto",):
+        raise PlanError(f"unknown schedule {schedule!r}: use one of {', '.join(map(repr, SCHEDULES + ('auto',)))}")
     if not isinstance(optimizer, str) or optimizer not in OPTIMIZER_STATE_FACTOR:
         raise PlanError(f"unknown optimizer {optimizer!r}: use one of {', '.join(map(repr, OPTIMIZER_STATE_FACTOR))} "
                         "(it decides how much optimizer state the memory model counts per parameter)")
-    if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
-        raise PlanError(f"microbatches must be a positive integer (e.g. microbatches=4), "
+    if microbatches != "auto" and (not isinstance(microbatches, int) or isinstance(microbatches, bool)
+                                   or microbatches < 1):
+        raise PlanError(f"microbatches must be a positive integer (e.g. microbatches=4) or 'auto', "
                         f"got {microbatches!r} of type {type(microbatches).__name__}")
     if not isinstance(train, bool):
         raise PlanError(f"train must be True or False, got {train!r}")
+    mode = recompute_mode(recompute)
+    if mode == "on" and not train:
+        raise PlanError("recompute=True needs train=True: a forward-only plan keeps no activations to recompute; "
+                        "leave recompute out")
+    if mode == "on" and schedule == "zb-h1":
+        raise PlanError("recompute=True cannot be combined with schedule='zb-h1': its split backward (BI then BW) "
+                        "would recompute each forward twice, and fxpipe's BI/BW runtime does not support it; use "
+                        "schedule='1f1b' (or 'gpipe', 'interleaved') with recompute, or recompute='auto'")
 
 
 def _front(model: nn.Module, args: tuple, kwargs: dict, p: int, m: int, capture_method: str,
@@ -138,20 +167,28 @@ def _front(model: nn.Module, args: tuple, kwargs: dict, p: int, m: int, capture_
     if not isinstance(model, nn.Module):
         raise PlanError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     # capture first: everything after works on the one flat fx graph it returns
+    # (a model on meta with a list of identical blocks: two traced, the rest copied)
     prog.start("capture")
     cap = capture(model, args, kwargs, method=capture_method, leaf_modules=leaf_modules)
-    prog.done("capture", f"({cap.path}, {len(cap.gm.graph.nodes)} nodes)")
+    prog.done("capture", f"({cap.path}, {len(cap.gm.graph.nodes)} nodes{'; ' + cap.repeated if cap.repeated else ''})")
     # the fingerprint is of the graph as captured: later rewrites (fusion) do not change it
     cap.fingerprint = _fingerprint(model, cap)
     if plan is not None:  # another model's plan is refused before any more work
         plan.require_fingerprint(cap.fingerprint)
     sizes = microbatch_sizes(cap.batch_size, m)
     _dump("capture", cap.gm.code)
+    units, costs = _analyse(cap, args, kwargs, sizes[0], p, prog, fuse=fuse)
+    return cap, units, costs
 
+
+def _analyse(cap: Captured, args: tuple, kwargs: dict, size: int, p: int, prog: "_Progress",
+             fuse: bool = False) -> tuple[Units, CostTable]:
+    """shapes -> (fuse) -> units -> costs of the captured graph for microbatches of `size`
+    samples and p stages; auto mode re-runs it per distinct (size, p), the capture once."""
     # shapes at the largest microbatch: what each stage really sees per step
     prog.start("shapes")
     flat = cap.flat_inputs(args, kwargs)
-    propagate_shapes(cap.gm, [x[: sizes[0]] if x.dim() else x for x in flat])
+    propagate_shapes(cap.gm, [x[:size] if x.dim() else x for x in flat])
     prog.done("shapes")
 
     # fusion after shapes (it reads them to match bias and mask operands), before units and
@@ -167,7 +204,7 @@ def _front(model: nn.Module, args: tuple, kwargs: dict, p: int, m: int, capture_
     costs = annotate_costs(cap.gm, units)
     prog.done("costs", f"({len(units)} units)")
     _dump("units", "\n".join(f"{i}: {n} ({len(units.nodes[i])} nodes)" for i, n in enumerate(units.names)))
-    return cap, units, costs
+    return units, costs
 
 
 class _Unset:
@@ -220,7 +257,7 @@ def build_plan(
     example_inputs: Any = None,
     example_kwargs: dict | None = None,
     *,
-    microbatches: int = MICROBATCHES_UNSET,
+    microbatches: int | str = MICROBATCHES_UNSET,
     schedule: str | Schedule | os.PathLike = "1f1b",
     train: bool = True,
     optimizer: str = "adam",
@@ -230,36 +267,81 @@ def build_plan(
     progress: bool = False,
     profile: bool = False,
     fuse: bool = False,
+    recompute: bool | str = "auto",
 ) -> Compilation:
     """Run the planning passes; decide everything, execute nothing (except, with `profile`,
     each unit once per device kind to time it).
 
     `schedule` is a built-in kind or the user's own (a Schedule, or a .json/.csv path): its
     stage_device and num_microbatches then decide the stages and m (4 by default otherwise).
+    `schedule="auto"` and/or `microbatches="auto"` plan every candidate (gpipe, 1f1b,
+    interleaved v=2, zb-h1; m in 1, 2, 4, .., 32 up to the batch) and keep the fitting plan
+    with the smallest predicted step (ties: fewer microbatches, then the simpler schedule);
+    the candidates are recorded in ``plan.predicted["auto"]``.
+    `recompute`: True (every stage recomputes its activations in backward), False, or
+    "auto" (per stage, only where keeping the activations would not fit; the DP decides).
     """
     cluster = devices if isinstance(devices, Cluster) else Cluster.from_devices(devices)
-    kind, user, m = _resolve_schedule(schedule, microbatches, len(cluster), train, virtual_stages)
-    check_options(microbatches=m, schedule=kind if user is None else SCHEDULES[0], optimizer=optimizer, train=train)
+    auto_s = isinstance(schedule, str) and schedule == "auto"
+    auto_m = isinstance(microbatches, str) and microbatches == "auto"
+    if auto_s or auto_m:
+        if custom_schedule(schedule if not auto_s else "1f1b") is not None:
+            raise PlanError("microbatches='auto' cannot be used with a custom schedule: the schedule fixes the "
+                            "microbatch count; leave microbatches out")
+        if virtual_stages is not None and auto_s:
+            raise PlanError("virtual_stages cannot be given with schedule='auto' (it tries interleaved with v=2); "
+                            "give schedule='interleaved' to choose v")
+        kind, user, m = schedule, None, microbatches if microbatches is not MICROBATCHES_UNSET else 4
+        if not auto_s and isinstance(kind, str) and kind in SCHEDULES:
+            virtual_stage_count(kind, virtual_stages)  # refuses v > 1 with a non-interleaved schedule
+    else:
+        kind, user, m = _resolve_schedule(schedule, microbatches, len(cluster), train, virtual_stages)
+    check_options(microbatches=m, schedule=kind if user is None else SCHEDULES[0], optimizer=optimizer, train=train,
+                  recompute=recompute)
     if not isinstance(profile, bool):
         raise PlanError(f"profile must be True or False, got {profile!r}")
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     prog = _Progress(progress)
     p = len(cluster)
-    stage_device = user.stage_device if user is not None else _stage_devices(kind, p, virtual_stage_count(kind, virtual_stages))
-    cap, units, costs = _front(model, args, kwargs, len(stage_device), m, capture_method, leaf_modules, prog,
-                               fuse=fuse)
+    mode = recompute_mode(recompute)
+    if not (auto_s or auto_m):
+        stage_device = user.stage_device if user is not None else _stage_devices(kind, p, virtual_stage_count(kind, virtual_stages))
+        cap, units, costs = _front(model, args, kwargs, len(stage_device), m, capture_method, leaf_modules, prog,
+                                   fuse=fuse)
+        costs = _profiled(costs, model, cap, args, kwargs, m, cluster, stage_device, train, profile, progress, prog)
+        plan = _plan_one(kind, user, m, stage_device, cap, units, costs, cluster, model, train, optimizer,
+                         _mode_for(mode, kind, train), fuse, prog)
+        _dump("plan", plan.summary())
+        _dump("schedule", plan.schedule.listing())
+        return Compilation(plan, cap, units)
+    return _plan_auto(model, cluster, args, kwargs, kind, m, auto_s, auto_m, train, optimizer, capture_method,
+                      leaf_modules, virtual_stages, profile, progress, fuse, mode, prog)
 
+
+def _mode_for(mode: str, kind: str, train: bool) -> str:
+    """Recompute mode per schedule: none when forward-only, none with the split backward
+    (zb-h1's runtime does not recompute; check_options refuses recompute=True there)."""
+    return "off" if not train or kind == "zb-h1" else mode
+
+
+def _profiled(costs: CostTable, model: nn.Module, cap: Captured, args: tuple, kwargs: dict, m: int, cluster: Cluster,
+              stage_device: Sequence[int], train: bool, profile: bool, progress: bool, prog: _Progress) -> CostTable:
     # profiling after the units (it times each one) and before the partition (which it prices)
-    if profile:
-        prog.start("profile")
-        flat = cap.flat_inputs(args, kwargs)
-        size = microbatch_sizes(cap.batch_size, m)[0]
-        fwd, bwd = profile_units(cap.gm, model, [x[:size] if x.dim() else x for x in flat],
-                                 [cluster.devices[d] for d in sorted(set(stage_device))], train=train,
-                                 progress=progress)
-        costs = costs.with_measured(fwd, bwd)
-        prog.done("profile", f"({len(fwd)} device kind(s))")
+    if not profile:
+        return costs
+    prog.start("profile")
+    flat = cap.flat_inputs(args, kwargs)
+    size = microbatch_sizes(cap.batch_size, m)[0]
+    measured = profile_units(cap.gm, model, [x[:size] if x.dim() else x for x in flat],
+                             [cluster.devices[d] for d in sorted(set(stage_device))], train=train, progress=progress)
+    prog.done("profile", f"({len(measured[0])} device kind(s))")
+    return costs.with_measured(*measured)
 
+
+def _plan_one(kind: str, user: Schedule | None, m: int, stage_device: Sequence[int], cap: Captured, units: Units,
+              costs: CostTable, cluster: Cluster, model: nn.Module, train: bool, optimizer: str, mode: str, fuse: bool,
+              prog: _Progress) -> Plan:
+    """schedule -> placement + partition -> simulate -> Plan, for one schedule kind and m."""
     # the schedule first: which stage sits where and how many microbatches each keeps alive
     # do not depend on the cut, and the partitioner needs both for its memory model
     prog.start("schedule")
@@ -271,22 +353,25 @@ def build_plan(
 
     # placement and partition together: every distinct device order gets the exact partition
     # (with the schedule's in-flight counts, since memory depends on the schedule); identical
-    # devices keep the order given
+    # devices keep the order given; recomputation is decided per stage inside the partition
     prog.start("partition")
     placement = place_stages(
-        lambda order: _problem(costs, cluster.subset(order), stage_device, inflight, train, optimizer), cluster)
+        lambda order: _problem(costs, cluster.subset(order), stage_device, inflight, train, optimizer, mode,
+                               split_backward=_splits_backward(sched)), cluster)
     cluster = cluster.subset(placement.order)
     problem, part = placement.problem, placement.partition
     baselines = {}
     for name, b in (("uniform", uniform_partition(problem)),
                     ("params", params_partition(problem, costs.param_bytes))):
         baselines[name] = {"bounds": [list(x) for x in b.bounds], "bottleneck_ms": b.bottleneck * 1e3, "fits": b.fits}
+        if any(b.recompute):
+            baselines[name]["recompute"] = list(b.recompute)
     prog.done("partition", f"({len(stage_device)} stages)")
 
     # simulate the schedule against the chosen cut: the predicted step and bubble
     prog.start("simulate")
     stages = _stage_plans(part, costs, cluster, stage_device, train, inflight)
-    tl = _simulate(sched, stages, costs)
+    tl = _simulate(sched, stages, costs, cluster)
     prog.done("simulate")
     predicted = {
         "step_ms": tl.step_time * 1e3,
@@ -297,18 +382,117 @@ def build_plan(
         "peak_activation_bytes": list(tl.peak_memory or ()),
         "cost_source": "measured" if costs.measured_fwd else "roofline",
         "fuse": fuse,
+        "recompute": mode,
         "placement": placement.to_dict(),
     }
     if costs.measured_fwd:  # the plan file's cost table has no room for them (see CostTable)
         predicted["measured_costs"] = costs.measured_to_dict()
-    plan = Plan(
+    return Plan(
         fingerprint=cap.fingerprint, model_name=type(model).__name__, capture_path=cap.path,
         input_names=cap.input_names, batch_size=cap.batch_size, microbatches=m, train=train, optimizer=optimizer,
         cluster=cluster, stages=tuple(stages), schedule=sched, costs=costs, predicted=predicted,
         baselines=baselines, timings=prog.timings)
+
+
+def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, kind: Any, m: Any, auto_s: bool,
+               auto_m: bool, train: bool, optimizer: str, capture_method: str, leaf_modules: tuple[type, ...],
+               virtual_stages: Any, profile: bool, progress: bool, fuse: bool, mode: str,
+               prog: _Progress) -> Compilation:
+    """Auto mode: plan every (schedule, m) candidate on one capture, keep the fastest that fits.
+
+    Shapes and costs depend on the microbatch size and units on the stage count, so they are
+    recomputed per distinct (size, stages) pair; the capture (the slow part) is shared."""
+    p = len(cluster)
+    # forward-only, every kind emits the same "forward" schedule: one candidate per m
+    kinds = (list(AUTO_SCHEDULES) if train else ["gpipe"]) if auto_s else [kind]
+    if auto_s and mode == "on":
+        kinds = [k for k in kinds if k != "zb-h1"]  # refused with recompute=True (check_options)
+    v_given = virtual_stages
+    # capture once, analysed first for the smallest candidate (m=1 always fits a batch)
+    first_m = 1 if auto_m else m
+    first_devices = _stage_devices(kinds[0], p, virtual_stage_count(kinds[0], v_given if kinds[0] == "interleaved" else None))
+    cap, units0, costs0 = _front(model, args, kwargs, len(first_devices), first_m, capture_method, leaf_modules, prog,
+                                 fuse=fuse)
+    ms = [c for c in AUTO_MICROBATCHES if c <= cap.batch_size] if auto_m else [m]
+    if not auto_m:
+        microbatch_sizes(cap.batch_size, m)  # refuses m > batch with the usual message
+    analysed: dict[tuple[int, int], tuple[Units, CostTable]] = {}
+    analysed[(microbatch_sizes(cap.batch_size, first_m)[0], len(first_devices))] = (units0, costs0)
+    last_key = next(iter(analysed))
+
+    def analysis(size: int, n_stages: int, m_: int, stage_device: Sequence[int]) -> tuple[Units, CostTable]:
+        nonlocal last_key
+        key = (size, n_stages)
+        if key not in analysed:
+            u, c = _analyse(cap, args, kwargs, size, n_stages, prog)
+            analysed[key] = (u, _profiled(c, model, cap, args, kwargs, m_, cluster, stage_device, train, profile, progress, prog))
+            last_key = key
+        return analysed[key]
+
+    if profile:  # the first analysis was not profiled yet
+        k0 = next(iter(analysed))
+        analysed[k0] = (units0, _profiled(costs0, model, cap, args, kwargs, first_m, cluster, first_devices, train, profile,
+                                          progress, prog))
+    rows: list[dict[str, Any]] = []
+    plans: list[tuple[Plan, Units, tuple[int, int]]] = []
+    failures: list[tuple[float, str, PlanError]] = []
+    for kind_ in kinds:
+        v = virtual_stage_count(kind_, v_given if kind_ == "interleaved" else None)
+        stage_device = _stage_devices(kind_, p, v)
+        for m_ in ms:
+            size = microbatch_sizes(cap.batch_size, m_)[0]
+            row: dict[str, Any] = {"schedule": kind_, "microbatches": m_}
+            try:
+                units, costs = analysis(size, len(stage_device), m_, stage_device)
+                plan = _plan_one(kind_, None, m_, stage_device, cap, units, costs, cluster, model, train, optimizer,
+                                 _mode_for(mode, kind_, train), fuse, prog)
+            except (PlanError, ScheduleError) as e:
+                row.update(fits=False, why=str(e).splitlines()[0][:200])
+                err = e if isinstance(e, PlanError) else PlanError(str(e))
+                failures.append((_shortfall(cap, analysed.get((size, len(stage_device))), cluster, kind_, m_,
+                                            stage_device, train, optimizer, _mode_for(mode, kind_, train)),
+                                 f"schedule={kind_!r}, microbatches={m_}", err))
+                rows.append(row)
+                continue
+            row.update(schedule=plan.schedule.kind, fits=True, step_ms=plan.predicted["step_ms"],
+                       recompute_stages=sum(1 for st in plan.stages if st.recompute))
+            rows.append(row)
+            plans.append((plan, units, (size, len(stage_device))))
+    if not plans:
+        failures.sort(key=lambda f: f[0])
+        short, what, err = failures[0]
+        raise PlanError(f"no candidate of auto mode fits ({len(rows)} tried: schedules "
+                        f"{', '.join(kinds)}; microbatches {', '.join(map(str, ms))}); the closest is {what}: {err}")
+    order = {k: i for i, k in enumerate(AUTO_SCHEDULES)}
+
+    def rank(item: tuple[Plan, Units, tuple[int, int]]) -> tuple:
+        pl = item[0]
+        # step times that differ only by float rounding count as ties
+        return (round(pl.predicted["step_ms"], 9), pl.microbatches, order.get(pl.schedule.kind, 99))
+
+    best, units, key = min(plans, key=rank)
+    if key != last_key:  # the graph's shapes must be those of the chosen microbatch size
+        units, _ = _analyse(cap, args, kwargs, key[0], key[1], prog)
+    predicted = dict(best.predicted, auto=rows)
+    plan = best.with_(predicted=predicted, timings=prog.timings)
     _dump("plan", plan.summary())
-    _dump("schedule", sched.listing())
+    _dump("schedule", plan.schedule.listing())
     return Compilation(plan, cap, units)
+
+
+def _shortfall(cap: Captured, analysed: tuple[Units, CostTable] | None, cluster: Cluster, kind: str, m: int,
+               stage_device: Sequence[int], train: bool, optimizer: str, mode: str) -> float:
+    """How far a failed auto candidate is from fitting (bytes short on its worst device in the
+    given device order); inf when it failed for another reason than memory."""
+    if analysed is None:
+        return math.inf
+    try:
+        sched = emit_schedule(kind, len(stage_device), m, stage_device=stage_device, train=train)
+        prob = _problem(analysed[1], cluster, stage_device, peak_inflight(sched), train, optimizer, mode,
+                        split_backward=_splits_backward(sched))
+        return memory_shortfall(prob)
+    except (PlanError, ScheduleError):
+        return math.inf
 
 
 def build_from_plan(
@@ -330,7 +514,8 @@ def build_from_plan(
         raise PlanError(f"plan must be a fxpipe.Plan or the path of a plan file, got {type(plan).__name__}")
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     prog = _Progress(progress)
-    cap, units, costs = _front(model, args, kwargs, len(plan.cluster), plan.microbatches, capture_method,
+    # units are grouped for the plan's stage count (2 per device when interleaved), as when planning
+    cap, units, costs = _front(model, args, kwargs, len(plan.stages), plan.microbatches, capture_method,
                                leaf_modules, prog, plan=plan, fuse=bool(plan.predicted.get("fuse", False)))
     if tuple(costs.unit_names) != tuple(plan.costs.unit_names):
         raise PlanError(f"the plan has {len(plan.costs.unit_names)} units but this model groups into {len(units)} "
@@ -341,7 +526,7 @@ def build_from_plan(
 
 def simulate_plan(plan: Plan) -> Timeline:
     """Play a plan's schedule against its cost model (see `fxpipe.simulate`)."""
-    return _simulate(plan.schedule, plan.stages, plan_costs(plan))
+    return _simulate(plan.schedule, plan.stages, plan_costs(plan), plan.cluster)
 
 
 def plan_costs(plan: Plan) -> CostTable:
@@ -350,15 +535,30 @@ def plan_costs(plan: Plan) -> CostTable:
     if not measured or plan.costs.measured_fwd:
         return plan.costs
     try:
-        return plan.costs.with_measured(measured["fwd_s"], measured["bwd_s"])
+        return plan.costs.with_measured(measured["fwd_s"], measured["bwd_s"], measured.get("bi_fraction"))
     except (KeyError, TypeError, ValueError) as e:
         raise PlanError(f"the plan's predicted.measured_costs is damaged ({e}); re-plan with profile=True") from None
 
 
-def _simulate(sched: Schedule, stages: Sequence[StagePlan], costs: CostTable) -> Timeline:
-    act = [sum(costs.activation_bytes[s.units[0]:s.units[1]]) for s in stages]
+def _simulate(sched: Schedule, stages: Sequence[StagePlan], costs: CostTable, cluster: Cluster) -> Timeline:
+    # a recomputing stage keeps only its incoming boundary per microbatch in flight
+    act = [(costs.boundary_bytes[s.units[0] - 1] if s.units[0] > 0 else 0.0) if s.recompute
+           else sum(costs.activation_bytes[s.units[0]:s.units[1]]) for s in stages]
+    # BI: the measured share of each unit's backward (half when not profiled); BW the rest.
+    # A split backward keeps all saved tensors through BI, so its transient adds in full.
+    split = any(i.op.name == "BWD_INPUT" for prog in sched.programs for i in prog)
+    # The first stage has no differentiable input: its BI computes nothing and its BW the whole
+    # backward (runtime/weight_grad.py), whatever the units' own split.
+    bi = [0.0 if s.units[0] == 0 else sum(costs.bwd_input_time(u, cluster.devices[s.device]) for u in range(*s.units))
+          for s in stages]
+    bw = [max(0.0, s.bwd_ms / 1e3 - x) for s, x in zip(stages, bi)]
+    # a backward's gradient buffers (a recomputing stage first rebuilds its activations)
+    trans = [costs.stage_transient(*s.units, split=split)
+             + (sum(costs.activation_bytes[s.units[0]:s.units[1]]) if s.recompute else 0.0) for s in stages]
     return simulate_schedule(sched, [s.fwd_ms / 1e3 for s in stages], [s.bwd_ms / 1e3 for s in stages],
-                             [s.send_ms / 1e3 for s in stages], activation_bytes=act)
+                             [s.send_ms / 1e3 for s in stages], bwd_input_time=bi, bwd_weight_time=bw,
+                             activation_bytes=act, transient_bytes=trans if sched.train else [0.0] * len(stages),
+                             kept_bytes=[costs.stage_kept(*s.units) if sched.train else 0.0 for s in stages])
 
 
 def _fingerprint(model: nn.Module, cap: Captured) -> str:
@@ -374,10 +574,17 @@ def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
     return f"{i}: the {'plan' if len(a) < len(b) else 'model'} ends there"
 
 
+def _splits_backward(sched: Schedule) -> bool:
+    """Whether the schedule runs backward as BI + BW (zero bubble): BI keeps saved tensors."""
+    return any(i.op is Op.BWD_INPUT for prog in sched.programs for i in prog)
+
+
 def _problem(costs: CostTable, cluster: Cluster, stage_device: Sequence[int], inflight: Sequence[int], train: bool,
-             optimizer: str) -> PartitionProblem:
+             optimizer: str, recompute: str = "off", split_backward: bool = False) -> PartitionProblem:
     """Positions are stages; stage s runs on device stage_device[s]. A device holding k
-    stages (interleaved) gives each 1/k of its memory."""
+    stages (interleaved) gives each 1/k of its memory. A recomputing stage pays one more
+    forward per microbatch (`recompute`: the partitioner's mode). Training stages also need
+    their worst backward transient (gradients alive during one unit's backward)."""
     n = len(costs.unit_names)
     devs = [cluster.devices[d] for d in stage_device]
     times = device_unit_times(costs, devs, train)
@@ -393,7 +600,10 @@ def _problem(costs: CostTable, cluster: Cluster, stage_device: Sequence[int], in
         unit_names=costs.unit_names, unit_time=tuple(map(tuple, times)), boundary_time=btime,
         unit_static_bytes=static, unit_activation_bytes=act, boundary_bytes=costs.boundary_bytes,
         inflight=tuple(inflight), device_memory=tuple(d.memory / k for d, k in zip(devs, share)),
-        device_names=tuple(f"{d.name}" if k == 1 else f"{d.name} (stage {s})" for s, (d, k) in enumerate(zip(devs, share))))
+        device_names=tuple(f"{d.name}" if k == 1 else f"{d.name} (stage {s})" for s, (d, k) in enumerate(zip(devs, share))),
+        unit_recompute_time=tuple(map(tuple, device_unit_times(costs, devs, False))) if recompute != "off" else (),
+        recompute=recompute, unit_transient_bytes=costs.transient_bytes if train else (),
+        split_backward=split_backward and train)
 
 
 def _stage_plans(part: Partition, costs: CostTable, cluster: Cluster, stage_device: Sequence[int], train: bool,
@@ -405,10 +615,14 @@ def _stage_plans(part: Partition, costs: CostTable, cluster: Cluster, stage_devi
         dev = cluster.devices[d]
         fwd = sum(costs.fwd_time(u, dev) for u in range(a, b))
         bwd = sum(costs.bwd_time(u, dev) for u in range(a, b))
+        rc = bool(part.recompute[s]) if part.recompute else False
+        if rc:  # the forward runs again inside the backward
+            bwd += fwd
         send_bytes = costs.boundary_bytes[b - 1] if s < p - 1 else 0.0
         nxt = stage_device[s + 1] if s < p - 1 else d
         send = cluster.link(d, nxt).transfer_time(send_bytes) if nxt != d else 0.0
         out.append(StagePlan(index=s, device=d, units=(a, b), param_bytes=sum(costs.param_bytes[a:b]),
                              fwd_ms=fwd * 1e3, bwd_ms=bwd * 1e3 if train else 0.0, send_ms=send * 1e3,
-                             send_bytes=send_bytes, memory_bytes=part.stage_memory[s], inflight=int(inflight[s])))
+                             send_bytes=send_bytes, memory_bytes=part.stage_memory[s], inflight=int(inflight[s]),
+                             recompute=rc))
     return out

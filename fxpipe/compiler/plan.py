@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,10 @@ class StagePlan:
     send_bytes: float
     memory_bytes: float  # under the plan's schedule and optimizer
     inflight: int  # microbatches of activations alive at peak
+    # activation recomputation: keep only the boundary per in-flight microbatch and re-run the
+    # forward in backward (bwd_ms already includes that forward). Plan files written before
+    # this field existed load as False.
+    recompute: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,22 +87,27 @@ class Plan:
     def summary(self) -> str:
         """The stage table: units, device, params, predicted times and memory."""
         gib = 1024**3
-        rows = [("stage", "device", "units", "first..last unit", "params", "fwd ms", "bwd ms", "send ms", "memory GiB", "of GiB")]
+        rows = [("stage", "device", "units", "first..last unit", "params", "fwd ms", "bwd ms", "send ms", "memory GiB", "of GiB", "")]
         for st in self.stages:
             names = self.stage_units(st.index)
             dev = self.cluster.devices[st.device]
             span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
             rows.append((str(st.index), f"{st.device}:{dev.name}", str(st.units[1] - st.units[0]), _clip(span, 38),
                          _human(st.param_bytes / 4), f"{st.fwd_ms:.3f}", f"{st.bwd_ms:.3f}", f"{st.send_ms:.3f}",
-                         f"{st.memory_bytes / gib:.3f}", f"{dev.memory / gib:.1f}"))
+                         f"{st.memory_bytes / gib:.3f}", f"{dev.memory / gib:.1f}", "recompute" if st.recompute else ""))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [f"fxpipe plan for {self.model_name}: {self.num_stages} stages, {self.microbatches} microbatches "
                  f"of batch {self.batch_size}, schedule {self.schedule.kind}, captured by {self.capture_path}"]
         for k, r in enumerate(rows):
-            lines.append("  ".join(c.rjust(w) if i not in (1, 3) else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+            lines.append("  ".join(c.rjust(w) if i not in (1, 3, 10) else c.ljust(w)
+                                   for i, (c, w) in enumerate(zip(r, widths))).rstrip())
             if k == 0:
-                lines.append("  ".join("-" * w for w in widths))
+                lines.append("  ".join("-" * w for w in widths).rstrip())
         p = self.predicted
+        if isinstance(p.get("auto"), list):
+            fit = sum(1 for c in p["auto"] if c.get("fits"))
+            lines.append(f"auto: chose schedule {self.schedule.kind} with {self.microbatches} microbatches, the fastest "
+                         f"predicted of {fit} fitting candidates ({len(p['auto'])} tried; `fxpipe inspect --why` lists them)")
         lines.append(f"predicted step {p['step_ms']:.2f} ms, bottleneck stage {p['bottleneck_ms']:.3f} ms/microbatch, "
                      f"bubble {100 * p['bubble']:.1f}%")
         for name, b in self.baselines.items():
@@ -194,6 +203,13 @@ class Plan:
             pos = b
         if pos != n:
             raise PlanError(f"plan stages cover {pos} of {n} units")
+        rc = [s.index for s in self.stages if s.recompute]
+        if rc and not self.train:
+            raise PlanError(f"stages {rc} recompute but the plan is forward-only (train=False): recomputation only "
+                            "applies to training; set their recompute to false")
+        if rc and any(i.op.name in ("BWD_INPUT", "BWD_WEIGHT") for prog in sched.programs for i in prog):
+            raise PlanError(f"stages {rc} recompute but the schedule {sched.kind!r} splits the backward (BI/BW), "
+                            "which fxpipe does not combine with recomputation; use another schedule or recompute=False")
         from fxpipe.passes.emit_schedule import validate_schedule
 
         try:
@@ -347,7 +363,7 @@ def _nested(build: Any, data: Any, name: str) -> Any:
 
 
 def _stage_from_dict(r: _Fields, s: Any, name: str) -> StagePlan:
-    r.keys(s, name + ".", required=tuple(StagePlan.__slots__))
+    r.keys(s, name + ".", required=tuple(k for k in StagePlan.__slots__ if k != "recompute"), optional=("recompute",))
     pre = name + "."
     units = s["units"]
     if not (isinstance(units, (list, tuple)) and len(units) == 2 and all(_is_int(u) and u >= 0 for u in units)):
@@ -357,17 +373,19 @@ def _stage_from_dict(r: _Fields, s: Any, name: str) -> StagePlan:
         param_bytes=r.number(s, "param_bytes", pre), fwd_ms=r.number(s, "fwd_ms", pre),
         bwd_ms=r.number(s, "bwd_ms", pre), send_ms=r.number(s, "send_ms", pre),
         send_bytes=r.number(s, "send_bytes", pre), memory_bytes=r.number(s, "memory_bytes", pre),
-        inflight=r.integer(s, "inflight", pre))
+        inflight=r.integer(s, "inflight", pre), recompute=r.boolean(s, "recompute", pre) if "recompute" in s else False)
 
 
 def _costs_from_dict(r: _Fields, c: Any) -> CostTable:
     fields = tuple(CostTable.__dataclass_fields__)
-    r.keys(c, "costs.", required=fields)
+    # fields added later have defaults: plans written before them still load
+    optional = tuple(k for k, f in CostTable.__dataclass_fields__.items() if f.default is not MISSING)
+    r.keys(c, "costs.", required=tuple(k for k in fields if k not in optional), optional=optional)
     names = r.strings(c, "unit_names", "costs.")
     n = len(names)
     out: dict[str, Any] = {"unit_names": tuple(names)}
     for k in fields:
-        if k == "unit_names":
+        if k == "unit_names" or k not in c:
             continue
         if k.startswith("node_"):
             v = c[k]
@@ -391,6 +409,20 @@ def _predicted_from_dict(r: _Fields, p: Any) -> dict[str, Any]:
     for k in ("bubble_per_device", "peak_memory_bytes"):
         if k in p:
             out[k] = list(r.numbers(p[k], f"predicted.{k}"))
+    if "auto" in p:  # the candidates auto mode compared (explain_plan lists them)
+        if not isinstance(p["auto"], list):
+            raise PlanError(f"field 'predicted.auto' must be a list of candidates, got {_show(p['auto'])}")
+        for i, c in enumerate(p["auto"]):
+            pre = f"predicted.auto[{i}]."
+            r.keys(c, pre, required=("schedule", "microbatches", "fits"), optional=("step_ms", "recompute_stages", "why"))
+            r.string(c, "schedule", pre)
+            r.integer(c, "microbatches", pre, low=1)
+            if r.boolean(c, "fits", pre) or "step_ms" in c:
+                r.number(c, "step_ms", pre)
+            if "recompute_stages" in c:
+                r.integer(c, "recompute_stages", pre)
+            if "why" in c and not isinstance(c["why"], str):
+                raise PlanError(f"field '{pre}why' must be a string, got {_show(c['why'])}")
     return out
 
 
@@ -399,9 +431,11 @@ def _baselines_from_dict(r: _Fields, b: Any) -> dict[str, Any]:
         raise PlanError(f"field 'baselines' must be an object, got {_show(b)}")
     for name, v in b.items():
         pre = f"baselines.{name}."
-        r.keys(v, pre, required=("bottleneck_ms", "fits"), optional=("bounds",))
+        r.keys(v, pre, required=("bottleneck_ms", "fits"), optional=("bounds", "recompute"))
         r.number(v, "bottleneck_ms", pre)
         r.boolean(v, "fits", pre)
+        if "recompute" in v and not (isinstance(v["recompute"], list) and all(isinstance(x, bool) for x in v["recompute"])):
+            raise PlanError(f"field '{pre}recompute' must be a list of true/false per stage, got {_show(v['recompute'])}")
         bounds = v.get("bounds", [])
         if not isinstance(bounds, (list, tuple)) or not all(
                 isinstance(x, (list, tuple)) and len(x) == 2 and all(_is_int(u) for u in x) for x in bounds):

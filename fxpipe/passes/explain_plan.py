@@ -9,7 +9,11 @@
   it holds several). The slowest stage per microbatch is marked as the bottleneck.
 * **memory** per stage, the partitioner's model split into parameters, gradients, optimizer
   state (``OPTIMIZER_STATE_FACTOR`` x trainable bytes), activations (in-flight microbatches x
-  the units' saved activations) and boundary buffers (in-flight x incoming + outgoing).
+  the units' saved activations; one microbatch's for a stage that recomputes) and boundary
+  buffers (in-flight x incoming + outgoing), and backward transients (the gradients alive
+  while one microbatch's backward runs its worst unit, `annotate_costs.stage_transient`).
+* **auto**, when ``plan.predicted["auto"]`` holds the candidates auto mode compared: each
+  (schedule, microbatches) with its predicted step and whether it fits, best first.
 * **placement**, when ``plan.predicted["placement"]`` holds `Placement.to_dict()`: the chosen
   device order and the runner-up orders with their bottlenecks.
 * **baselines** (uniform layer counts, equal parameter bytes) from ``plan.baselines``, each
@@ -25,6 +29,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from fxpipe.compiler.plan import OPTIMIZER_STATE_FACTOR, Plan, StagePlan
+from fxpipe.passes.emit_schedule import Op
 
 __all__ = ["explain", "stage_memory_split", "stage_time_split", "baseline_stages", "stage_table", "compare_baseline"]
 
@@ -32,7 +37,7 @@ _GiB = 1024.0**3
 
 
 def stage_memory_split(plan: Plan, s: int) -> dict[str, float]:
-    """Bytes of stage s: params, grads, optimizer, activations, buffers, total."""
+    """Bytes of stage s: params, grads, optimizer, activations, buffers, transients, total."""
     st = plan.stages[s]
     a, b = st.units
     c = plan.costs
@@ -40,11 +45,15 @@ def stage_memory_split(plan: Plan, s: int) -> dict[str, float]:
     params = sum(c.param_bytes[a:b])
     trainable = sum(c.trainable_bytes[a:b]) if plan.train else 0.0
     opt = trainable * OPTIMIZER_STATE_FACTOR[plan.optimizer] if plan.train else 0.0
-    act = st.inflight * sum(c.activation_bytes[a:b]) if plan.train else 0.0
+    # a recomputing stage holds one microbatch's activations (during its backward), not in-flight x
+    act = (1 if st.recompute else st.inflight) * sum(c.activation_bytes[a:b]) if plan.train else 0.0
     bytes_in = c.boundary_bytes[a - 1] if a > 0 else 0.0
     bytes_out = c.boundary_bytes[b - 1] if b < n else 0.0
     buffers = st.inflight * (bytes_in + bytes_out)
-    out = {"params": params, "grads": trainable, "optimizer": opt, "activations": act, "buffers": buffers}
+    split = any(i.op is Op.BWD_INPUT for prog in plan.schedule.programs for i in prog)
+    transients = c.stage_transient(a, b, split) if plan.train else 0.0
+    out = {"params": params, "grads": trainable, "optimizer": opt, "activations": act, "buffers": buffers,
+           "transients": transients}
     out["total"] = sum(out.values())
     return out
 
@@ -69,8 +78,10 @@ def stage_time_split(plan: Plan, timeline: Any = None) -> list[dict[str, float]]
     return out
 
 
-def baseline_stages(plan: Plan, bounds: Sequence[Sequence[int]]) -> tuple[StagePlan, ...]:
-    """The plan's stages re-cut at `bounds` (same devices, schedule and cost model)."""
+def baseline_stages(plan: Plan, bounds: Sequence[Sequence[int]],
+                    recompute: Sequence[bool] | None = None) -> tuple[StagePlan, ...]:
+    """The plan's stages re-cut at `bounds` (same devices, schedule and cost model);
+    `recompute`: which of them recompute (a baseline's own "recompute" list), none by default."""
     c = plan.costs
     p = len(bounds)
     out = []
@@ -83,9 +94,10 @@ def baseline_stages(plan: Plan, bounds: Sequence[Sequence[int]]) -> tuple[StageP
         nxt = plan.stages[s + 1].device if s < p - 1 else d
         send = plan.cluster.link(d, nxt).transfer_time(send_bytes) if nxt != d else 0.0
         st = plan.stages[s]
+        rc = bool(recompute[s]) if recompute else False
         out.append(StagePlan(index=s, device=d, units=(int(a), int(b)), param_bytes=sum(c.param_bytes[a:b]),
-                             fwd_ms=fwd * 1e3, bwd_ms=bwd * 1e3, send_ms=send * 1e3, send_bytes=send_bytes,
-                             memory_bytes=0.0, inflight=st.inflight))
+                             fwd_ms=fwd * 1e3, bwd_ms=(bwd + (fwd if rc else 0.0)) * 1e3, send_ms=send * 1e3,
+                             send_bytes=send_bytes, memory_bytes=0.0, inflight=st.inflight, recompute=rc))
     stages = tuple(out)
     probe = plan.with_(stages=stages)
     return tuple(StagePlan(**{**{k: getattr(x, k) for k in StagePlan.__slots__},
@@ -122,15 +134,34 @@ def explain(plan: Plan) -> str:
     lines += _table(rows)
     mems = [stage_memory_split(plan, s) for s in range(plan.num_stages)]
     unit, scale = ("GiB", _GiB) if max(m["total"] for m in mems) >= 0.1 * _GiB else ("MiB", 1024.0**2)
-    lines += ["", f"memory per stage ({unit}; activations and buffers x microbatches in flight; 'of' = the device's):"]
-    rows = [("stage", "device", "in flight", "params", "grads", "optimizer", "activations", "buffers", "total", "of")]
+    lines += ["", f"memory per stage ({unit}; activations and buffers x microbatches in flight; transients: gradients "
+                  "alive during one backward; 'of' = the device's):"]
+    rows = [("stage", "device", "in flight", "params", "grads", "optimizer", "activations", "buffers", "transients",
+             "total", "of", "")]
     for s, st in enumerate(plan.stages):
         mem = mems[s]
         dev = plan.cluster.devices[st.device]
         rows.append((str(s), f"{st.device}:{dev.name}", str(st.inflight),
-                     *(f"{mem[k] / scale:.3f}" for k in ("params", "grads", "optimizer", "activations", "buffers", "total")),
-                     f"{dev.memory / scale:.1f}"))
-    lines += _table(rows)
+                     *(f"{mem[k] / scale:.3f}" for k in ("params", "grads", "optimizer", "activations", "buffers",
+                                                         "transients", "total")),
+                     f"{dev.memory / scale:.1f}", "recompute" if st.recompute else ""))
+    lines += _table(rows, left=(1, 11))
+    if any(st.recompute for st in plan.stages):
+        lines.append("  recompute: the stage keeps only its boundaries per microbatch in flight and runs its forward "
+                     "again in backward (its bwd includes that forward)")
+    auto = plan.predicted.get("auto")
+    if isinstance(auto, list) and auto:
+        lines += ["", f"auto mode: {len(auto)} (schedule, microbatches) candidates, the fastest predicted step that "
+                      "fits was chosen (ties: fewer microbatches, simpler schedule):"]
+        rows = [("", "schedule", "microbatches", "step ms", "fits", "recompute stages")]
+        ranked = sorted(auto, key=lambda r: (not r.get("fits"), r.get("step_ms", float("inf")), r.get("microbatches", 0)))
+        for r in ranked:
+            chosen = r.get("schedule") == plan.schedule.kind and r.get("microbatches") == plan.microbatches
+            rows.append(("chosen" if chosen else "runner-up" if r.get("fits") else "no fit", str(r.get("schedule")),
+                         str(r.get("microbatches")), f"{r['step_ms']:.3f}" if "step_ms" in r else "-",
+                         "yes" if r.get("fits") else "NO", str(r.get("recompute_stages", "-")) if r.get("fits")
+                         else str(r.get("why", ""))[:70]))
+        lines += _table(rows, left=(0, 1, 5))
     pl = plan.predicted.get("placement")
     if isinstance(pl, dict) and isinstance(pl.get("order"), list):
         lines += ["", f"placement ({pl.get('method', '?')}, {pl.get('candidates', '?')} device orders evaluated; "
@@ -153,7 +184,7 @@ def explain(plan: Plan) -> str:
             step = "-"
             if bounds and len(bounds) == plan.num_stages:
                 try:
-                    step_s = fxpipe.simulate(plan.with_(stages=baseline_stages(plan, bounds))).step_time
+                    step_s = fxpipe.simulate(plan.with_(stages=baseline_stages(plan, bounds, b.get("recompute")))).step_time
                     step = f"{step_s * 1e3:.3f}"
                 except Exception:  # a baseline we cannot simulate still has its bottleneck
                     step = "-"
@@ -190,7 +221,7 @@ def compare_baseline(plan: Plan, name: str) -> str:
         have = ", ".join(sorted(plan.baselines)) or "none"
         raise PlanError(f"the plan has no baseline {name!r} (it has: {have})")
     b = plan.baselines[name]
-    stages = baseline_stages(plan, b["bounds"])
+    stages = baseline_stages(plan, b["bounds"], b.get("recompute"))
     step = fxpipe.simulate(plan.with_(stages=stages)).step_time * 1e3
     mine = plan.predicted
     ratio = b["bottleneck_ms"] / max(mine["bottleneck_ms"], 1e-12)

@@ -11,6 +11,16 @@ also fit in its device's memory:
     static bytes (params + grads + optimizer state)
     + inflight[j] * (activation bytes + incoming boundary + outgoing boundary)
 
+A stage may instead *recompute* (activation checkpointing): it keeps only its boundary
+buffers per in-flight microbatch and re-runs its forward during each backward, so it needs
+
+    static + inflight[j] * (incoming + outgoing boundary) + activation bytes (one microbatch)
+
+and its time per microbatch grows by its forward time (``unit_recompute_time``). With
+``recompute="auto"`` each candidate stage is priced both ways and takes the faster variant
+that fits (recomputation is never faster, so: plain if it fits, else recompute if that needs
+less); stages are independent given their bounds, so the DP over bounds stays exact.
+
 `partition_stages` returns the exact optimum by dynamic programming over (cut, position)
 with every cut considered: the objective is not monotone in a stage's length (a shorter
 stage can end on a heavier boundary), so greedy or binary-search feasibility tests are not
@@ -48,6 +58,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from fxpipe.errors import PlanError
+from fxpipe.passes.annotate_costs import stage_transient
 
 __all__ = [
     "PartitionProblem",
@@ -58,7 +69,12 @@ __all__ = [
     "partition_stages",
     "uniform_partition",
     "params_partition",
+    "stage_recompute",
+    "memory_shortfall",
+    "RECOMPUTE_MODES",
 ]
+
+RECOMPUTE_MODES = ("off", "on", "auto")
 
 _GiB = float(1024**3)
 
@@ -125,6 +141,16 @@ class PartitionProblem:
             (schedule-dependent: GPipe keeps m, 1F1B keeps p - j).
         device_memory: p; bytes available on position j (``math.inf`` means unbounded).
         device_names: p; device names, for messages.
+        unit_recompute_time: n x p (or empty); extra seconds per microbatch unit u costs on
+            position j when its stage recomputes (one more forward). Empty: recomputation
+            is not available and `recompute` must be "off".
+        recompute: "off" (keep activations), "on" (every stage recomputes) or "auto" (a
+            stage recomputes only where keeping its activations would not fit).
+        unit_transient_bytes: n (or empty: none); gradients alive while unit u runs its
+            backward, on top of saved activations (`annotate_costs.stage_transient`): a stage
+            needs its worst one once, while it runs one microbatch's backward.
+        split_backward: the schedule splits backward into BI and BW (zero bubble): BI keeps
+            every saved tensor, so a unit's transient adds in full.
     """
 
     unit_names: tuple[str, ...]
@@ -136,6 +162,10 @@ class PartitionProblem:
     inflight: tuple[int, ...]
     device_memory: tuple[float, ...]
     device_names: tuple[str, ...]
+    unit_recompute_time: tuple[tuple[float, ...], ...] = ()
+    recompute: str = "off"
+    unit_transient_bytes: tuple[float, ...] = ()
+    split_backward: bool = False
 
     def __post_init__(self) -> None:
         # Validate once here so that the DP and the helpers can index without checks.
@@ -180,12 +210,27 @@ class PartitionProblem:
                     f"(microbatches alive on {devices[j]!r}), got {k!r}"
                 )
         inflight = tuple(int(k) for k in inflight)
+        if self.recompute not in RECOMPUTE_MODES or not isinstance(self.recompute, str):
+            raise PlanError(f"PartitionProblem.recompute must be one of {', '.join(map(repr, RECOMPUTE_MODES))}, "
+                            f"got {self.recompute!r}")
+        rc_time = tuple(self.unit_recompute_time)
+        if rc_time:
+            rc_time = _as_matrix("unit_recompute_time", rc_time, n, p, f"n x p = {n} x {p}")
+        elif self.recompute != "off":
+            raise PlanError(f"PartitionProblem.recompute={self.recompute!r} needs unit_recompute_time "
+                            "(each unit's forward time per position); give it or use recompute='off'")
+
+        transient = tuple(self.unit_transient_bytes)
+        if transient:
+            transient = vec("unit_transient_bytes", transient, n, "n (or none)")
+        if not isinstance(self.split_backward, bool):
+            raise PlanError(f"PartitionProblem.split_backward must be True or False, got {self.split_backward!r}")
 
         for name, value in (
             ("unit_names", names), ("unit_time", unit_time), ("boundary_time", boundary_time),
             ("unit_static_bytes", static), ("unit_activation_bytes", act),
             ("boundary_bytes", bbytes), ("inflight", inflight), ("device_memory", memory),
-            ("device_names", devices),
+            ("device_names", devices), ("unit_recompute_time", rc_time), ("unit_transient_bytes", transient),
         ):
             object.__setattr__(self, name, value)
 
@@ -212,6 +257,8 @@ class Partition:
         bottleneck: ``max(stage_time)``; the time per microbatch in steady state.
         method: how it was obtained: "optimal", "uniform", "params" or "given".
         fits: True when every stage's memory is within its device's memory.
+        recompute: per stage, whether it recomputes its activations (see the module doc);
+            empty when the problem's recompute mode is "off".
     """
 
     bounds: tuple[tuple[int, int], ...]
@@ -220,6 +267,7 @@ class Partition:
     bottleneck: float
     method: str
     fits: bool
+    recompute: tuple[bool, ...] = ()
 
 
 # --------------------------------------------------------------------------------------
@@ -250,6 +298,48 @@ def _check_stage(problem: PartitionProblem, start: int, end: int, j: int) -> Non
         raise PlanError(f"device position {j} is out of range for {problem.p} devices")
 
 
+def _plain_and_recompute(problem: PartitionProblem, start: int, end: int,
+                         j: int) -> tuple[float, float, float, float]:
+    """(time, memory) of the stage kept plain and recomputing, in the DP's operation order."""
+    acc = 0.0
+    for u in range(end - 1, start - 1, -1):
+        acc += problem.unit_time[u][j]
+    rc = 0.0
+    if problem.unit_recompute_time:
+        for u in range(end - 1, start - 1, -1):
+            rc += problem.unit_recompute_time[u][j]
+    acc_rc = acc + rc
+    if j < problem.p - 1 and end < problem.n:
+        acc = acc + problem.boundary_time[end - 1][j]
+        acc_rc = acc_rc + problem.boundary_time[end - 1][j]
+    static = _segment_sum(problem.unit_static_bytes, start, end)
+    act = _segment_sum(problem.unit_activation_bytes, start, end)
+    bytes_in = problem.boundary_bytes[start - 1] if start > 0 else 0.0
+    bytes_out = problem.boundary_bytes[end - 1] if end < problem.n else 0.0
+    k = float(problem.inflight[j])
+    tr = stage_transient(problem.unit_transient_bytes, problem.unit_activation_bytes, start, end,
+                         problem.split_backward)
+    mem = (static + k * ((act + bytes_in) + bytes_out)) + tr
+    mem_rc = ((static + k * (bytes_in + bytes_out)) + act) + tr
+    return acc, mem, acc_rc, mem_rc
+
+
+def stage_recompute(problem: PartitionProblem, start: int, end: int, j: int) -> bool:
+    """Whether the stage holding units ``[start, end)`` on position j recomputes.
+
+    "off": never; "on": always; "auto": only when keeping its activations does not fit in
+    the device's memory and recomputing needs less (recomputing is never faster).
+
+    Raises:
+        PlanError: If the range is empty or out of bounds, or j is not a position.
+    """
+    _check_stage(problem, start, end, j)
+    if problem.recompute != "auto":
+        return problem.recompute == "on"
+    _, mem, _, mem_rc = _plain_and_recompute(problem, start, end, j)
+    return bool(mem > problem.device_memory[j] and mem_rc < mem)
+
+
 def stage_time(problem: PartitionProblem, start: int, end: int, j: int) -> float:
     """Seconds per microbatch of the stage holding units ``[start, end)`` on position j.
 
@@ -260,20 +350,17 @@ def stage_time(problem: PartitionProblem, start: int, end: int, j: int) -> float
         j: Device position the stage runs on.
 
     Returns:
-        The units' compute time on position j plus the time to send the boundary after
-        unit ``end - 1`` to position j+1; there is no outgoing boundary for the last
-        position or for a stage that ends the model.
+        The units' compute time on position j (plus one more forward when the stage
+        recomputes, see `stage_recompute`) plus the time to send the boundary after unit
+        ``end - 1`` to position j+1; there is no outgoing boundary for the last position or
+        for a stage that ends the model.
 
     Raises:
         PlanError: If the range is empty or out of bounds, or j is not a position.
     """
-    _check_stage(problem, start, end, j)
-    acc = 0.0
-    for u in range(end - 1, start - 1, -1):
-        acc += problem.unit_time[u][j]
-    if j < problem.p - 1 and end < problem.n:
-        acc = acc + problem.boundary_time[end - 1][j]
-    return acc
+    rc = stage_recompute(problem, start, end, j)
+    t, _, t_rc, _ = _plain_and_recompute(problem, start, end, j)
+    return t_rc if rc else t
 
 
 def stage_memory(problem: PartitionProblem, start: int, end: int, j: int) -> float:
@@ -281,6 +368,9 @@ def stage_memory(problem: PartitionProblem, start: int, end: int, j: int) -> flo
 
     ``static + inflight[j] * (activations + bytes_in + bytes_out)``: static state lives
     once, while activations and both boundary buffers exist once per microbatch in flight.
+    A recomputing stage (`stage_recompute`) keeps only the boundary buffers per microbatch
+    in flight, plus one microbatch's activations while it runs that microbatch's backward:
+    ``static + inflight[j] * (bytes_in + bytes_out) + activations``.
 
     Args:
         problem: The partitioning problem.
@@ -294,12 +384,9 @@ def stage_memory(problem: PartitionProblem, start: int, end: int, j: int) -> flo
     Raises:
         PlanError: If the range is empty or out of bounds, or j is not a position.
     """
-    _check_stage(problem, start, end, j)
-    static = _segment_sum(problem.unit_static_bytes, start, end)
-    act = _segment_sum(problem.unit_activation_bytes, start, end)
-    bytes_in = problem.boundary_bytes[start - 1] if start > 0 else 0.0
-    bytes_out = problem.boundary_bytes[end - 1] if end < problem.n else 0.0
-    return static + float(problem.inflight[j]) * ((act + bytes_in) + bytes_out)
+    rc = stage_recompute(problem, start, end, j)
+    _, mem, _, mem_rc = _plain_and_recompute(problem, start, end, j)
+    return mem_rc if rc else mem
 
 
 def evaluate_partition(
@@ -359,6 +446,8 @@ def evaluate_partition(
         bottleneck=max(times),
         method=method,
         fits=fits,
+        recompute=(tuple(stage_recompute(problem, s, e, j) for j, (s, e) in enumerate(bounds))
+                   if problem.recompute != "off" else ()),
     )
 
 
@@ -375,11 +464,24 @@ def _check_enough_units(problem: PartitionProblem) -> None:
         )
 
 
+def _transients(transient: np.ndarray, act: np.ndarray, end: int, split: bool) -> np.ndarray:
+    """`stage_transient` of [s, end) for every start s < end, same operations in the same order."""
+    if transient.size == 0:
+        return np.zeros(end, dtype=np.float64)
+    rev = transient[end - 1 :: -1]
+    if split:
+        return np.maximum.accumulate(rev)[::-1]
+    after = np.zeros(end, dtype=np.float64)  # activations of the units after u, summed from end-1 down
+    after[1:] = np.add.accumulate(act[end - 1 : 0 : -1] if end > 1 else act[:0])
+    return np.maximum(np.maximum.accumulate(rev - after), 0.0)[::-1]
+
+
 def _stage_tables(problem: PartitionProblem) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield ``(end, time, memory)`` for end = 1..n; arrays are (end, p), row = start.
 
     Row s, column j holds the time / memory of the stage [s, end) on position j, computed
-    with the same operation order as `stage_time` / `stage_memory`.
+    with the same operation order as `stage_time` / `stage_memory`; with recomputation
+    "auto", each entry is already the variant `stage_recompute` picks.
     """
     n, p = problem.n, problem.p
     unit_time = np.asarray(problem.unit_time, dtype=np.float64).reshape(n, p)
@@ -392,6 +494,11 @@ def _stage_tables(problem: PartitionProblem) -> Iterator[tuple[int, np.ndarray, 
     bytes_in = np.zeros(n, dtype=np.float64)
     bytes_in[1:] = np.asarray(problem.boundary_bytes, dtype=np.float64)
     inflight = np.asarray(problem.inflight, dtype=np.float64)
+    caps = np.asarray(problem.device_memory, dtype=np.float64)[None, :]
+    mode = problem.recompute
+    rc_time = (np.asarray(problem.unit_recompute_time, dtype=np.float64).reshape(n, p)
+               if problem.unit_recompute_time else np.zeros((n, p), dtype=np.float64))
+    transient = np.asarray(problem.unit_transient_bytes, dtype=np.float64)
     for end in range(1, n + 1):
         # Sums over [s, end) for every s, accumulated from end-1 backwards like the helpers.
         seg_time = np.add.accumulate(unit_time[end - 1 :: -1], axis=0)[::-1]
@@ -404,8 +511,22 @@ def _stage_tables(problem: PartitionProblem) -> Iterator[tuple[int, np.ndarray, 
             time = seg_time  # the model's end: no outgoing boundary on any position
             bytes_out = 0.0
         per_mb = (seg_act + bytes_in[:end]) + bytes_out
-        memory = seg_static[:, None] + inflight[None, :] * per_mb[:, None]
-        yield end, time, memory
+        tr = _transients(transient, act, end, problem.split_backward)[:, None]
+        memory = (seg_static[:, None] + inflight[None, :] * per_mb[:, None]) + tr
+        if mode == "off":
+            yield end, time, memory
+            continue
+        seg_rc = np.add.accumulate(rc_time[end - 1 :: -1], axis=0)[::-1]
+        time_rc = seg_time + seg_rc
+        if end < n:
+            time_rc = time_rc + btime[end - 1]
+        per_mb_rc = bytes_in[:end] + bytes_out
+        memory_rc = ((seg_static[:, None] + inflight[None, :] * per_mb_rc[:, None]) + seg_act[:, None]) + tr
+        if mode == "on":
+            yield end, time_rc, memory_rc
+            continue
+        use = (memory > caps) & (memory_rc < memory)
+        yield end, np.where(use, time_rc, time), np.where(use, memory_rc, memory)
 
 
 def _minmax_dp(
@@ -448,7 +569,7 @@ def _trace_back(parent: np.ndarray, n: int, p: int) -> tuple[tuple[int, int], ..
     return tuple(reversed(bounds))
 
 
-def partition_stages(problem: PartitionProblem) -> Partition:
+def partition_stages(problem: PartitionProblem, *, bottleneck: float | None = None) -> Partition:
     """The exact min-max contiguous partition under each device's memory.
 
     Minimises the bottleneck (slowest stage's compute + outgoing boundary time) over every
@@ -461,6 +582,8 @@ def partition_stages(problem: PartitionProblem) -> Partition:
 
     Args:
         problem: The partitioning problem.
+        bottleneck: the optimal bottleneck when the caller already has it from the same
+            DP (`place_stages` prices every order with pass 1): pass 1 is then skipped.
 
     Returns:
         The optimal `Partition` with ``method="optimal"`` and ``fits=True``.
@@ -479,8 +602,9 @@ def partition_stages(problem: PartitionProblem) -> Partition:
 
     # Pass 1: the optimal bottleneck. max() is monotone, so keeping only the best value per
     # (prefix, position) is exact.
-    best, _ = _minmax_dp(problem, feasible_time, 0.0, np.maximum)
-    bottleneck = best[n, p - 1]
+    if bottleneck is None:
+        best, _ = _minmax_dp(problem, feasible_time, 0.0, np.maximum)
+        bottleneck = best[n, p - 1]
     if not math.isfinite(bottleneck):
         raise PlanError(_infeasible_message(problem))
 
@@ -519,6 +643,14 @@ def _closest_partition(problem: PartitionProblem) -> Partition:
         problem, lambda time, memory: memory - caps, -np.inf, np.maximum
     )
     return evaluate_partition(problem, _trace_back(parent, problem.n, problem.p), method="given")
+
+
+def memory_shortfall(problem: PartitionProblem) -> float:
+    """Bytes the closest partition (smallest worst overshoot) lacks on its worst device;
+    <= 0 when some partition fits (then minus the headroom of the roomiest-fitting one)."""
+    _check_enough_units(problem)
+    closest = _closest_partition(problem)
+    return max(m - c for m, c in zip(closest.stage_memory, problem.device_memory))
 
 
 def _device_summary(problem: PartitionProblem) -> str:
@@ -575,11 +707,16 @@ def _infeasible_message(problem: PartitionProblem) -> str:
             + (problem.boundary_bytes[e - 1] if e < n else 0.0)
         )
         units = names[s] if e - s == 1 else f"{names[s]}..{names[e - 1]}"
+        if closest.recompute and closest.recompute[j]:
+            act = _segment_sum(problem.unit_activation_bytes, s, e)
+            parts = (f"static {_gib(static)} + {problem.inflight[j]} in flight x {_gib(per_mb - act)} boundaries "
+                     f"+ {_gib(act)} activations of the microbatch being recomputed")
+        else:
+            parts = (f"static {_gib(static)} + {problem.inflight[j]} in flight x "
+                     f"{_gib(per_mb)} activations and boundaries")
         lines.append(
             f"  stage {j} (units {s}-{e - 1}: {units}) on {problem.device_names[j]} needs "
-            f"{_gib(need)} (static {_gib(static)} + {problem.inflight[j]} in flight x "
-            f"{_gib(per_mb)} activations and boundaries) but the device has {_gib(caps[j])}: "
-            f"{_gib(short)} short"
+            f"{_gib(need)} ({parts}) but the device has {_gib(caps[j])}: {_gib(short)} short"
         )
     if len(over) > _MAX_STAGES_LISTED:
         lines.append(
@@ -612,9 +749,11 @@ def _infeasible_message(problem: PartitionProblem) -> str:
         fix = (
             f"params, grads and optimizer state total {_gib(total_static)} of the "
             f"{_gib(total_memory)} all devices hold, so activations and boundary buffers "
-            f"overflow: use activation recomputation, more microbatches (fewer bytes per "
-            f"microbatch), a schedule with fewer microbatches in flight (1F1B instead of "
-            f"GPipe), more devices, or devices with more memory"
+            f"overflow: use "
+            + ("activation recomputation (recompute=True or 'auto'), " if problem.recompute == "off" else "")
+            + "more microbatches (fewer bytes per "
+            "microbatch), a schedule with fewer microbatches in flight (1F1B instead of "
+            "GPipe), more devices, or devices with more memory"
         )
     lines.append("To make it fit: " + fix + ".")
     return "\n".join(lines)

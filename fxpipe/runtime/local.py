@@ -12,6 +12,7 @@ waits longer than `timeout` fails naming the device and the instruction it waite
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -20,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
+import torch.utils.checkpoint
 import torch.utils._pytree as pytree
 
 from fxpipe.errors import FxpipeError, RuntimeMismatchError
@@ -47,6 +49,41 @@ class StageRunner:
     n_out: int | None = None
     consumers: Consumers | None = None
     params: dict[str, torch.Tensor] = field(default_factory=dict)
+    # activation recomputation (the plan's StagePlan.recompute): the training forward runs
+    # under torch.utils.checkpoint, so only the stage's inputs are kept and the forward runs
+    # again inside its backward
+    recompute: bool = False
+
+    @property
+    def uses_rng(self) -> bool:
+        """Whether the stage's forward draws random numbers (dropout and the like)."""
+        cached = self.__dict__.get("_uses_rng")
+        if cached is None:
+            cached = self.__dict__["_uses_rng"] = _draws_random(self.module)
+        return cached
+
+
+_RANDOM_NAMES = ("dropout", "rand", "bernoulli", "multinomial", "normal", "uniform", "exponential", "cauchy",
+                 "geometric", "log_normal", "poisson")
+
+
+def _draws_random(module: torch.nn.Module) -> bool:
+    """Conservatively: any call whose target names a random op, or a called submodule that
+    is or contains a dropout module (a false positive only costs some serialisation)."""
+    graph = getattr(module, "graph", None)
+    if graph is None:
+        return True
+    for n in graph.nodes:
+        if n.op == "call_module":
+            sub = module.get_submodule(n.target)
+            if any(isinstance(x, torch.nn.modules.dropout._DropoutNd) or "dropout" in type(x).__name__.lower()
+                   for x in sub.modules()):
+                return True
+        elif n.op in ("call_function", "call_method"):
+            name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+            if any(r in str(name).lower() for r in _RANDOM_NAMES):
+                return True
+    return False
 
 
 class _Mailbox:
@@ -103,6 +140,13 @@ class LocalRuntime:
         self.current: list[str] = ["idle"] * len(threads)
         self.state: _StepState | None = None
         self.streams: dict[int, Any] = {}
+        # The CPU generator is one per process, shared by every CPU worker thread: a stage that
+        # recomputes dropout must draw the same numbers again in its backward, so while such a
+        # stage exists, every random-drawing CPU forward and every such recomputation runs under
+        # one lock (checkpoint restores the generator state it saved; nobody may draw between).
+        self._rng_lock: threading.Lock | None = None
+        if any(st.recompute and st.device.type == "cpu" and st.uses_rng for st in self.stages):
+            self._rng_lock = threading.Lock()
         for st in self.stages:
             if st.device.type == "cuda" and st.device_index not in self.streams:
                 self.streams[st.device_index] = torch.cuda.Stream(device=st.device)
@@ -200,8 +244,16 @@ class LocalRuntime:
                 v = v.detach().requires_grad_(True)
             leaves.append(v)
         model_in = [self._to(state.inputs[mb][i], st.device) for i in st.input_positions]
-        with torch.set_grad_enabled(state.train):
-            out = list(st.module(*leaves, *model_in))
+        with torch.set_grad_enabled(state.train), self._rng_guard(st):
+            if state.train and st.recompute:
+                # keeps only the inputs; the forward is re-run (same RNG state) during backward.
+                # Saving and restoring the RNG state only where the stage draws random numbers:
+                # the restore rewinds the process-wide CPU generator, which must not happen
+                # outside the RNG lock while another worker draws from it
+                out = list(torch.utils.checkpoint.checkpoint(st.module, *leaves, *model_in, use_reentrant=False,
+                                                             preserve_rng_state=st.uses_rng))
+            else:
+                out = list(st.module(*leaves, *model_in))
         consumer_out: list = []
         if st.n_out is not None:
             out, consumer_out = out[: st.n_out], out[st.n_out:]
@@ -214,7 +266,9 @@ class LocalRuntime:
                     raise RuntimeMismatchError(
                         f"loss_fn must return a scalar tensor, got {shape}; reduce it (e.g. .mean()) inside loss_fn")
                 loss = loss.reshape(()) * state.scales[mb]
-                state.losses[mb] = loss
+                # detached: a graph-connected loss here would keep the microbatch's saved
+                # activations alive until the step ends (the split backward retains its graph)
+                state.losses[mb] = loss.detach()
                 state.stash[(s, mb)] = (leaves, [loss], consumer_out)
             else:
                 state.results[mb] = [o.detach() if isinstance(o, torch.Tensor) else o for o in out]
@@ -232,7 +286,8 @@ class LocalRuntime:
             pairs = [(o, gi) for o, gi in zip(outs, g) if isinstance(o, torch.Tensor) and o.requires_grad and gi is not None]
             tensors, grads = [p[0] for p in pairs], [p[1] for p in pairs]
         if tensors:
-            torch.autograd.backward(tensors, grads)
+            with self._rng_guard(st, recomputing=True):
+                torch.autograd.backward(tensors, grads)
         state.grads_out[(s, mb)] = [(v.grad if isinstance(v, torch.Tensor) and v.requires_grad else None) for v in leaves]
 
     def backward_input(self, s: int, mb: int) -> None:
@@ -278,6 +333,12 @@ class LocalRuntime:
         state.stash[("grad", s, mb)] = self._to(grads, st.device)
 
     # ---- helpers -----------------------------------------------------------------------
+    def _rng_guard(self, st: StageRunner, recomputing: bool = False) -> Any:
+        """The RNG lock (see __init__) when `st` draws random numbers on the CPU, else nothing."""
+        if self._rng_lock is None or st.device.type != "cpu" or not st.uses_rng or (recomputing and not st.recompute):
+            return contextlib.nullcontext()
+        return self._rng_lock
+
     def _event(self, st: StageRunner) -> Any:
         if st.device.type != "cuda":
             return None

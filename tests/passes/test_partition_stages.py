@@ -364,6 +364,9 @@ def problems(draw):
         inflight=tuple(rng.randint(0, 4) for _ in range(p)),
         device_memory=(math.inf,) * p,
         device_names=tuple(f"d{j}" for j in range(p)),
+        # backward transients on half the problems, split (zero-bubble BI) on half of those
+        unit_transient_bytes=tuple(_value(rng, style, 0.0) for _ in range(n)) if rng.random() < 0.5 else (),
+        split_backward=rng.random() < 0.5,
     )
     caps = []
     for j in range(p):
@@ -436,6 +439,11 @@ def test_helpers_match_the_formulas(prob):
                 m = sum(prob.unit_static_bytes[s:e]) + prob.inflight[j] * (
                     sum(prob.unit_activation_bytes[s:e]) + b_in + b_out
                 )
+                tr = prob.unit_transient_bytes
+                if tr and prob.split_backward:
+                    m += max(tr[s:e])  # BI keeps every saved tensor: the worst unit's grads add in full
+                elif tr:  # unit u's backward runs after the later units freed their activations
+                    m += max([0.0] + [tr[u] - sum(prob.unit_activation_bytes[u + 1:e]) for u in range(s, e)])
                 assert close(stage_memory(prob, s, e, j), m)
 
 
