@@ -16,10 +16,12 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from fxpipe.compiler.cluster import Device
+from fxpipe.compiler.repeat_capture import TEMPLATE
 from fxpipe.passes.group_units import COMPUTE_OPS, UNIT, Units
-from fxpipe.passes.propagate_shapes import FLOPS, VAL
+from fxpipe.passes.propagate_shapes import FLOPS, VAL, same_inputs, template_of
 
-__all__ = ["NodeCost", "CostTable", "annotate_costs", "COST", "BWD_FACTOR", "value_bytes", "device_key"]
+__all__ = ["NodeCost", "CostTable", "annotate_costs", "backward_transients", "split_kept_gradients", "stage_transient",
+           "COST", "BWD_FACTOR", "value_bytes", "device_key"]
 
 COST = "fxpipe.cost"
 BWD_FACTOR = 2.0  # backward ~ 2x forward: grad wrt input and grad wrt weight
@@ -50,6 +52,12 @@ class CostTable:
     # we keep them compactly as two parallel tuples per unit.
     node_flops: tuple[tuple[float, ...], ...]
     node_bytes: tuple[tuple[float, ...], ...]
+    # per unit, the peak bytes of gradient buffers alive at once during its backward, beyond
+    # the saved activations (`backward_transients`); () in plans written before it existed
+    transient_bytes: tuple[float, ...] = ()
+    # per unit, bytes of the gradients a split backward's BI keeps for BW (its weight
+    # consumers' output gradients, `split_kept_gradients`); () in older plans
+    kept_grad_bytes: tuple[float, ...] = ()
 
     # Measured times (the profiler's, `passes/profile_units.py`), when there are any: per
     # device key (`device_key`), seconds per microbatch of each unit's forward and backward.
@@ -58,17 +66,27 @@ class CostTable:
     # (`measured_to_dict` / `with_measured`), and old plans without them still load.
     measured_fwd = None  # type: dict[str, tuple[float, ...]] | None
     measured_bwd = None  # type: dict[str, tuple[float, ...]] | None
+    # per device key, the share of each unit's backward that is BI (input gradients) when the
+    # backward is split as the zero-bubble runtime splits it; None: 1/2 (plans before it)
+    measured_bi_fraction = None  # type: dict[str, tuple[float, ...]] | None
 
-    def with_measured(self, fwd: dict[str, Sequence[float]], bwd: dict[str, Sequence[float]]) -> "CostTable":
-        """A copy of this table that prices units by the measured times (per device key)."""
+    def with_measured(self, fwd: dict[str, Sequence[float]], bwd: dict[str, Sequence[float]],
+                      bi_fraction: dict[str, Sequence[float]] | None = None) -> "CostTable":
+        """A copy of this table that prices units by the measured times (per device key);
+        `bi_fraction`: measured BI / (BI + BW) per unit (see `bwd_input_time`)."""
         n = len(self.unit_names)
-        for name, table in (("fwd", fwd), ("bwd", bwd)):
+        for name, table in (("fwd", fwd), ("bwd", bwd), ("bi_fraction", bi_fraction or {})):
             for k, v in table.items():
                 if len(v) != n:
                     raise ValueError(f"measured {name} times for {k!r} have {len(v)} entries for {n} units")
+        for k, v in (bi_fraction or {}).items():
+            if not all(0.0 <= float(x) <= 1.0 for x in v):
+                raise ValueError(f"measured bi_fraction for {k!r} must lie in [0, 1], got {list(v)}")
         out = replace(self)
         object.__setattr__(out, "measured_fwd", {str(k): tuple(map(float, v)) for k, v in fwd.items()})
         object.__setattr__(out, "measured_bwd", {str(k): tuple(map(float, v)) for k, v in bwd.items()})
+        object.__setattr__(out, "measured_bi_fraction",
+                           {str(k): tuple(map(float, v)) for k, v in bi_fraction.items()} if bi_fraction else None)
         return out
 
     def measured_for(self, dev: Device) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
@@ -98,12 +116,33 @@ class CostTable:
         m = self.measured_for(dev)
         return m[1][u] if m is not None else self.fwd_time(u, dev) * BWD_FACTOR
 
+    def bwd_input_time(self, u: int, dev: Device) -> float:
+        """Seconds of unit u's BI (input gradients) on `dev` when the backward is split:
+        the measured share of its backward when profiled with the split, else half.
+        BW takes the rest (`bwd_time - bwd_input_time`)."""
+        f = (self.measured_bi_fraction or {}).get(device_key(dev))
+        share = f[u] if f is not None and self.measured_for(dev) is not None else 0.5
+        return self.bwd_time(u, dev) * share
+
+    def stage_transient(self, start: int, end: int, split: bool = False) -> float:
+        """Bytes a stage holding units [start, end) needs during one microbatch's backward on
+        top of that microbatch's activations (see `stage_transient`; 0 for older tables)."""
+        return stage_transient(self.transient_bytes, self.activation_bytes, start, end, split)
+
+    def stage_kept(self, start: int, end: int) -> float:
+        """Bytes of gradients a stage holding units [start, end) keeps from a microbatch's BI
+        to its BW (zero-bubble schedules; 0 for tables without them)."""
+        return float(sum(self.kept_grad_bytes[start:end]))
+
     def measured_to_dict(self) -> dict[str, Any] | None:
         """The measured times as JSON data (None when there are none)."""
         if not self.measured_fwd:
             return None
-        return {"fwd_s": {k: list(v) for k, v in self.measured_fwd.items()},
-                "bwd_s": {k: list(v) for k, v in (self.measured_bwd or {}).items()}}
+        out = {"fwd_s": {k: list(v) for k, v in self.measured_fwd.items()},
+               "bwd_s": {k: list(v) for k, v in (self.measured_bwd or {}).items()}}
+        if self.measured_bi_fraction:
+            out["bi_fraction"] = {k: list(v) for k, v in self.measured_bi_fraction.items()}
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: list(map(list, getattr(self, k))) if k.startswith("node_") else list(getattr(self, k))
@@ -113,9 +152,32 @@ class CostTable:
     @staticmethod
     def from_dict(d: dict[str, Any], measured: dict[str, Any] | None = None) -> "CostTable":
         """Rebuild from `to_dict` output; `measured` is `measured_to_dict` output (or None)."""
-        fields = CostTable.__dataclass_fields__
+        fields = [k for k in CostTable.__dataclass_fields__ if k in d]  # defaulted fields may be missing
         t = CostTable(**{k: tuple(tuple(x) for x in d[k]) if k.startswith("node_") else tuple(d[k]) for k in fields})
-        return t.with_measured(measured["fwd_s"], measured["bwd_s"]) if measured else t
+        return t.with_measured(measured["fwd_s"], measured["bwd_s"], measured.get("bi_fraction")) if measured else t
+
+
+def stage_transient(transient: Sequence[float], activation: Sequence[float], start: int, end: int,
+                    split: bool = False) -> float:
+    """Peak bytes above one microbatch's activations while a stage of units [start, end) runs
+    that microbatch's backward.
+
+    One unit's backward runs at a time, with `transient[u]` bytes of gradients alive. A plain
+    backward frees each op's saved tensors as it passes it, so by unit u the activations of
+    the units after u are gone: the stage needs max over u of (transient[u] - activations of
+    units u+1..end-1), and never less than 0. A split backward's BI (`split=True`) keeps every
+    saved tensor for BW: the largest transient[u] then adds in full. `transient` empty (a
+    plan from before transients): 0.
+    """
+    if not transient:
+        return 0.0
+    if split:
+        return float(max(transient[start:end], default=0.0))
+    best, after = 0.0, 0.0
+    for u in range(end - 1, start - 1, -1):
+        best = max(best, transient[u] - after)
+        after += activation[u]
+    return float(best)
 
 
 def device_key(dev: Device) -> str:
@@ -218,7 +280,8 @@ def annotate_costs(gm: fx.GraphModule, units: Units) -> CostTable:
         nf[u].append(cost.flops)
         nb[u].append(cost.bytes)
     return CostTable(units.names, tuple(flops), tuple(nbytes), tuple(launches), tuple(pbytes), tuple(tbytes),
-                     tuple(abytes), boundary_bytes(gm, n), tuple(map(tuple, nf)), tuple(map(tuple, nb)))
+                     tuple(abytes), boundary_bytes(gm, n), tuple(map(tuple, nf)), tuple(map(tuple, nb)),
+                     backward_transients(gm, n), split_kept_gradients(gm, n))
 
 
 def saved_for_backward(gm: fx.GraphModule) -> tuple[set[fx.Node], dict[fx.Node, float]]:
@@ -228,7 +291,8 @@ def saved_for_backward(gm: fx.GraphModule) -> tuple[set[fx.Node], dict[fx.Node, 
     Returns (the nodes whose output is kept: saved by an op, directly or through a view, or a
     model output; per node, bytes of other tensors its op saves). Parameters and model inputs
     are not activations. A node that cannot run on meta tensors keeps its output, as before.
-    Reads `fxpipe.val`; mutates nothing.
+    A copy of a repeated block's node (`fxpipe.template`) whose inputs match its template's
+    reuses the template's answer. Reads `fxpipe.val`; mutates nothing.
     """
     kept: set[fx.Node] = set()
     extra: dict[fx.Node, float] = {}
@@ -236,10 +300,21 @@ def saved_for_backward(gm: fx.GraphModule) -> tuple[set[fx.Node], dict[fx.Node, 
     for v in pytree.tree_leaves(out_node.args[0]):
         if isinstance(v, fx.Node):
             kept.add(v)
+    # copies of a repeated block (compiler/repeat_capture.py) take their template's answer
+    by_name = {n.name: n for n in gm.graph.nodes} if any(TEMPLATE in n.meta for n in gm.graph.nodes) else {}
+    answers: dict[fx.Node, tuple[list[fx.Node], bool, float] | None] = {}
     for node in gm.graph.nodes:
         if node.op not in COMPUTE_OPS or not isinstance(node.meta.get(VAL), (torch.Tensor, tuple, list)):
             continue
-        found = _saved_by(gm, node)
+        t = template_of(node, by_name)
+        if t is not None and t in answers and same_inputs(node, t):
+            found = answers[t]
+            if found is not None:  # the template's saved inputs, position for position
+                at = {a: i for i, a in enumerate(t.all_input_nodes)}
+                found = ([node.all_input_nodes[at[a]] for a in found[0]], found[1], found[2])
+        else:
+            found = _saved_by(gm, node)
+        answers[node] = found
         if found is None:
             kept.add(node)
             continue
@@ -352,6 +427,99 @@ def boundary_bytes(gm: fx.GraphModule, n_units: int) -> tuple[float, ...]:
     return tuple(out)
 
 
+def backward_transients(gm: fx.GraphModule, n_units: int) -> tuple[float, ...]:
+    """Per unit, the most bytes of gradient buffers alive at once while its backward runs,
+    on top of the saved activations (which `activation_bytes` counts).
+
+    Autograd walks the graph in reverse: the gradient of a value exists from the backward of
+    its last user until the backward of its producer. So when node n's backward runs, the
+    gradients alive are those of every value live across n in the forward (produced at or
+    before n, read at or after n; model outputs are read "after the end"), which includes n's
+    own output gradient and the input gradients it produces, plus one gradient buffer per
+    trainable parameter n uses (computed whole before it is added into `.grad`). Only values
+    that need a gradient count (floating, computed from a trainable parameter or a stage
+    input); views count 0 (their gradient is a view of their base's). Stage inputs are
+    values of earlier units, so a stage's received gradients are counted where they are live.
+
+    Reads `fxpipe.val` and `fxpipe.unit`; mutates nothing. Example (hand count): Linear(4, 8)
+    -> Linear(8, 2) on a batch of 3, fp32: at the second linear, the gradients of its input
+    (3x8), its output (3x2) and its weight and bias (8x2 + 2): 4 * (24 + 6 + 18) = 192 bytes.
+    """
+    nodes = list(gm.graph.nodes)
+    end = len(nodes)  # model outputs are read after the last node
+    index = {nd: i for i, nd in enumerate(nodes)}
+    grad_nodes: set[fx.Node] = set()
+    param_grad: dict[fx.Node, float] = {}
+    diff = [0.0] * (end + 2)
+    for nd in nodes:
+        if nd.op not in COMPUTE_OPS:
+            continue
+        val = nd.meta.get(VAL)
+        pg = sum(p.numel() * p.element_size() for _, p in _node_params(gm, nd)
+                 if isinstance(p, torch.nn.Parameter) and p.requires_grad)
+        floating = any(t.is_floating_point() or t.is_complex()
+                       for t in pytree.tree_leaves(val) if isinstance(t, torch.Tensor))
+        if not floating or not (pg or any(a in grad_nodes for a in nd.all_input_nodes)):
+            continue
+        grad_nodes.add(nd)
+        param_grad[nd] = float(pg)
+        if _is_view(nd) or not isinstance(val, torch.Tensor):
+            continue  # a view's gradient aliases its base's; a tuple's parts are its getitems
+        last = max((end if u.op == "output" else index[u] for u in nd.users), default=index[nd])
+        if last > index[nd]:
+            b = value_bytes(val)
+            diff[index[nd]] += b
+            diff[last + 1] -= b
+    out = [0.0] * n_units
+    live = 0.0
+    for i, nd in enumerate(nodes):
+        live += diff[i]
+        if nd in grad_nodes:
+            u = nd.meta[UNIT]
+            out[u] = max(out[u], live + param_grad[nd])
+    return tuple(out)
+
+
+def split_kept_gradients(gm: fx.GraphModule, n_units: int) -> tuple[float, ...]:
+    """Per unit, bytes of the gradients the zero-bubble BI keeps until BW: one per weight
+    consumer (as `runtime/weight_grad.py` finds them: the first op combining an activation
+    with something computed from trainable parameters only, or a leaf module with trainable
+    parameters), the size of its output. Reads `fxpipe.val`, `fxpipe.unit`; mutates nothing."""
+    out = [0.0] * n_units
+    param_only: set[fx.Node] = set()
+    for nd in gm.graph.nodes:
+        if nd.op == "get_attr":
+            v = _fetch(gm, nd.target)
+            if isinstance(v, torch.nn.Parameter) and v.requires_grad:
+                param_only.add(nd)
+            continue
+        if nd.op not in COMPUTE_OPS:
+            continue
+        ins = nd.all_input_nodes
+        if nd.op != "call_module" and ins and all(a in param_only or a.op == "get_attr" for a in ins):
+            if any(a in param_only for a in ins):
+                param_only.add(nd)
+            continue
+        if nd.op == "call_module":
+            consumer = any(p.requires_grad for p in gm.get_submodule(nd.target).parameters())
+        else:
+            consumer = any(a in param_only for a in ins)
+        val = nd.meta.get(VAL)
+        if consumer and isinstance(val, torch.Tensor) and val.is_floating_point():
+            out[nd.meta[UNIT]] += value_bytes(val)
+    return tuple(out)
+
+
 def device_unit_times(table: CostTable, devices: Sequence[Device], train: bool) -> list[list[float]]:
     """unit x device matrix of seconds per microbatch."""
-    return [[table.unit_time(u, d, train) for d in devices] for u in range(len(table.unit_names))]
+    # Devices priced alike (same roofline, no measured times of their own) share one column:
+    # a 64-GPU cluster prices each unit once, not 64 times, for every order placement tries.
+    columns: dict[tuple, list[float]] = {}
+    per_device = []
+    for d in devices:
+        key = (device_key(d) if table.measured_for(d) is not None else None, d.peak_flops, d.mem_bandwidth,
+               d.launch_overhead)
+        if key not in columns:
+            columns[key] = [table.unit_time(u, d, train) for u in range(len(table.unit_names))]
+        per_device.append(columns[key])
+    return [[col[u] for col in per_device] for u in range(len(table.unit_names))]

@@ -4,15 +4,19 @@ The roofline of `annotate_costs` is a model; this pass replaces it with the cloc
 unit becomes its own fx graph with explicit inputs (`split_stages` with one stage per unit),
 runs on the example microbatch on the device, and is timed: a few warm-up runs, then the
 median of `repeats` runs of the forward, and of the backward (input and weight gradients,
-through `torch.autograd.grad`, so the user's `.grad` is never touched). CPU workers of one
+through `torch.autograd.grad`, so the user's `.grad` is never touched). The backward is also
+timed split the way the zero-bubble runtime splits it (`runtime/weight_grad.py`: BI, the input
+gradients, then BW, the weight gradients, on the unit rewritten to expose its weight
+consumers), and each unit's BI share BI / (BI + BW) is returned, so ZB-H1 is simulated with
+measured BI and BW times rather than half and half (`.grad` is put back afterwards). CPU workers of one
 host share its memory bandwidth, so on CPU as many copies of the unit run at once as the
 cluster has CPU workers (alone, a bandwidth-bound unit runs up to ~1.7x faster than in the
 pipeline). On CUDA, events on
 the current stream bracket the work and the device is synchronised before reading them.
 
 Example:
-    >>> fwd, bwd = profile_units(gm, model, flat_mb, [dev])             # doctest: +SKIP
-    >>> costs = costs.with_measured(fwd, bwd)                           # doctest: +SKIP
+    >>> fwd, bwd, bi = profile_units(gm, model, flat_mb, [dev])         # doctest: +SKIP
+    >>> costs = costs.with_measured(fwd, bwd, bi)                       # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -32,13 +36,15 @@ from fxpipe.compiler.cluster import Device
 from fxpipe.errors import PlanError
 from fxpipe.passes.annotate_costs import device_key
 from fxpipe.passes.split_stages import build_stage_module, resolve_attr, split_stages
+from fxpipe.runtime.weight_grad import SplitState, backward_input, backward_weight, split_backward_module
 
 __all__ = ["profile_units"]
 
 
 def profile_units(gm: fx.GraphModule, model: nn.Module, example_inputs: Sequence[torch.Tensor],
                   devices: Sequence[Device], *, train: bool = True, warmup: int = 2, repeats: int = 5,
-                  progress: bool = False) -> tuple[dict[str, tuple[float, ...]], dict[str, tuple[float, ...]]]:
+                  progress: bool = False) -> tuple[dict[str, tuple[float, ...]], dict[str, tuple[float, ...]],
+                                                   dict[str, tuple[float, ...]]]:
     """Time every unit of `gm` on each distinct kind of device in `devices`.
 
     Reads `node.meta["fxpipe.unit"]` (run `group_units` first). Does not mutate `gm`, the
@@ -56,7 +62,9 @@ def profile_units(gm: fx.GraphModule, model: nn.Module, example_inputs: Sequence
         progress: one line per device kind and unit on stderr.
 
     Returns:
-        (forward, backward): per device key, seconds per microbatch for each unit.
+        (forward, backward, bi_fraction): per device key, seconds per microbatch for each
+        unit, and each unit's measured BI / (BI + BW) of its split backward (0.5 where there
+        is no backward).
     """
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         raise PlanError("profile=True runs every unit on the device, but the model's parameters are on the meta "
@@ -66,21 +74,22 @@ def profile_units(gm: fx.GraphModule, model: nn.Module, example_inputs: Sequence
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     fwd: dict[str, tuple[float, ...]] = {}
     bwd: dict[str, tuple[float, ...]] = {}
+    bi: dict[str, tuple[float, ...]] = {}
     # the timed runs may update buffers (BatchNorm's running statistics): put them back after
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
         _profile_devices(graphs, gm, model, dict(zip(names, example_inputs)), devices, train, warmup, repeats,
-                         progress, fwd, bwd)
+                         progress, fwd, bwd, bi)
     finally:
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
-    return fwd, bwd
+    return fwd, bwd, bi
 
 
 def _profile_devices(graphs: list, gm: fx.GraphModule, model: nn.Module, inputs: dict[str, torch.Tensor],
                      devices: Sequence[Device], train: bool, warmup: int, repeats: int, progress: bool,
-                     fwd: dict, bwd: dict) -> None:
+                     fwd: dict, bwd: dict, bi: dict) -> None:
     for dev in devices:
         key = device_key(dev)
         if key in fwd:
@@ -96,18 +105,18 @@ def _profile_devices(graphs: list, gm: fx.GraphModule, model: nn.Module, inputs:
         # copies of it run as the cluster has CPU workers, which is how the pipeline runs it
         copies = sum(1 for d in devices if d.kind == "cpu") if dev.kind == "cpu" else 1
         try:
-            f, b = _profile_device(graphs, gm, model, inputs, tdev, train, warmup, repeats, progress, key,
-                                   copies, dev.threads)
+            f, b, frac = _profile_device(graphs, gm, model, inputs, tdev, train, warmup, repeats, progress, key,
+                                         copies, dev.threads)
         finally:
             torch.set_num_threads(prev)
-        fwd[key], bwd[key] = tuple(f), tuple(b)
+        fwd[key], bwd[key], bi[key] = tuple(f), tuple(b), tuple(frac)
 
 
 def _profile_device(graphs: list, gm: fx.GraphModule, model: nn.Module, inputs: dict[str, torch.Tensor],
                     dev: torch.device, train: bool, warmup: int, repeats: int, progress: bool,
-                    key: str, copies: int = 1, threads: int = 1) -> tuple[list[float], list[float]]:
+                    key: str, copies: int = 1, threads: int = 1) -> tuple[list[float], list[float], list[float]]:
     values: dict[str, Any] = {}  # boundary values by name, produced by earlier units
-    fwd_t, bwd_t = [], []
+    fwd_t, bwd_t, frac_t = [], [], []
     for sg in graphs:
         objects = {t: _on(resolve_attr(model, gm, t), dev) for t in sg.attrs + sg.modules}
         mod = build_stage_module(sg, objects, dev)
@@ -127,7 +136,7 @@ def _profile_device(graphs: list, gm: fx.GraphModule, model: nn.Module, inputs: 
             return forward
 
         tf = _concurrently(lambda i: _time(forward_of(i), dev, warmup, repeats), copies, threads)
-        tb = 0.0
+        tb, tbi, tbw = 0.0, 0.0, 0.0
         if train:
             leaves = [r.detach().requires_grad_(True) if isinstance(r, torch.Tensor) and r.is_floating_point() else r
                       for r in recv]
@@ -136,37 +145,86 @@ def _profile_device(graphs: list, gm: fx.GraphModule, model: nn.Module, inputs: 
                 tb = _concurrently(lambda i: _time_backward(
                     mods[i], leaves, model_in, inputs_wrt + [q for q in mods[i].parameters() if q.requires_grad],
                     dev, warmup, repeats), copies, threads)
+                tbi, tbw = _concurrently(lambda i: _time_split_backward(mods[i], leaves, model_in, dev, warmup,
+                                                                        repeats), copies, threads)
         fwd_t.append(tf)
         bwd_t.append(tb)
+        frac_t.append(tbi / (tbi + tbw) if tbi + tbw > 0 else 0.5)
         for name, v in zip(sg.send, out):
             values[name] = v.detach() if isinstance(v, torch.Tensor) else v
         if progress:
-            print(f"fxpipe: profile {key} unit {sg.index}: fwd {tf * 1e3:.3f} ms, bwd {tb * 1e3:.3f} ms",
-                  file=sys.stderr, flush=True)
-    return fwd_t, bwd_t
+            print(f"fxpipe: profile {key} unit {sg.index}: fwd {tf * 1e3:.3f} ms, bwd {tb * 1e3:.3f} ms "
+                  f"(split: BI {tbi * 1e3:.3f} + BW {tbw * 1e3:.3f} ms)", file=sys.stderr, flush=True)
+    return fwd_t, bwd_t, frac_t
 
 
 def _time_backward(mod: fx.GraphModule, leaves: list, model_in: list, wrt: list, dev: torch.device, warmup: int,
                    repeats: int) -> float:
-    """Median seconds of the backward alone (each run does its own forward, untimed)."""
+    """Median seconds of the backward alone (each run does its own forward, untimed), run as the
+    runtime's BWD runs it: `autograd.backward` accumulating into the parameters' existing
+    `.grad` (so the in-place accumulation every microbatch after a step's first pays is in
+    the time) and into the stage inputs' `.grad`. The parameters' `.grad` are put back after."""
+    params = [q for q in wrt if isinstance(q, nn.Parameter)]
+    kept = [q.grad for q in params]
     times = []
-    for i in range(warmup + repeats):
-        with torch.enable_grad():
-            outs = [o for o in mod(*leaves, *model_in) if isinstance(o, torch.Tensor) and o.requires_grad]
-        if not outs:
-            return 0.0
-        grads = [torch.ones_like(o) for o in outs]
-        t = _clock(lambda: torch.autograd.grad(outs, wrt, grads, allow_unused=True), dev)
-        if i >= warmup:
-            times.append(t)
+    try:
+        for q in params:
+            q.grad = None
+        for i in range(warmup + repeats):
+            # fresh input leaves per run: concurrent copies share `leaves` and must not share .grad
+            lv = [x.detach().requires_grad_(True) if isinstance(x, torch.Tensor) and x.requires_grad else x
+                  for x in leaves]
+            with torch.enable_grad():
+                outs = [o for o in mod(*lv, *model_in) if isinstance(o, torch.Tensor) and o.requires_grad]
+            if not outs:
+                return 0.0
+            grads = [torch.ones_like(o) for o in outs]
+            t = _clock(lambda: torch.autograd.backward(outs, grads), dev)
+            if i >= warmup:
+                times.append(t)
+    finally:
+        for q, g in zip(params, kept):
+            q.grad = g
     return statistics.median(times)
 
 
-def _concurrently(measure: Callable[[int], float], copies: int, threads: int) -> float:
-    """The mean of `measure(i)` run by `copies` threads at once (each with `threads` intra-op threads)."""
+def _time_split_backward(mod: fx.GraphModule, leaves: list, model_in: list, dev: torch.device, warmup: int,
+                         repeats: int) -> tuple[float, float]:
+    """Median seconds of BI and of BW, run as the zero-bubble runtime runs them (each run does
+    its own forward, untimed). BW accumulates into `.grad`, as in a step; the parameters'
+    `.grad` (the user's, on CPU) are put back afterwards."""
+    split, n_out, consumers = split_backward_module(mod)
+    params = dict(split.named_parameters())
+    kept = {name: p.grad for name, p in params.items()}
+    bi_t, bw_t = [], []
+    try:
+        for p in params.values():
+            p.grad = None
+        for i in range(warmup + repeats):
+            with torch.enable_grad():
+                out = list(split(*leaves, *model_in))
+            outs, consumer_out = out[:n_out], out[n_out:]
+            grads = [torch.ones_like(o) if isinstance(o, torch.Tensor) and o.requires_grad else None for o in outs]
+            if not any(g is not None for g in grads):
+                return 0.0, 0.0
+            state = SplitState(outs, grads, consumer_out)
+            t_bi = _clock(lambda: backward_input(state, leaves), dev)
+            t_bw = _clock(lambda: backward_weight(state, consumers, params), dev)
+            if i >= warmup:
+                bi_t.append(t_bi)
+                bw_t.append(t_bw)
+    finally:
+        for name, p in params.items():
+            p.grad = kept[name]
+    return statistics.median(bi_t), statistics.median(bw_t)
+
+
+def _concurrently(measure: Callable[[int], Any], copies: int, threads: int) -> Any:
+    """The mean of `measure(i)` run by `copies` threads at once (each with `threads` intra-op
+    threads); a tuple result is averaged element by element."""
     if copies <= 1:
         return measure(0)
-    results: list[float] = [0.0] * copies
+    results: list[Any] = [0.0] * copies
     errors: list[BaseException] = []
     barrier = threading.Barrier(copies)
 
@@ -188,6 +246,8 @@ def _concurrently(measure: Callable[[int], float], copies: int, threads: int) ->
     real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
     if real or errors:
         raise (real or errors)[0]
+    if isinstance(results[0], tuple):
+        return tuple(statistics.mean(r[k] for r in results) for k in range(len(results[0])))
     return statistics.mean(results)
 
 

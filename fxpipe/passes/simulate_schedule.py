@@ -21,6 +21,11 @@ Memory (with ``activation_bytes``): a microbatch's activations of stage s,
 ``activation_bytes[s]`` bytes, are allocated on stage s's device when its FWD starts and
 freed when its BWD (or BW) ends; forward-only schedules free them when the FWD ends.
 `Timeline.memory` is that step function per device, `Timeline.peak_memory` its maximum.
+With ``transient_bytes`` too, every BWD/BI/BW of stage s also holds ``transient_bytes[s]``
+(the gradient buffers of one microbatch's backward) from its start to its end, and with
+``kept_bytes`` a split backward keeps ``kept_bytes[s]`` (what BI leaves for BW) from its BI's
+end to its BW's end: `Timeline.allocated` / `peak_allocated`, what an allocator sees above
+the static state.
 
 Example:
     >>> from fxpipe.passes.emit_schedule import emit_schedule
@@ -76,6 +81,10 @@ class Timeline:
             b_i bytes from t_i until t_{i+1} (and after the last point). Starts at
             (0.0, 0.0); one point per instant the value changes.
         peak_memory: None, or per device the largest value of its `memory`.
+        allocated: None unless simulated with ``transient_bytes``; else like `memory` plus
+            the backward's transient gradient buffers while a BWD/BI/BW runs.
+        peak_allocated: None, or per device the largest value of `allocated` (compare with
+            an allocator's peak above the memory held before the step).
     """
 
     events: tuple[Event, ...]
@@ -85,6 +94,8 @@ class Timeline:
     peak_inflight: tuple[int, ...]
     memory: tuple[tuple[tuple[float, float], ...], ...] | None = None
     peak_memory: tuple[float, ...] | None = None
+    allocated: tuple[tuple[tuple[float, float], ...], ...] | None = None
+    peak_allocated: tuple[float, ...] | None = None
 
     @property
     def num_devices(self) -> int:
@@ -156,6 +167,8 @@ def simulate_schedule(
     bwd_input_time: Sequence[float] | None = None,
     bwd_weight_time: Sequence[float] | None = None,
     activation_bytes: Sequence[float] | None = None,
+    transient_bytes: Sequence[float] | None = None,
+    kept_bytes: Sequence[float] | None = None,
 ) -> Timeline:
     """Simulate one step of `s` (validated first; an invalid schedule raises ScheduleError).
 
@@ -168,6 +181,11 @@ def simulate_schedule(
             split the backward (zero-bubble); each defaults to bwd_time / 2.
         activation_bytes: bytes of activations one microbatch keeps alive on each stage;
             when given, the timeline carries `memory` and `peak_memory` per device.
+        transient_bytes: bytes of gradient buffers one microbatch's backward of each stage
+            holds while it runs (`CostTable.stage_transient`); with `activation_bytes`, the
+            timeline also carries `allocated` and `peak_allocated`.
+        kept_bytes: bytes of gradients a stage's BI keeps until its BW (`CostTable.stage_kept`),
+            counted in `allocated`; 0 when not given.
     """
     validate_schedule(s)
     p = s.num_stages
@@ -177,6 +195,8 @@ def simulate_schedule(
     tbi = tuple(x / 2 for x in tb) if bwd_input_time is None else _costs("bwd_input_time", bwd_input_time, (p,))
     tbw = tuple(x / 2 for x in tb) if bwd_weight_time is None else _costs("bwd_weight_time", bwd_weight_time, (p,))
     act = None if activation_bytes is None else _costs("activation_bytes", activation_bytes, (p,), unit="bytes")
+    trans = None if transient_bytes is None else _costs("transient_bytes", transient_bytes, (p,), unit="bytes")
+    kept = (0.0,) * p if kept_bytes is None else _costs("kept_bytes", kept_bytes, (p,), unit="bytes")
     duration = {Op.FWD: tf, Op.BWD: tb, Op.BWD_INPUT: tbi, Op.BWD_WEIGHT: tbw}
     D = s.num_devices
 
@@ -226,6 +246,7 @@ def simulate_schedule(
     # validate_schedule proved deadlock freedom, so every program ran to its end.
     step = max((e.end for e in events), default=0.0)
     memory = None if act is None else _memory(s, events, act, step)
+    allocated = None if act is None or trans is None else _memory(s, events, act, step, trans, kept)
     bubble = tuple((1.0 - b / step) if step > 0 else 0.0 for b in busy)
     return Timeline(
         events=tuple(events),
@@ -235,13 +256,18 @@ def simulate_schedule(
         peak_inflight=_device_peak_inflight(s),
         memory=memory,
         peak_memory=None if memory is None else tuple(max(b for _, b in steps) for steps in memory),
+        allocated=allocated,
+        peak_allocated=None if allocated is None else tuple(max(b for _, b in steps) for steps in allocated),
     )
 
 
 def _memory(
-    s: Schedule, events: list[Event], act: tuple[float, ...], step: float
+    s: Schedule, events: list[Event], act: tuple[float, ...], step: float,
+    transient: tuple[float, ...] | None = None, kept: tuple[float, ...] | None = None,
 ) -> tuple[tuple[tuple[float, float], ...], ...]:
-    """Per device, activation bytes over time as a step function (see `Timeline.memory`).
+    """Per device, activation bytes over time as a step function (see `Timeline.memory`);
+    with `transient`, plus the running backward's gradient buffers and what each BI keeps
+    for its BW (`kept`) (`Timeline.allocated`).
 
     Counts are kept per stage and the bytes recomputed from them at every change, so the
     value is exactly 0 once everything is freed (no float residue from +x-x). Changes less
@@ -249,19 +275,30 @@ def _memory(
     at "the same" time, rounded differently, is no dip to zero).
     """
     tol = 1e-9 * step
-    changes: list[list[tuple[float, int, int]]] = [[] for _ in range(s.num_devices)]  # (t, stage, +1/-1)
+    # (t, (what, stage), +1/-1): "act" activations, "run" a running backward's buffers,
+    # "kept" the gradients a BI keeps for its BW
+    changes: list[list[tuple[float, tuple[str, int], int]]] = [[] for _ in range(s.num_devices)]
+    size = {("act", k): v for k, v in enumerate(act)}
+    if transient is not None:
+        size.update({("run", k): v for k, v in enumerate(transient)})
+        size.update({("kept", k): v for k, v in enumerate(kept or (0.0,) * len(act))})
     for e in events:
-        op = e.instr.op
+        op, st, dev = e.instr.op, e.instr.stage, e.device
+        if transient is not None and op in (Op.BWD, Op.BWD_INPUT, Op.BWD_WEIGHT) and e.end > e.start:
+            # a zero-length backward holds its buffers for no time (instants merge)
+            changes[dev] += [(e.start, ("run", st), 1), (e.end, ("run", st), -1)]
+        if transient is not None and op in (Op.BWD_INPUT, Op.BWD_WEIGHT):
+            changes[dev].append((e.end, ("kept", st), 1 if op is Op.BWD_INPUT else -1))
         if op is Op.FWD:
-            changes[e.device].append((e.start, e.instr.stage, 1))
+            changes[dev].append((e.start, ("act", st), 1))
             if not s.train:
-                changes[e.device].append((e.end, e.instr.stage, -1))
+                changes[dev].append((e.end, ("act", st), -1))
         elif op is Op.BWD or op is Op.BWD_WEIGHT:
-            changes[e.device].append((e.end, e.instr.stage, -1))
+            changes[dev].append((e.end, ("act", st), -1))
     out = []
     for ch in changes:
         ch.sort(key=lambda c: c[0])
-        count: dict[int, int] = {}
+        count: dict[tuple[str, int], int] = {}
         steps: list[tuple[float, float]] = [(0.0, 0.0)]
         t0 = None  # start of the current instant
         for i, (t, st, delta) in enumerate(ch):
@@ -269,7 +306,7 @@ def _memory(
             t0 = t if t0 is None else t0
             if i + 1 < len(ch) and ch[i + 1][0] - t0 <= tol:
                 continue  # one point per instant: the value after all changes in it
-            b = float(sum(n * act[k] for k, n in count.items()))
+            b = float(sum(n * size[k] for k, n in count.items()))
             if t0 - steps[-1][0] <= tol:
                 steps[-1] = (steps[-1][0], b)
             elif b != steps[-1][1]:

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 
 __all__ = ["Consumers", "expose_weight_consumers", "SplitState", "backward_input", "backward_weight",
-           "with_split_backward"]
+           "with_split_backward", "split_backward_module"]
 
 
 @dataclass(frozen=True)
@@ -182,9 +182,16 @@ def with_split_backward(runner: Any) -> Any:
     """The same StageRunner, its module rewritten to also return weight-consumer outputs."""
     import dataclasses
 
+    module, n_out, consumers = split_backward_module(runner.module)
+    return dataclasses.replace(runner, module=module, n_out=n_out, consumers=consumers,
+                               params=dict(runner.module.named_parameters()))
+
+
+def split_backward_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, int, Consumers]:
+    """`gm` rewritten to also return its weight consumers' outputs (what BI/BW need), the
+    number of its original outputs, and the consumers; the profiler times the same thing."""
     from torch import nn
 
-    gm = runner.module
     module_params = {}
     param_targets = set()
     for node in gm.graph.nodes:
@@ -198,6 +205,4 @@ def with_split_backward(runner: Any) -> Any:
             if isinstance(obj, nn.Parameter) and obj.requires_grad:
                 param_targets.add(node.target)
     graph, n_out, consumers = expose_weight_consumers(gm.graph, module_params, param_targets)
-    module = fx.GraphModule(gm, graph, type(gm).__name__)
-    return dataclasses.replace(runner, module=module, n_out=n_out, consumers=consumers,
-                               params=dict(gm.named_parameters()))
+    return fx.GraphModule(gm, graph, type(gm).__name__), n_out, consumers
