@@ -10,6 +10,10 @@ shape so later passes never ask which path was used:
 * the output node returns a flat tuple; `Captured.out_spec` rebuilds the user's structure
   (tensor, tuple, dict, HF ModelOutput);
 * parameters and buffers are `get_attr` nodes whose targets are the original state_dict keys.
+
+Deep models whose parameters are on the meta device (or with `method="repeat"`) are captured
+by repetition (`compiler/repeat_capture.py`): two of their identical blocks are traced and
+the second is copied for the others, which gives the same graph in a fraction of the time.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
+from fxpipe.compiler.repeat_capture import KEEP, RepeatUnsupported, find_block_list, replicate_blocks, truncated_model
 from fxpipe.errors import TraceError
 
 __all__ = ["Captured", "capture", "bind_inputs"]
@@ -44,6 +49,7 @@ class Captured:
     seconds: float
     notes: list[str] = field(default_factory=list)
     fingerprint: str = ""  # set by the pipeline: hash of the graph as captured
+    repeated: str = ""  # how the repeat path built the graph ("" for a full capture)
 
     def flat_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         """The tensors to feed the graph, from a call like the user's `model(*args, **kwargs)`."""
@@ -114,7 +120,9 @@ def capture(
     Args:
         model: the module to capture (not modified).
         example_args / example_kwargs: a real call; tensors' dim 0 is the batch.
-        method: "auto" (fx then export), "fx" or "export".
+        method: "auto" (fx then export; by repetition for a model on the meta device when
+            it has a list of identical blocks), "fx", "export", or "repeat" (by repetition,
+            TraceError when the model has no list of identical blocks).
         leaf_modules: module types fx keeps as single call_module nodes.
         check: re-run the graph at a second batch size and compare with eager (skipped for
             models on the meta device), so a silently specialised graph is caught here.
@@ -125,8 +133,8 @@ def capture(
         ('fx', ('input',))
     """
     example_kwargs = dict(example_kwargs or {})
-    if method not in ("auto", "fx", "export"):
-        raise TraceError(f"capture method must be 'auto', 'fx' or 'export', got {method!r}")
+    if method not in ("auto", "fx", "export", "repeat"):
+        raise TraceError(f"capture method must be 'auto', 'fx', 'export' or 'repeat', got {method!r}")
     sig = inspect.signature(model.forward)
     bound = bind_inputs(sig, tuple(example_args), example_kwargs)
     tensors = {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
@@ -135,8 +143,37 @@ def capture(
         raise TraceError("example_inputs contain no tensor: give at least one input tensor whose dim 0 is the batch")
     batch = _batch_size(tensors)
     on_meta = any(p.is_meta for p in model.parameters()) or any(t.is_meta for t in tensors.values())
-    errors: dict[str, BaseException] = {}
     t0 = time.perf_counter()
+    skipped = ""
+    # A model on meta cannot be checked against eager and is the huge-model case: capture it
+    # by repetition. A real model keeps the full capture unless asked, since its batch-1
+    # check validates exactly what it traced.
+    if method == "repeat" or (method == "auto" and any(p.is_meta for p in model.parameters())):
+        try:
+            cap = _capture_repeated(model, leaf_modules, check and not on_meta, tensors, constants)
+            cap.seconds = time.perf_counter() - t0
+            return cap
+        except Exception as e:  # noqa: BLE001 - any failure of the shortcut means: capture it all
+            if method == "repeat":
+                why = str(e) if isinstance(e, RepeatUnsupported) else _first_line(e)
+                raise TraceError(
+                    f"capture_method='repeat' cannot capture {type(model).__name__}: {why}. It needs a "
+                    "ModuleList/Sequential of >= 4 identical blocks traced the same way; use capture_method="
+                    "'auto' to capture the whole model") from e
+            skipped = f"repeat capture not used ({_first_line(e)}); captured the whole model"
+        method = "auto"
+    cap = _capture_full(model, sig, tensors, constants, batch, method, leaf_modules, check and not on_meta)
+    if skipped:
+        cap.notes.append(skipped)
+    return cap
+
+
+def _capture_full(model: nn.Module, sig: inspect.Signature, tensors: dict[str, torch.Tensor],
+                  constants: dict[str, Any], batch: int, method: str, leaf_modules: tuple[type, ...],
+                  check: bool) -> Captured:
+    """Trace the whole model: fx, then export (method "auto"), or the one path asked for."""
+    t0 = time.perf_counter()
+    errors: dict[str, BaseException] = {}
     # transformers caches are outputs no pipeline wants, and export cannot flatten them.
     restore = _disable_hf_cache(model)
     try:
@@ -151,7 +188,7 @@ def capture(
                 continue
             cap = Captured(gm, path, tuple(tensors), constants, out_spec, sig, batch,
                            time.perf_counter() - t0)
-            if check and not on_meta:
+            if check:
                 problem = _check_second_size(model, cap, tensors, constants)
                 if problem:
                     errors[path] = TraceError(problem)
@@ -162,6 +199,25 @@ def capture(
     finally:
         restore()
     raise TraceError(_explain(model, errors))
+
+
+def _capture_repeated(model: nn.Module, leaf_modules: tuple[type, ...], check: bool,
+                      tensors: dict[str, torch.Tensor], constants: dict[str, Any]) -> Captured:
+    """Capture the first KEEP blocks (fx, else export) and replicate block 1 for the rest."""
+    blocks = find_block_list(model)
+    small = truncated_model(model, blocks, KEEP)
+    cap = _capture_full(small, inspect.signature(small.forward), tensors, constants, _batch_size(tensors), "auto",
+                        leaf_modules, check=False)
+    cap.gm = replicate_blocks(cap.gm, model, blocks, KEEP)
+    where = blocks.path or type(model).__name__
+    cap.repeated = f"repeat: {KEEP} of {len(blocks.keys)} blocks of {where} traced"
+    cap.notes.append(f"captured {KEEP} of the {len(blocks.keys)} identical blocks of {where} and copied block "
+                     f"{blocks.keys[1]} for the others")
+    if check:  # a real model: the replicated graph must agree with the whole model's eager run
+        problem = _check_second_size(model, cap, tensors, constants)
+        if problem:
+            raise RepeatUnsupported(problem)
+    return cap
 
 
 # ---- fx ---------------------------------------------------------------------------------
