@@ -41,6 +41,7 @@ examples:
   fxpipe plan mymodel.py:make --devices 'cpu*2' -o plan.json
   fxpipe inspect plan.json                           # stage table + timeline per device
   fxpipe inspect plan.json --format trace            # Chrome/Perfetto trace
+  fxpipe profile mymodel.py:make --devices cuda:0,cuda:1 -o plan.json   # measured costs
   fxpipe <command> --help                            # options of one command
 """
 
@@ -69,6 +70,17 @@ Devices may name their machine ("node": 0) and then be linked per node instead o
   "node_links": [{"src_node": 0, "dst_node": 0, "bandwidth": 4.5e11, "latency": 5e-6},
                  {"src_node": -1, "dst_node": -1, "bandwidth": 2.5e10, "latency": 2e-5}]
 (-1, -1 = between any two different nodes). In Python: fxpipe.Cluster.preset("h100", 64, per_node=8).
+"""
+
+_PROFILE_EPILOG = """\
+Each unit (the partitioner's atoms) runs on each kind of device in the list: a warm-up,
+then repeated timed runs (CUDA events on GPUs), the median kept; on CPU as many copies run
+at once as there are CPU workers, since they share the cores. The plan records
+cost_source "measured" and `fxpipe inspect` shows it like any plan.
+
+examples:
+  fxpipe profile mymodel.py:make --devices cuda:0,cuda:1 -o plan.json
+  fxpipe profile mymodel.py:make --devices 'cpu*2' --microbatches 8 -o plan.json
 """
 
 _INSPECT_EPILOG = """\
@@ -214,12 +226,60 @@ def _write(path: Path, text: str) -> None:
         raise CliError(f"cannot write {path}: {e.strerror or e}") from None
 
 
+def _int_or_auto(text: str) -> int | str:
+    """argparse type of --microbatches: an integer, or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
+def _timings_table(timings: dict[str, float]) -> str:
+    """`plan`'s per-phase wall times as a table, in the order the phases ran."""
+    total = sum(timings.values())
+    label = {"costs": "units+costs", "partition": "partition+placement"}
+    lines = [f"planning time: {total:.2f}s", f"  {'phase':<20} {'seconds':>8} {'share':>6}"]
+    for k, v in timings.items():
+        lines.append(f"  {label.get(k, k):<20} {v:>8.2f} {v / total if total > 0 else 0.0:>6.0%}")
+    return "\n".join(lines)
+
+
+def _profile_table(plan: "Plan") -> str:
+    """Measured vs. modelled (roofline) forward and backward time per unit, per device kind."""
+    from fxpipe.passes.annotate_costs import CostTable, device_key
+
+    roofline = CostTable.from_dict(plan.costs.to_dict())  # the plan's table without measurements
+    measured = plan.predicted.get("measured_costs") or {}
+    kinds: dict[str, Any] = {}
+    for d in plan.cluster.devices:
+        kinds.setdefault(device_key(d), d)
+    lines = []
+    for key, dev in kinds.items():
+        fwd, bwd = (measured.get("fwd_s") or {}).get(key), (measured.get("bwd_s") or {}).get(key)
+        if fwd is None or bwd is None:
+            continue
+        lines.append(f"measured on {dev.name} ({key}), ms per microbatch; model = roofline estimate")
+        lines.append(f"  {'unit':<36} {'fwd':>8} {'model':>8} {'bwd':>8} {'model':>8}")
+        for u, name in enumerate(roofline.unit_names):
+            lines.append(f"  {name[:36]:<36} {fwd[u] * 1e3:>8.3f} {roofline.fwd_time(u, dev) * 1e3:>8.3f} "
+                         f"{bwd[u] * 1e3:>8.3f} {roofline.bwd_time(u, dev) * 1e3:>8.3f}")
+        tf, tb = sum(fwd), sum(bwd)
+        mf = sum(roofline.fwd_time(u, dev) for u in range(len(roofline.unit_names)))
+        mb = sum(roofline.bwd_time(u, dev) for u in range(len(roofline.unit_names)))
+        lines.append(f"  {'total':<36} {tf * 1e3:>8.3f} {mf * 1e3:>8.3f} {tb * 1e3:>8.3f} {mb * 1e3:>8.3f}"
+                     f"   (measured / model: fwd {tf / mf if mf else float('nan'):.2f}x, "
+                     f"bwd {tb / mb if mb else float('nan'):.2f}x)")
+    return "\n".join(lines) if lines else "no measured costs in the plan"
+
+
 # ---- commands -----------------------------------------------------------------------------
 def _cmd_plan(a: argparse.Namespace) -> int:
     import fxpipe
 
-    if a.microbatches < 1:
-        raise CliError(f"--microbatches must be >= 1, got {a.microbatches}")
+    if a.microbatches != "auto" and a.microbatches < 1:
+        raise CliError(f"--microbatches must be >= 1 or 'auto', got {a.microbatches}")
     devices: Any = fxpipe.Cluster.load(a.cluster) if a.cluster else parse_devices(a.devices)
     out = Path(a.output)
     if not out.parent.is_dir():
@@ -230,14 +290,17 @@ def _cmd_plan(a: argparse.Namespace) -> int:
     print(f" {time.perf_counter() - t0:.2f}s ({type(model).__name__})", file=sys.stderr, flush=True)
     plan = fxpipe.plan(model, devices, args, example_kwargs=kwargs or None, microbatches=a.microbatches,
                        schedule=a.schedule, train=not a.inference, optimizer=a.optimizer,
-                       virtual_stages=a.virtual_stages, progress=True)
+                       virtual_stages=a.virtual_stages, progress=True, profile=a.profile,
+                       recompute={"on": True, "off": False}.get(a.recompute, a.recompute))
     try:
         plan.save(out)
     except OSError as e:
         raise CliError(f"cannot write {out}: {e.strerror or e}") from None
+    if a.profile:
+        print(_profile_table(plan))
+        print()
     print(plan.summary())
-    phases = ", ".join(f"{k} {v:.2f}s" for k, v in plan.timings.items())
-    print(f"planning time: {sum(plan.timings.values()):.2f}s ({phases})")
+    print(_timings_table(plan.timings))
     if a.baseline:
         from fxpipe.passes.explain_plan import compare_baseline
 
@@ -370,6 +433,30 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 # ---- parser and entry point ---------------------------------------------------------------
+def _plan_arguments(pl: argparse.ArgumentParser) -> None:
+    """The options `plan` and `profile` share (what to plan and how)."""
+    pl.add_argument("model", metavar="FILE.py:FACTORY", help="file and function that return (model, example_args[, example_kwargs])")
+    where = pl.add_mutually_exclusive_group(required=True)
+    where.add_argument("--devices", metavar="LIST", help="comma list of devices: 'cpu,cpu', 'cuda:0,cuda:1', 'cpu*4'")
+    where.add_argument("--cluster", metavar="FILE.json", help="a JSON cluster file instead of --devices")
+    pl.add_argument("--microbatches", "-m", type=_int_or_auto, default=4,
+                    help="microbatches per batch, or 'auto' (the fastest predicted that fits; default 4)")
+    pl.add_argument("--schedule", choices=("1f1b", "gpipe", "interleaved", "zb-h1", "auto"), default="1f1b",
+                    help="pipeline schedule, or 'auto' (the fastest predicted that fits; default 1f1b)")
+    pl.add_argument("--recompute", choices=("auto", "on", "off"), default="auto",
+                    help="activation recomputation per stage: 'auto' (only stages that would not fit otherwise; "
+                         "default), 'on' (every stage) or 'off'")
+    pl.add_argument("--virtual-stages", type=int, default=None, metavar="V",
+                    help="stages per device for --schedule interleaved (default 2)")
+    pl.add_argument("--optimizer", choices=("adam", "sgd", "sgd-momentum"), default="adam",
+                    help="optimizer whose state the memory model counts (default adam)")
+    pl.add_argument("--inference", action="store_true", help="plan forward passes only (no gradients or optimizer state)")
+    pl.add_argument("--baseline", choices=("uniform", "params"), default=None,
+                    help="also print this baseline's stage table next to fxpipe's: uniform layer counts, or equal "
+                         "parameter bytes (DeepSpeed / torch pipelining style), with the same cost model")
+    pl.add_argument("-o", "--output", default="plan.json", metavar="PLAN.json", help="where to write the plan (default plan.json)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="fxpipe", description=_MAIN_HELP, epilog=_MAIN_EPILOG, formatter_class=fmt)
@@ -381,23 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="plan a model offline and save the plan as JSON",
                         description="Plan a model for a set of devices (runs nothing on them) and save the plan.",
                         epilog=_PLAN_EPILOG, formatter_class=fmt)
-    pl.add_argument("model", metavar="FILE.py:FACTORY", help="file and function that return (model, example_args[, example_kwargs])")
-    where = pl.add_mutually_exclusive_group(required=True)
-    where.add_argument("--devices", metavar="LIST", help="comma list of devices: 'cpu,cpu', 'cuda:0,cuda:1', 'cpu*4'")
-    where.add_argument("--cluster", metavar="FILE.json", help="a JSON cluster file instead of --devices")
-    pl.add_argument("--microbatches", "-m", type=int, default=4, help="microbatches per batch (default 4)")
-    pl.add_argument("--schedule", choices=("1f1b", "gpipe", "interleaved", "zb-h1"), default="1f1b",
-                    help="pipeline schedule (default 1f1b)")
-    pl.add_argument("--virtual-stages", type=int, default=None, metavar="V",
-                    help="stages per device for --schedule interleaved (default 2)")
-    pl.add_argument("--optimizer", choices=("adam", "sgd", "sgd-momentum"), default="adam",
-                    help="optimizer whose state the memory model counts (default adam)")
-    pl.add_argument("--inference", action="store_true", help="plan forward passes only (no gradients or optimizer state)")
-    pl.add_argument("--baseline", choices=("uniform", "params"), default=None,
-                    help="also print this baseline's stage table next to fxpipe's: uniform layer counts, or equal "
-                         "parameter bytes (DeepSpeed / torch pipelining style), with the same cost model")
-    pl.add_argument("-o", "--output", default="plan.json", metavar="PLAN.json", help="where to write the plan (default plan.json)")
-    pl.set_defaults(func=_cmd_plan)
+    _plan_arguments(pl)
+    pl.set_defaults(func=_cmd_plan, profile=False)
+
+    pr = sub.add_parser("profile", help="time every unit on the real devices, then plan with the measured costs",
+                        description="Run each unit's forward and backward on the devices given (they must exist "
+                                    "here), print measured vs. modelled times per unit, and save a plan priced "
+                                    "with the measurements.", epilog=_PROFILE_EPILOG, formatter_class=fmt)
+    _plan_arguments(pr)
+    pr.set_defaults(func=_cmd_plan, profile=True)
 
     ins = sub.add_parser("inspect", help="show a saved plan: stage table, timeline, trace, generated code",
                          description="Show what a plan decided.", epilog=_INSPECT_EPILOG, formatter_class=fmt)

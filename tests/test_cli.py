@@ -98,6 +98,24 @@ def test_plan_prints_summary_and_progress(factory: Path, tmp_path: Path, capsys:
     assert (plan.num_stages, plan.microbatches, plan.schedule.kind, plan.optimizer) == (3, 4, "gpipe", "sgd")
 
 
+def test_profile_measures_units_and_saves_a_measured_plan(factory: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "p.json"
+    rc, stdout, stderr = run(["profile", f"{factory}:make", "--devices", "cpu,cpu", "-m", "2", "-o", str(out)], capsys)
+    assert rc == 0, stderr
+    assert "fxpipe: profile" in stderr
+    plan = fxpipe.Plan.load(out)
+    assert plan.predicted["cost_source"] == "measured"
+    fwd = plan.predicted["measured_costs"]["fwd_s"]
+    (times,) = fwd.values()  # one device kind: cpu
+    assert len(times) == len(plan.costs.unit_names) and all(t > 0 for t in times)
+    # one table row per unit, its measured forward time printed in ms, and the totals line
+    rows = [line.split() for line in stdout.splitlines() if line.strip().split(" ")[0] in plan.costs.unit_names]
+    assert len(rows) == len(plan.costs.unit_names)
+    assert [float(r[1]) for r in rows] == pytest.approx([t * 1e3 for t in times], abs=1e-3)
+    assert "measured / model: fwd" in stdout
+
+
 def test_plan_kwargs_factory_inference_and_cluster_file(factory: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     gpu = {"kind": "cuda", "peak_flops": 6.7e13, "mem_bandwidth": 3.35e12, "memory": 8.0e10}

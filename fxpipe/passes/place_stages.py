@@ -284,9 +284,9 @@ def place_stages(
         identity = tuple(range(p))
         partition_stages(search.problems.get(identity) or make_problem(identity))  # raises the partitioner's message
         raise AssertionError("place_stages: no order fits but the partitioner found one")  # pragma: no cover
-    order, _ = ranked[0]
+    order, best = ranked[0]
     problem = search.problems[order]
-    part = partition_stages(problem)
+    part = partition_stages(problem, bottleneck=best)  # pass 1 already ran for this order
     if method == "heuristic" and search.first_problem is not None:
         lower = placement_lower_bound(search.first_problem)
     return Placement(order=order, partition=part, problem=problem, method=method, candidates=max(len(search.seen), search.visited),
@@ -503,9 +503,29 @@ def _canonical(order: tuple[int, ...], labels: Sequence[int]) -> tuple[int, ...]
     return tuple(out)
 
 
+def _node_signature(cluster: Cluster, order: tuple[int, ...], kind: Sequence[tuple]) -> tuple | None:
+    """A key equal for orders that differ only by a permutation of interchangeable whole
+    nodes (`_same_node_kind` for every pair), None when the cluster has no such symmetry."""
+    nodes = sorted({d.node for d in cluster.devices})
+    if len(nodes) < 2 or any(nd < 0 for nd in nodes):
+        return None
+    members = {nd: [i for i, d in enumerate(cluster.devices) if d.node == nd] for nd in nodes}
+    if not all(_same_node_kind(cluster, members[nodes[0]], members[nd], kind) for nd in nodes[1:]):
+        return None
+    rename: dict[int, int] = {}
+    return tuple((kind[i], rename.setdefault(cluster.devices[i].node, len(rename))) for i in order)
+
+
 def _heuristic(search: _Search, cluster: Cluster, labels: Sequence[int], budget: int, device_swaps: bool) -> None:
+    kind0 = [_device_key(cluster, i) for i in range(len(cluster))]
+    signatures: set = set()
     for o in _base_orders(cluster):
-        search(_canonical(o, labels))
+        o = _canonical(o, labels)
+        sig = _node_signature(cluster, o, kind0)
+        if sig is not None and sig in signatures:
+            continue  # the same costs as an order already priced (a node relabelling)
+        signatures.add(sig)
+        search(o)
     ranked = search.best()
     if not ranked:
         return
