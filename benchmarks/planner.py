@@ -137,6 +137,15 @@ def decoder_problem(c: Config, cluster: Cluster, order: tuple[int, ...], shape: 
         device_names=tuple(d.name for d in devs))
 
 
+def _eight_different() -> Cluster:
+    """8 devices that differ pairwise (kind or memory), one per node: 40,320 distinct orders,
+    the exhaustive search's worst case (a branch and bound, see place_stages)."""
+    cl = Cluster.preset("h100", 1, memory=40 * GiB)
+    for kind, mem in (("a100", 80), ("l4", 24), ("h200", 141), ("h100", 80), ("a100", 40), ("l4", 20), ("h200", 100)):
+        cl = Cluster.concat(cl, Cluster.preset(kind, 1, memory=mem * GiB))
+    return cl
+
+
 def bench_speed(c: Config) -> list[dict]:
     out = []
     clusters = {
@@ -150,6 +159,7 @@ def bench_speed(c: Config) -> list[dict]:
         "13B-shaped: h100 x2 + a100 x2 + l4 x4, 3 nodes": (
             Cluster.concat(Cluster.concat(Cluster.preset("h100", 2), Cluster.preset("a100", 2)),
                            Cluster.preset("l4", 4)), LLAMA_13B),
+        "13B-shaped: 8 all-different devices, 8 nodes": (_eight_different(), LLAMA_13B),
     }
     for name, (cl, shape) in clusters.items():
         times = []
