@@ -92,6 +92,11 @@ class _Progress:
         if self.enabled:
             print(f"fxpipe: {what} ...", end="", file=sys.stderr, flush=True)
 
+    def note(self, text: str) -> None:
+        """One line of context between phases (e.g. which auto candidate runs next)."""
+        if self.enabled:
+            print(f"fxpipe: {text}", file=sys.stderr, flush=True)
+
     def done(self, key: str, extra: str = "") -> None:
         dt = time.perf_counter() - self._t
         self.timings[key] = round(self.timings.get(key, 0.0) + dt, 4)  # auto mode repeats phases
@@ -436,11 +441,14 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
     rows: list[dict[str, Any]] = []
     plans: list[tuple[Plan, Units, tuple[int, int]]] = []
     failures: list[tuple[float, str, PlanError]] = []
+    total = len(kinds) * len(ms)
     for kind_ in kinds:
         v = virtual_stage_count(kind_, v_given if kind_ == "interleaved" else None)
         stage_device = _stage_devices(kind_, p, v)
         for m_ in ms:
             size = microbatch_sizes(cap.batch_size, m_)[0]
+            prog.note(f"auto candidate {len(rows) + 1}/{total}: schedule {kind_}, {m_} microbatch"
+                      f"{'es' if m_ != 1 else ''}")
             row: dict[str, Any] = {"schedule": kind_, "microbatches": m_}
             try:
                 units, costs = analysis(size, len(stage_device), m_, stage_device)

@@ -152,9 +152,10 @@ def _profile_device(graphs: list, gm: fx.GraphModule, model: nn.Module, inputs: 
         frac_t.append(tbi / (tbi + tbw) if tbi + tbw > 0 else 0.5)
         for name, v in zip(sg.send, out):
             values[name] = v.detach() if isinstance(v, torch.Tensor) else v
-        if progress:
-            print(f"fxpipe: profile {key} unit {sg.index}: fwd {tf * 1e3:.3f} ms, bwd {tb * 1e3:.3f} ms "
-                  f"(split: BI {tbi * 1e3:.3f} + BW {tbw * 1e3:.3f} ms)", file=sys.stderr, flush=True)
+        if progress:  # (the first line ends the open "fxpipe: profile ..." phase line)
+            print(f"{chr(10) if len(fwd_t) == 1 else ''}fxpipe: profile {key} unit {len(fwd_t)}/{len(graphs)}: "
+                  f"fwd {tf * 1e3:.3f} ms, bwd {tb * 1e3:.3f} ms (split: BI {tbi * 1e3:.3f} + BW {tbw * 1e3:.3f} ms)",
+                  file=sys.stderr, flush=True)
     return fwd_t, bwd_t, frac_t
 
 
