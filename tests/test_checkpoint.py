@@ -211,6 +211,8 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
         load_into_model(dist_worker.TiedLM(d=8), tmp_path / "c", None)
     with pytest.raises(FxpipeError, match="not an fxpipe checkpoint"):
         cm.load_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(FxpipeError, match=f"is a file; .*pass '{tmp_path / 'c'}'"):
+        cm.load_checkpoint(tmp_path / "c" / INDEX_NAME)
     (tmp_path / "c" / INDEX_NAME).write_text("{broken")
     with pytest.raises(FxpipeError, match="damaged"):
         cm.load_checkpoint(tmp_path / "c")

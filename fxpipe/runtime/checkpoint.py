@@ -161,6 +161,10 @@ def make_index(table: TensorTable, owner: Mapping[str, int], n: int, fingerprint
 
 def read_index(folder: str | os.PathLike) -> CheckpointIndex:
     """Read and validate a checkpoint folder's index; FxpipeError when it is missing or damaged."""
+    if Path(folder).is_file():
+        hint = Path(folder).parent if Path(folder).name == INDEX_NAME or Path(folder).suffix == ".pt" else None
+        raise FxpipeError(f"{os.fspath(folder)!r} is a file; a checkpoint is the folder cm.save_checkpoint wrote"
+                          + (f": pass {os.fspath(hint)!r}" if hint is not None else ""))
     path = Path(folder) / INDEX_NAME
     if not path.is_file():
         what = "does not exist" if not Path(folder).exists() else f"has no {INDEX_NAME}"
