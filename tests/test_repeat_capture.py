@@ -211,3 +211,22 @@ def test_the_largest_identical_list_is_repeated():
     m = _TwoLists().eval()
     assert find_block_list(m).path == "small"
     _same_as_full(m, torch.randn(4, 8))
+
+
+def test_transformers_meta_plan_compiles_the_real_model():
+    """A plan made on the meta device (repeat capture) is accepted by the real model: meta's
+    attention kernel returns other strides, so export records `contiguous` calls there that
+    the real graph lacks; the fingerprint ignores them (they change no value)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=256)
+    with torch.device("meta"):
+        meta = transformers.MistralForCausalLM(cfg)
+    plan = fxpipe.plan(meta, ["cpu", "cpu"], (torch.randint(0, 256, (4, 16), device="meta"),), microbatches=2)
+    assert plan.capture_path == "export"
+    torch.manual_seed(0)
+    real = transformers.MistralForCausalLM(cfg).eval()
+    x = torch.randint(0, 256, (4, 16))
+    cm = fxpipe.compile(real, ["cpu", "cpu"], (x,), plan=plan)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x).logits, real(x).logits, rtol=1e-5, atol=1e-5)
