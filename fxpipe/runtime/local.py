@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import torch.utils.checkpoint
 import torch.utils._pytree as pytree
 
 from fxpipe.errors import FxpipeError, RuntimeMismatchError
+from fxpipe.runtime.transfer import Channel
 from fxpipe.runtime.weight_grad import Consumers, SplitState, backward_input, backward_weight
 
 __all__ = ["StageRunner", "LocalRuntime", "PipelineAborted", "measured_timeline"]
@@ -150,6 +152,11 @@ class LocalRuntime:
         for st in self.stages:
             if st.device.type == "cuda" and st.device_index not in self.streams:
                 self.streams[st.device_index] = torch.cuda.Stream(device=st.device)
+        # FXPIPE_COPY_STREAMS=1: boundaries cross devices on a copy stream per channel, started
+        # at the send (runtime/transfer.py); otherwise the receiver copies on its compute stream
+        self.copy_streams = os.environ.get("FXPIPE_COPY_STREAMS") == "1"
+        self.worker_device = {st.device_index: st.device for st in self.stages}
+        self.channels: dict[tuple[int, int], Channel] = {}
 
     # ---- driver ------------------------------------------------------------------------
     def run(self, programs: Sequence[Callable], state: _StepState, record: bool = False) -> _StepState:
@@ -314,7 +321,7 @@ class LocalRuntime:
         if not state.train:
             state.stash.pop((s, mb))
         payload = [o.detach() if isinstance(o, torch.Tensor) else o for o in out]
-        self.mailboxes[dst].put(("act", s + 1, mb), (payload, self._event(st)))
+        self.mailboxes[dst].put(("act", s + 1, mb), self._ship(st, dst, payload))
 
     def recv_act(self, s: int, mb: int, src: int) -> None:
         st, state = self.stages[s], self.state
@@ -325,7 +332,7 @@ class LocalRuntime:
         st, state = self.stages[s], self.state
         self.current[st.device_index] = f"SEND_GRAD(s{s},mb{mb}->d{dst})"
         grads = state.grads_out.pop((s, mb))
-        self.mailboxes[dst].put(("grad", s - 1, mb), (grads, self._event(st)))
+        self.mailboxes[dst].put(("grad", s - 1, mb), self._ship(st, dst, grads))
 
     def recv_grad(self, s: int, mb: int, src: int) -> None:
         st, state = self.stages[s], self.state
@@ -338,6 +345,17 @@ class LocalRuntime:
         if self._rng_lock is None or st.device.type != "cpu" or not st.uses_rng or (recomputing and not st.recompute):
             return contextlib.nullcontext()
         return self._rng_lock
+
+    def _ship(self, st: StageRunner, dst: int, payload: list) -> tuple[list, Any]:
+        """(payload, event) for the mailbox: moved on the channel's copy stream when enabled
+        and a device boundary with a GPU is crossed, else as produced with the sender's event."""
+        dst_dev = self.worker_device.get(dst, st.device)
+        if self.copy_streams and dst_dev != st.device and "cuda" in (dst_dev.type, st.device.type):
+            ch = self.channels.get((st.device_index, dst))
+            if ch is None:
+                ch = self.channels[(st.device_index, dst)] = Channel(st.device, dst_dev)
+            return ch.send(payload)
+        return payload, self._event(st)
 
     def _event(self, st: StageRunner) -> Any:
         if st.device.type != "cuda":
@@ -355,7 +373,13 @@ class LocalRuntime:
                 f"device {st.device_index} waited {self.timeout:.0f}s on {what} and nothing arrived; "
                 "the peer is stuck or the schedule is broken (raise timeout= for very slow stages)") from None
         if event is not None and st.device.type == "cuda":
-            torch.cuda.current_stream(st.device).wait_event(event)
+            stream = torch.cuda.current_stream(st.device)
+            stream.wait_event(event)
+            for t in pytree.tree_leaves(payload):  # arrived on a copy stream: used on this one now
+                if isinstance(t, torch.Tensor) and t.device == st.device:
+                    t.record_stream(stream)
+        elif event is not None:
+            event.synchronize()  # a CPU worker reads what a GPU stream wrote: wait for it
         return payload
 
 
