@@ -246,3 +246,25 @@ def test_interleaved_positions_are_placed_too():
     pl = place_stages(lambda o: _problem(plan.costs, cl.subset(o), sd, peak_inflight(sched), True, "adam"), cl)
     assert len(pl.partition.bounds) == 4 and pl.candidates == 2
     assert pl.to_dict()["order"] == list(pl.order)
+
+
+@pytest.mark.parametrize("widths,m,devices", [
+    ([64, 256, 64, 512, 32, 128, 256, 64, 96, 512, 64, 128], 2, 4),   # few microbatches: fill and drain weigh
+    ([128] * 12, 4, 4),
+    ([32, 512, 512, 32, 64, 64, 256, 32], 1, 3),                       # m = 1: the step is the sum
+    ([256, 64, 64, 64, 64, 64, 64, 256, 64, 64], 8, 2),
+])
+def test_plan_step_is_never_worse_than_the_baselines(widths, m, devices):
+    torch.manual_seed(0)
+    layers = []
+    for a, b in zip(widths, widths[1:] + widths[:1]):
+        layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+    model = torch.nn.Sequential(*layers)
+    for schedule in ("gpipe", "1f1b"):
+        plan = fxpipe.plan(model, ["cpu"] * devices, (torch.randn(8, widths[0]),), microbatches=m, schedule=schedule)
+        step = plan.predicted["step_ms"]
+        assert step == pytest.approx(fxpipe.simulate(plan).step_time * 1e3, rel=1e-12)
+        for name, base in plan.baselines.items():
+            if base["fits"]:
+                stages = baseline_stages(plan, base["bounds"], base.get("recompute"))
+                assert step <= fxpipe.simulate(plan.with_(stages=stages)).step_time * 1e3 * (1 + 1e-12), name

@@ -28,7 +28,7 @@ from fxpipe.passes.load_schedule import load_schedule
 from fxpipe.passes.fuse_elementwise import fuse_elementwise
 from fxpipe.passes.place_stages import place_stages
 from fxpipe.passes.partition_stages import (Partition, PartitionProblem, memory_shortfall, params_partition,
-                                            uniform_partition)
+                                            step_candidates, uniform_partition)
 from fxpipe.passes.profile_units import profile_units
 from fxpipe.passes.propagate_shapes import propagate_shapes
 from fxpipe.passes.simulate_schedule import Timeline, simulate_schedule
@@ -366,18 +366,30 @@ def _plan_one(kind: str, user: Schedule | None, m: int, stage_device: Sequence[i
     cluster = cluster.subset(placement.order)
     problem, part = placement.problem, placement.partition
     baselines = {}
-    for name, b in (("uniform", uniform_partition(problem)),
-                    ("params", params_partition(problem, costs.param_bytes))):
+    base_parts = {"uniform": uniform_partition(problem), "params": params_partition(problem, costs.param_bytes)}
+    for name, b in base_parts.items():
         baselines[name] = {"bounds": [list(x) for x in b.bounds], "bottleneck_ms": b.bottleneck * 1e3, "fits": b.fits}
         if any(b.recompute):
             baselines[name]["recompute"] = list(b.recompute)
+    # the min-bottleneck cut is the best in steady state; with few microbatches the fill and
+    # drain weigh too, so cuts trading bottleneck for a smaller total (and the baselines) are
+    # simulated as well and the smallest predicted step wins (ties: the smaller bottleneck)
+    n_units, n_stages = len(costs.unit_names), len(stage_device)
+    limit = 8 if n_units * n_units * n_stages <= 2_000_000 else 0  # each is one more DP pass
+    cands = [part] + step_candidates(problem, part, m, limit) + [b for b in base_parts.values() if b.fits]
     prog.done("partition", f"({len(stage_device)} stages)")
 
-    # simulate the schedule against the chosen cut: the predicted step and bubble
+    # simulate the schedule against the candidate cuts: the predicted step and bubble
     prog.start("simulate")
-    stages = _stage_plans(part, costs, cluster, stage_device, train, inflight)
-    tl = _simulate(sched, stages, costs, cluster)
-    prog.done("simulate")
+    best_key, chosen = None, None
+    for c in cands:
+        st_c = _stage_plans(c, costs, cluster, stage_device, train, inflight)
+        tl_c = _simulate(sched, st_c, costs, cluster)
+        key = (tl_c.step_time, c.bottleneck)
+        if best_key is None or key < best_key:
+            best_key, chosen = key, (c, st_c, tl_c)
+    part, stages, tl = chosen
+    prog.done("simulate", f"({len(cands)} cut(s) simulated)")
     predicted = {
         "step_ms": tl.step_time * 1e3,
         "bottleneck_ms": part.bottleneck * 1e3,

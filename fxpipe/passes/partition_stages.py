@@ -70,6 +70,7 @@ __all__ = [
     "uniform_partition",
     "params_partition",
     "stage_recompute",
+    "step_candidates",
     "memory_shortfall",
     "RECOMPUTE_MODES",
 ]
@@ -622,6 +623,54 @@ def partition_stages(problem: PartitionProblem, *, bottleneck: float | None = No
     if not result.fits or result.bottleneck != bottleneck:  # pragma: no cover
         raise AssertionError("partition_stages: DP and evaluate_partition disagree")
     return result
+
+
+def _min_sum_within(problem: PartitionProblem, bound: float) -> Partition | None:
+    """The fitting partition with the smallest sum of stage times among those whose every
+    stage takes <= `bound` (None when there is none)."""
+    n, p = problem.n, problem.p
+    caps = np.asarray(problem.device_memory, dtype=np.float64)[None, :]
+    total, parent = _minmax_dp(problem, lambda t, m: np.where((m <= caps) & (t <= bound), t, np.inf), 0.0, np.add)
+    if not math.isfinite(total[n, p - 1]):
+        return None
+    return evaluate_partition(problem, _trace_back(parent, n, p), method="optimal")
+
+
+def step_candidates(problem: PartitionProblem, best: Partition, microbatches: int, limit: int = 8) -> list[Partition]:
+    """Partitions that give up some bottleneck for a smaller sum of stage times.
+
+    A pipeline's step is about ``sum(stage times) + (m - 1) * bottleneck`` (the first
+    microbatch crosses every stage, the others follow at the bottleneck's pace), so with few
+    microbatches a split that is a little slower at its slowest stage but faster in total can
+    finish sooner. For bounds B above `best`'s bottleneck B*, up to the point where no saving
+    in the sum can pay for ``(m - 1) * (B - B*)``, this returns the min-sum partition under B,
+    for up to `limit` bounds taken from the stage times that occur in that range. The caller
+    picks among them (and `best`) by simulating the schedule.
+    """
+    if limit <= 0:
+        return []
+    b_star, s_star = best.bottleneck, sum(best.stage_time)
+    free = _min_sum_within(problem, math.inf)
+    if free is None or sum(free.stage_time) >= s_star:
+        return []
+    hi = math.inf if microbatches <= 1 else b_star + (s_star - sum(free.stage_time)) / (microbatches - 1)
+    caps = np.asarray(problem.device_memory, dtype=np.float64)[None, :]
+    values: set[float] = set()
+    for _, time, memory in _stage_tables(problem):
+        t = time[(memory <= caps) & (time > b_star) & (time <= hi)]
+        values.update(t.tolist())
+    bounds = sorted(values)
+    if len(bounds) > limit:  # spread over the range, always keeping its ends
+        step = (len(bounds) - 1) / (limit - 1) if limit > 1 else 0
+        bounds = sorted({bounds[round(i * step)] for i in range(limit)})
+    out: list[Partition] = []
+    last = s_star
+    for b in bounds:  # the min sum only falls as the bound rises; keep the cuts where it does
+        part = _min_sum_within(problem, b)
+        if part is not None and sum(part.stage_time) < last:
+            out.append(part)
+            last = sum(part.stage_time)
+    return out
 
 
 # --------------------------------------------------------------------------------------

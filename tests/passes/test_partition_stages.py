@@ -20,6 +20,7 @@ from fxpipe.passes.partition_stages import (
     partition_stages,
     stage_memory,
     stage_time,
+    step_candidates,
     uniform_partition,
 )
 
@@ -464,3 +465,24 @@ def test_optimal_beats_baselines_when_they_fit(prob, data):
     for base in baselines:
         if base.fits:
             assert part.bottleneck <= base.bottleneck * (1 + 1e-9)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(problems(), st.integers(1, 8))
+def test_step_candidates_trade_bottleneck_for_a_smaller_total(prob, m):
+    try:
+        best = partition_stages(prob)
+    except PlanError:
+        return
+    cands = step_candidates(prob, best, m, limit=4)
+    assert len(cands) <= 4 and len({c.bounds for c in cands}) == len(cands)
+    free_sum = min(sum(part.stage_time) for part in all_partitions(prob) if part.fits)
+    for c in cands:
+        assert c.fits and c.bounds != best.bounds
+        assert c.bottleneck > best.bottleneck and sum(c.stage_time) < sum(best.stage_time)
+        # worth simulating only while the sum saved can pay for the slower stage m-1 times
+        if m > 1:
+            assert (m - 1) * (c.bottleneck - best.bottleneck) <= sum(best.stage_time) - free_sum + 1e-9
+        # each is the smallest total among the partitions no slower than its bottleneck
+        within = [part for part in all_partitions(prob) if part.fits and part.bottleneck <= c.bottleneck]
+        assert sum(c.stage_time) <= min(sum(part.stage_time) for part in within) * (1 + 1e-9) + 1e-12
