@@ -129,10 +129,16 @@ def _profile_device(graphs: list, gm: fx.GraphModule, model: nn.Module, inputs: 
         # the other copies get their own weights: two pipeline stages never share a cache line
         mods = [mod] + [copy.deepcopy(mod) for _ in range(copies - 1)]
 
+        # a training forward records autograd's graph and saves tensors for backward (the
+        # runtime's received values are leaves that require grad): time that, not a no_grad
+        # forward, which is measurably cheaper (MLP blocks on CPU: ~25%)
+        grad_in = [r.detach().requires_grad_(True) if train and isinstance(r, torch.Tensor) and r.is_floating_point()
+                   else r for r in recv]
+
         def forward_of(i: int) -> Callable[[], None]:
             def forward() -> None:
-                with torch.no_grad():
-                    mods[i](*recv, *model_in)
+                with torch.set_grad_enabled(train):
+                    mods[i](*grad_in, *model_in)
             return forward
 
         tf = _concurrently(lambda i: _time(forward_of(i), dev, warmup, repeats), copies, threads)
