@@ -29,7 +29,7 @@ def _ops(cap) -> list[tuple[str, str]]:
             for n in cap.gm.graph.nodes]
 
 
-def _same_as_full(model: nn.Module, x: torch.Tensor) -> None:
+def _assert_same_as_full(model: nn.Module, x: torch.Tensor) -> None:
     full = capture(model, (x,))
     rep = capture(model, (x,), method="repeat")
     assert rep.repeated and not full.repeated
@@ -47,7 +47,7 @@ def _same_as_full(model: nn.Module, x: torch.Tensor) -> None:
 
 
 def test_tinygpt_fx_path_matches_full_capture():
-    _same_as_full(tiny_gpt(n_layer=6, n_embd=32, vocab_size=64, n_positions=16).eval(), _tokens(64))
+    _assert_same_as_full(tiny_gpt(n_layer=6, n_embd=32, vocab_size=64, n_positions=16).eval(), _tokens(64))
 
 
 def test_user_model_is_not_touched():
@@ -128,8 +128,8 @@ class _Block(nn.Module):
 
 def test_hand_written_stack_and_root_sequential():
     torch.manual_seed(0)
-    _same_as_full(_Stack([_Block(8) for _ in range(7)]).eval(), torch.randn(4, 8))
-    _same_as_full(nn.Sequential(*[_Block(8) for _ in range(4)]).eval(), torch.randn(4, 8))
+    _assert_same_as_full(_Stack([_Block(8) for _ in range(7)]).eval(), torch.randn(4, 8))
+    _assert_same_as_full(nn.Sequential(*[_Block(8) for _ in range(4)]).eval(), torch.randn(4, 8))
 
 
 def test_index_dependent_constant_is_refused():
@@ -174,7 +174,7 @@ def test_llama_export_path_matches_full_capture():
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
-    _same_as_full(LlamaForCausalLM(cfg).eval(), _tokens(100))
+    _assert_same_as_full(LlamaForCausalLM(cfg).eval(), _tokens(100))
 
 
 def test_gpt2_matches_full_capture_and_layer_scaled_gpt2_is_refused():
@@ -182,7 +182,7 @@ def test_gpt2_matches_full_capture_and_layer_scaled_gpt2_is_refused():
 
     torch.manual_seed(0)
     cfg = dict(n_embd=32, n_layer=6, n_head=4, vocab_size=100, n_positions=16, bos_token_id=0, eos_token_id=0)
-    _same_as_full(GPT2LMHeadModel(GPT2Config(**cfg)).eval(), _tokens(100))
+    _assert_same_as_full(GPT2LMHeadModel(GPT2Config(**cfg)).eval(), _tokens(100))
     scaled = GPT2LMHeadModel(GPT2Config(scale_attn_by_inverse_layer_idx=True, **cfg)).eval()
     with pytest.raises(TraceError, match="capture_method='repeat'"):
         capture(scaled, (_tokens(100),), method="repeat")
@@ -210,7 +210,7 @@ def test_the_largest_identical_list_is_repeated():
     torch.manual_seed(0)
     m = _TwoLists().eval()
     assert find_block_list(m).path == "small"
-    _same_as_full(m, torch.randn(4, 8))
+    _assert_same_as_full(m, torch.randn(4, 8))
 
 
 def test_transformers_meta_plan_compiles_the_real_model():

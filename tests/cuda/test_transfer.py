@@ -21,7 +21,7 @@ def _model():
     return nn.Sequential(*[nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)) for _ in range(4)])
 
 
-def _equal_to_eager(devices, monkeypatch):
+def _assert_equal_to_eager(devices, monkeypatch):
     monkeypatch.setenv("FXPIPE_COPY_STREAMS", "1")
     model = _model()
     ref = copy.deepcopy(model)
@@ -39,7 +39,7 @@ def _equal_to_eager(devices, monkeypatch):
 
 
 def test_cpu_pipeline_with_copy_streams_switched_on_is_unchanged(monkeypatch):
-    _equal_to_eager(["cpu", "cpu"], monkeypatch)
+    _assert_equal_to_eager(["cpu", "cpu"], monkeypatch)
 
 
 @cuda
@@ -63,4 +63,4 @@ def test_channel_routes_deliver_the_values(route):
 
 @cuda
 def test_gpu_and_cpu_workers_with_copy_streams_equal_eager(monkeypatch):
-    _equal_to_eager(["cuda:0", "cpu"], monkeypatch)
+    _assert_equal_to_eager(["cuda:0", "cpu"], monkeypatch)
