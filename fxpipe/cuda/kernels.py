@@ -459,9 +459,14 @@ def row_config(cols: int, vec: int, per_thread: int = 16) -> tuple[int, int] | N
 
 @functools.lru_cache(maxsize=None)
 def _module(family: str, dtype_kind: str, vec: int, threads: int, nv: int) -> Any:
-    cp = _cupy()
     src = (_PRELUDE % {"kind": dtype_kind, "vec": vec, "threads": threads, "nv": nv}
            + (_ELEMENTWISE if family == "elementwise" else _ROWS) % {})
+    return _compile(src, family, f"the fxpipe {family} kernels for {dtype_kind} (vec={vec}, threads={threads}, nv={nv})")
+
+
+def _compile(src: str, tag: str, what: str) -> Any:
+    """Compile a CuPy RawModule; on failure save the source and raise KernelCompileError with a repro."""
+    cp = _cupy()
     try:
         mod = cp.RawModule(code=src, options=("-std=c++17",))
         mod.compile()
@@ -470,12 +475,11 @@ def _module(family: str, dtype_kind: str, vec: int, threads: int, nv: int) -> An
         import os
         import tempfile
 
-        path = os.path.join(tempfile.gettempdir(), f"fxpipe_{family}_{hashlib.sha1(src.encode()).hexdigest()[:12]}.cu")
+        path = os.path.join(tempfile.gettempdir(), f"fxpipe_{tag}_{hashlib.sha1(src.encode()).hexdigest()[:12]}.cu")
         with open(path, "w") as f:
             f.write(src)
         raise KernelCompileError(
-            f"NVRTC could not compile the fxpipe {family} kernels for {dtype_kind} (vec={vec}, threads={threads}, "
-            f"nv={nv}): {e}\n  source: {path}\n  repro: python3 -c \"import cupy; "
+            f"NVRTC could not compile {what}: {e}\n  source: {path}\n  repro: python3 -c \"import cupy; "
             f"cupy.RawModule(code=open('{path}').read(), options=('-std=c++17',)).compile()\"") from e
     return mod
 
@@ -566,23 +570,10 @@ def elementwise_grid(nv: int, device: torch.device, row_vectors: int | None = No
 def _chain_functions(program: str, dtype_kind: str, modes: tuple[str, ...], need: tuple[bool, ...] | None) -> Any:
     from fxpipe.cuda.chain import kernel_source
 
-    cp = _cupy()
     grads = need if need is not None else tuple(False for _ in modes)
     src = _PRELUDE % {"kind": dtype_kind, "vec": 1, "threads": 256, "nv": 1} + kernel_source(program, modes, grads)
-    name = "chain_fwd" if need is None else "chain_bwd"
-    try:
-        mod = cp.RawModule(code=src, options=("-std=c++17",))
-        return mod.get_function(name)
-    except Exception as e:
-        import hashlib
-        import os
-        import tempfile
-
-        path = os.path.join(tempfile.gettempdir(), f"fxpipe_chain_{hashlib.sha1(src.encode()).hexdigest()[:12]}.cu")
-        with open(path, "w") as f:
-            f.write(src)
-        raise KernelCompileError(f"NVRTC could not compile the elementwise chain {program!r} for {dtype_kind}: {e}\n"
-                                 f"  source: {path}") from e
+    mod = _compile(src, "chain", f"the elementwise chain {program!r} for {dtype_kind}")
+    return mod.get_function("chain_fwd" if need is None else "chain_bwd")
 
 
 def launch_chain(program: str, modes: tuple[str, ...], need: tuple[bool, ...] | None, tensors: list[torch.Tensor],
