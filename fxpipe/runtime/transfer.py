@@ -17,8 +17,9 @@ Routes:
   on the copy stream, the route a PCIe link between two GPUs takes.
 * CPU -> CPU, or the same device: nothing to copy; the tensors are handed over.
 
-The local runtime uses channels when `FXPIPE_COPY_STREAMS=1` (see `runtime/local.py`);
-without it a receiver copies on its own compute stream, as before. Not yet measured on a GPU.
+The local runtime uses channels unless `FXPIPE_COPY_STREAMS=0` (see `runtime/local.py`), in
+which case a receiver copies on its own compute stream. On an H100, device -> pinned host ->
+device transfers overlap compute with efficiency 0.87-0.88 (`benchmarks/overlap.py`).
 """
 
 from __future__ import annotations
