@@ -14,6 +14,7 @@ Writes DIR/cuda_kernels.json and DIR/cuda_kernels.md (default benchmarks/results
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -86,20 +87,148 @@ def _patterns(R, C, dtype):
     ]
 
 
+ELEMENTWISE_PATTERNS = ("bias_gelu", "dropout_add", "chain:new_gelu", "chain:swiglu")
+ROW_PATTERNS = ("add_layer_norm", "scale_mask_softmax")
+# (unroll, min_blocks, waves) and (ln_values, softmax_vectors) tried by --sweep
+ELEMENTWISE_CONFIGS = [(1, 8, 1), (2, 8, 2), (4, 4, 2), (1, 8, 4), (2, 8, 4), (1, 8, 8), (1, 8, 16), (1, 8, 64)]
+ROW_CONFIGS = [(8, 2), (16, 2), (16, 4), (32, 8), (8, 4)]
+
+
+def _geomean(xs):
+    return float(torch.tensor(xs, dtype=torch.float64).log().mean().exp())
+
+
+def sweep(R: int, C: int, out: str) -> dict:
+    """Time every pattern's fused forward under each launch configuration; set the best per
+    family (geometric mean of time over its patterns and both dtypes) and return the record."""
+    rows = []
+    base = dataclasses.asdict(kernels.TUNING)
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            pats = {p[0]: p for p in _patterns(R, C, dtype)}
+            vec = 16 // torch.empty((), dtype=dtype).element_size()
+            for (u, mb, w) in ELEMENTWISE_CONFIGS:
+                kernels.set_tuning(unroll=u, min_blocks=mb, waves=w)
+                for name in ELEMENTWISE_PATTERNS:
+                    ms = _time(pats[name][2])
+                    res = {}
+                    if not name.startswith("chain:"):
+                        fn = kernels._function("elementwise", name + "_fwd", dtype, vec, 32, 1)
+                        res = kernels.kernel_resources(fn)
+                    rows.append({"family": "elementwise", "config": [u, mb, w], "pattern": name,
+                                 "dtype": str(dtype).replace("torch.", ""), "ms": ms, **res})
+                    print(json.dumps(rows[-1]), flush=True)
+            kernels.set_tuning(**{k: base[k] for k in ("unroll", "min_blocks", "waves")})
+            for (lv, sv) in ROW_CONFIGS:
+                kernels.set_tuning(ln_values=lv, softmax_vectors=sv)
+                for name in ROW_PATTERNS:
+                    rows.append({"family": "rows", "config": [lv, sv], "pattern": name,
+                                 "dtype": str(dtype).replace("torch.", ""), "ms": _time(pats[name][2])})
+                    print(json.dumps(rows[-1]), flush=True)
+            kernels.set_tuning(ln_values=base["ln_values"], softmax_vectors=base["softmax_vectors"])
+
+    def best(family, configs, pattern_filter=None):
+        score = {}
+        for c in configs:
+            ts = [r["ms"] for r in rows if r["family"] == family and tuple(r["config"]) == c
+                  and (pattern_filter is None or r["pattern"] in pattern_filter)]
+            score[c] = _geomean(ts)
+        return min(score, key=score.get), score
+
+    ew, ew_score = best("elementwise", ELEMENTWISE_CONFIGS)
+    # LayerNorm and softmax have a knob each: choose them separately
+    ln = min({c[0] for c in ROW_CONFIGS}, key=lambda v: _geomean(
+        [r["ms"] for r in rows if r["pattern"] == "add_layer_norm" and r["config"][0] == v]))
+    sm = min({c[1] for c in ROW_CONFIGS}, key=lambda v: _geomean(
+        [r["ms"] for r in rows if r["pattern"] == "scale_mask_softmax" and r["config"][1] == v]))
+    chosen = {"unroll": ew[0], "min_blocks": ew[1], "waves": ew[2], "ln_values": ln, "softmax_vectors": sm}
+    kernels.set_tuning(**chosen)
+    record = {"default": base, "chosen": chosen, "rows": rows,
+              "elementwise_geomean_ms": {str(list(c)): v for c, v in ew_score.items()}}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "cuda_kernels_sweep.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    lines = [f"# Launch-configuration sweep at {R}x{C} (forward, median ms)", "",
+             f"Defaults in `fxpipe/cuda/kernels.py` TUNING: {base}. Chosen here: {chosen}.", "",
+             "| family | config | pattern | dtype | ms | regs | spill bytes |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['family']} | {r['config']} | {r['pattern']} | {r['dtype']} | {r['ms']:.4f} | "
+                     f"{r.get('regs', '-')} | {r.get('local_bytes', '-')} |")
+    lines += ["", "Elementwise configs (unroll, min_blocks, waves), geometric mean ms over patterns and dtypes:", ""]
+    lines += [f"- {list(c)}: {v:.4f}" for c, v in sorted(ew_score.items(), key=lambda kv: kv[1])]
+    with open(os.path.join(out, "cuda_kernels_sweep.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return record
+
+
+def pack_bench(out: str) -> list[dict]:
+    """Packing a boundary's tensors into one buffer: one copy_ per tensor vs the pack kernel
+    (`fxpipe/cuda/pack.py`). Host time per call (what a pipeline worker spends issuing it) and
+    GPU time (CUDA events around batches)."""
+    from fxpipe.cuda.pack import pack_into
+
+    cases = {
+        "1 big + 7 small": [torch.randn(8, 512, 768, device="cuda")] + [torch.randint(0, 9, (8, 512), device="cuda")
+                                                                       for _ in range(7)],
+        "8 small": [torch.randn(8, 64, device="cuda") for _ in range(8)],
+    }
+    rows = []
+    for name, ts in cases.items():
+        parts, off = [], 0
+        for t in ts:
+            parts.append((t, off))
+            off += -(-t.numel() * t.element_size() // 256) * 256
+        buf = torch.empty(off, dtype=torch.uint8, device="cuda")
+
+        def loop():
+            for t, o in parts:
+                nb = t.numel() * t.element_size()
+                buf[o:o + nb].copy_(t.view(-1).view(torch.uint8))
+
+        def kern():
+            pack_into(buf, parts)
+
+        row = {"case": name, "bytes": off}
+        for label, fn in (("copy_loop", loop), ("kernel", kern)):
+            row[f"{label}_gpu_ms"] = _time(fn)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(200):
+                fn()
+            row[f"{label}_host_us"] = (time.perf_counter() - t0) / 200 * 1e6
+            torch.cuda.synchronize()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    with open(os.path.join(out, "cuda_pack.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    lines = ["# Packing a boundary into one buffer: copy_ per tensor vs the pack kernel", "",
+             "| case | bytes | copy_ loop GPU ms | kernel GPU ms | copy_ loop host us/call | kernel host us/call |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['bytes']} | {r['copy_loop_gpu_ms']:.4f} | {r['kernel_gpu_ms']:.4f} | "
+              f"{r['copy_loop_host_us']:.1f} | {r['kernel_host_us']:.1f} |" for r in rows]
+    with open(os.path.join(out, "cuda_pack.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--rows", type=int, default=16384)
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--no-inductor", action="store_true")
+    ap.add_argument("--sweep", action="store_true",
+                    help="first time each launch configuration (writes cuda_kernels_sweep.{json,md}) and use the best")
     args = ap.parse_args()
     if not kernels.available():
         sys.exit("needs a CUDA device and CuPy")
     R, C = args.rows, args.cols
     import cupy
 
+    if args.sweep:
+        sweep(R, C, args.out)
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cupy": cupy.__version__,
-           "rows": R, "cols": C}
+           "rows": R, "cols": C, "tuning": dataclasses.asdict(kernels.TUNING)}
     results = []
     torch.backends.cuda.matmul.allow_tf32 = True
     with torch.no_grad():
@@ -134,6 +263,7 @@ def main() -> None:
                 print(json.dumps(row), f"({time.perf_counter() - t0:.1f}s)", flush=True)
                 _write(args.out, env, results)
     _write(args.out, env, results)
+    pack_bench(args.out)
 
 
 def _write(out, env, results):
@@ -142,7 +272,7 @@ def _write(out, env, results):
         json.dump({"env": env, "results": results}, f, indent=1)
     f2 = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     lines = [f"# Fused CuPy kernels at {env['rows']}x{env['cols']} ({env['device']}, torch {env['torch']}, "
-             f"CuPy {env['cupy']})", "",
+             f"CuPy {env['cupy']})", "", f"Launch configuration: {env.get('tuning')}.", "",
              "Forward, median ms (CUDA events); bw = compulsory bytes / time as a fraction of a device-to-device copy "
              "of the same N elements in the same run.", "",
              "| pattern | dtype | copy ms | fused ms | fused (DLPack args) ms | eager ms | inductor ms | fused bw | eager bw | inductor bw "

@@ -50,16 +50,16 @@ OPS: dict[str, _Op] = {
     "mul": _Op(2, operator.mul, "({0} * {1})", ("{1}", "{0}")),
     "div": _Op(2, operator.truediv, "({0} / {1})", ("(1.f / {1})", "(-{r} / {1})")),
     "neg": _Op(1, operator.neg, "(-{0})", ("-1.f",)),
-    "exp": _Op(1, torch.exp, "expf({0})", ("{r}",)),
+    "exp": _Op(1, torch.exp, "exp_k({0})", ("{r}",)),
     "log": _Op(1, torch.log, "logf({0})", ("(1.f / {0})",)),
     "sqrt": _Op(1, torch.sqrt, "sqrtf({0})", ("(0.5f / {r})",)),
     "rsqrt": _Op(1, torch.rsqrt, "rsqrtf({0})", ("(-0.5f * {r} * {r} * {r})",)),
-    "sigmoid": _Op(1, torch.sigmoid, "(1.f / (1.f + expf(-{0})))", ("({r} * (1.f - {r}))",)),
-    "tanh": _Op(1, torch.tanh, "tanhf({0})", ("(1.f - {r} * {r})",)),
+    "sigmoid": _Op(1, torch.sigmoid, "(1.f / (1.f + exp_k(-{0})))", ("({r} * (1.f - {r}))",)),
+    "tanh": _Op(1, torch.tanh, "tanh_k({0})", ("(1.f - {r} * {r})",)),
     "relu": _Op(1, torch.relu, "relu_f({0})", ("({0} > 0.f ? 1.f : 0.f)",)),
     "gelu": _Op(1, F.gelu, "gelu_f({0}, 0)", ("gelu_grad({0}, 0)",)),
     "gelu_tanh": _Op(1, _gelu_tanh, "gelu_f({0}, 1)", ("gelu_grad({0}, 1)",)),
-    "silu": _Op(1, F.silu, "({0} / (1.f + expf(-{0})))", ("silu_grad({0})",)),
+    "silu": _Op(1, F.silu, "({0} / (1.f + exp_k(-{0})))", ("silu_grad({0})",)),
     # the exponent is always a constant (the pass only fuses x ** c)
     "pow": _Op(2, torch.pow, "pow_f({0}, {1})", ("({1} * pow_f({0}, {1} - 1.f))", None)),
 }
@@ -155,7 +155,7 @@ def run_eager(program: str, inputs: tuple[Any, ...]) -> Any:
 _HELPERS = r"""
 __device__ __forceinline__ float relu_f(float v) { return (v > 0.f || v != v) ? v : 0.f; }
 __device__ __forceinline__ float silu_grad(float v) {
-    float s = 1.f / (1.f + expf(-v));
+    float s = 1.f / (1.f + exp_k(-v));
     return s * (1.f + v * (1.f - s));
 }
 __device__ __forceinline__ float pow_f(float a, float e) {
@@ -173,17 +173,18 @@ def _literal(c: float) -> str:
     return text + ("f" if ("." in text or "e" in text) else ".f")
 
 
-def _index(mode: str) -> str:
-    return {"full": "i", "scalar": "0", "row": "(i % cols)"}[mode]
-
-
 def kernel_source(program: str, modes: tuple[str, ...], need: tuple[bool, ...]) -> str:
-    """CUDA source (after the shared prelude of `kernels.py`) of `chain_fwd` and `chain_bwd`.
+    """CUDA source (after the shared prelude of `kernels.py`, which defines T, Pack of VEC
+    values, U and MINB) of `chain_fwd` and `chain_bwd`.
 
     `modes[k]` says how input k is indexed (`BROADCAST_MODES`); `need[k]` whether the
     backward writes input k's gradient (a full-size buffer, summed to the input's shape by
-    the caller). Signatures:
-        chain_fwd(in0.., out, n, cols)      chain_bwd(in0.., dy, g<k> for needed k.., n, cols)
+    the caller). Each thread handles U vectors of VEC values per step of a grid-stride loop,
+    loads them all before computing (memory-level parallelism); a "row" input is loaded once
+    per thread when the grid keeps every thread on the same columns (`fixed_col`), else once
+    per vector. Signatures (nv = elements / VEC, cols = last dimension):
+        chain_fwd(in0.., out, nv, cols, fixed_col)
+        chain_bwd(in0.., dy, g<k> for needed k.., nv, cols, fixed_col)
     """
     steps, n_inputs = parse_program(program)
     if len(modes) != n_inputs or len(need) != n_inputs or any(m not in BROADCAST_MODES for m in modes):
@@ -192,32 +193,64 @@ def kernel_source(program: str, modes: tuple[str, ...], need: tuple[bool, ...]) 
     def ref(a: str | float) -> str:
         return _literal(a) if isinstance(a, float) else (f"a{a[1:]}" if a[0] == "i" else f"v{a[1:]}")
 
-    loads = "\n".join(f"        const float a{k} = ld(in{k}[{_index(m)}]);" for k, m in enumerate(modes))
-    body = "\n".join(f"        const float v{j} = {OPS[s.op].cuda.format(*(ref(a) for a in s.operands))};"
-                     for j, s in enumerate(steps))
-    last = len(steps) - 1
+    full = [k for k, m in enumerate(modes) if m == "full"]
+    rows = [k for k, m in enumerate(modes) if m == "row"]
+    scalars = [k for k, m in enumerate(modes) if m == "scalar"]
     ins = ", ".join(f"const T* __restrict__ in{k}" for k in range(n_inputs))
-    loop = ("    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;"
-            " i += (long long)gridDim.x * blockDim.x) {")
-    fwd = (f'extern "C" __global__ void chain_fwd({ins}, T* __restrict__ out, long long n, long long cols) {{\n'
-           f"{loop}\n{loads}\n{body}\n        out[i] = st(v{last});\n    }}\n}}\n")
+    last = len(steps) - 1
+    outs = [k for k in range(n_inputs) if need[k]]
+
+    def kernel(name: str, params: str, extra_full: list[str], compute: list[str], stores: list[str]) -> str:
+        # extra_full: names of further full-size operands read as packs (dy)
+        head = [f'extern "C" __global__ void __launch_bounds__(256, MINB) {name}({params}, long long nv, '
+                "long long cols, int fixed_col) {",
+                "    const long long stride = (long long)gridDim.x * blockDim.x;",
+                "    const long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;"]
+        head += [f"    const float s{k} = ld(in{k}[0]);" for k in scalars]
+        for k in rows:
+            head += [f"    Pack r{k};",
+                     f"    if (fixed_col && first < nv) r{k} = *(const Pack*)(in{k} + (first * VEC) % cols);"]
+        loads = [f"in{k}" for k in full] + extra_full
+        loop = ["    for (long long i0 = first; i0 < nv; i0 += stride * U) {"]
+        loop += [f"        Pack p_{n}[U];" for n in loads]
+        loop += ["        #pragma unroll", "        for (int u = 0; u < U; ++u) {",
+                 "            const long long i = i0 + u * stride;",
+                 "            if (i < nv) {" + " ".join(f"p_{n}[u] = ((const Pack*)({n}))[i];" for n in loads) + "}",
+                 "        }",
+                 "        #pragma unroll", "        for (int u = 0; u < U; ++u) {",
+                 "            const long long i = i0 + u * stride;",
+                 "            if (i >= nv) continue;"]
+        for k in rows:
+            loop += [f"            Pack q{k} = r{k};",
+                     f"            if (!fixed_col) q{k} = *(const Pack*)(in{k} + (i * VEC) % cols);"]
+        loop += [f"            Pack o_{n};" for n in stores]
+        loop += ["            #pragma unroll", "            for (int e = 0; e < VEC; ++e) {"]
+        for k, m in enumerate(modes):
+            src = {"full": f"ld(p_in{k}[u].e[e])", "row": f"ld(q{k}.e[e])", "scalar": f"s{k}"}[m]
+            loop.append(f"                const float a{k} = {src};")
+        loop += ["                " + c for c in compute]
+        loop += ["            }"]
+        loop += [f"            ((Pack*)({n}))[i] = o_{n};" for n in stores]
+        loop += ["        }", "    }", "}"]
+        return "\n".join(head + loop) + "\n"
+
+    body = [f"const float v{j} = {OPS[s.op].cuda.format(*(ref(a) for a in s.operands))};" for j, s in enumerate(steps)]
+    fwd = kernel("chain_fwd", f"{ins}, T* __restrict__ out", [], body + [f"o_out.e[e] = st(v{last});"], ["out"])
 
     # reverse mode: gv<j> is d(out)/d(v<j>), ga<k> d(out)/d(input k)
-    back = [f"        float gv{last} = ld(dy[i]);"]
-    back += [f"        float gv{j} = 0.f;" for j in range(last)]
-    back += [f"        float ga{k} = 0.f;" for k in range(n_inputs)]
+    back = [f"float gv{last} = ld(p_dy[u].e[e]);"]
+    back += [f"float gv{j} = 0.f;" for j in range(last)]
+    back += [f"float ga{k} = 0.f;" for k in range(n_inputs)]
     for j in range(last, -1, -1):
-        s = steps[j]
-        for pos, a in enumerate(s.operands):
-            g = OPS[s.op].grads[pos]
+        st_ = steps[j]
+        for pos, a in enumerate(st_.operands):
+            g = OPS[st_.op].grads[pos]
             if isinstance(a, float) or g is None:
                 continue
             target = f"ga{a[1:]}" if a[0] == "i" else f"gv{a[1:]}"
-            d = g.format(*(ref(x) for x in s.operands), r=f"v{j}")
-            back.append(f"        {target} += gv{j} * {d};")
-    outs = [k for k in range(n_inputs) if need[k]]
-    back += [f"        g{k}[i] = st(ga{k});" for k in outs]
+            d = g.format(*(ref(x) for x in st_.operands), r=f"v{j}")
+            back.append(f"{target} += gv{j} * {d};")
+    back += [f"o_g{k}.e[e] = st(ga{k});" for k in outs]
     gparams = "".join(f", T* __restrict__ g{k}" for k in outs)
-    bwd = (f'extern "C" __global__ void chain_bwd({ins}, const T* __restrict__ dy{gparams}, long long n, '
-           f"long long cols) {{\n{loop}\n{loads}\n{body}\n" + "\n".join(back) + "\n    }\n}\n")
+    bwd = kernel("chain_bwd", f"{ins}, const T* __restrict__ dy{gparams}", ["dy"], body + back, [f"g{k}" for k in outs])
     return _HELPERS + fwd + bwd

@@ -162,7 +162,7 @@ def add_layer_norm(a: Any, b: Any, normalized_shape: Sequence[int], weight: Any 
     cfg = None
     if ok:
         cols = a.shape[-1]
-        cfg = _row_cfg(_vec(a.dtype, (cols,), a, b, weight, bias), cols)
+        cfg = _row_cfg(_vec(a.dtype, (cols,), a, b, weight, bias), cols, K.TUNING.ln_values)
     if cfg is None:
         s = a + b
         return F.layer_norm(s, normalized_shape, weight, bias, eps), (s if keep_sum else None)
@@ -242,9 +242,9 @@ def scale_mask_softmax(x: Any, scale: float | None = None, divide: bool = False,
     me = geo[0] if geo else None
     sizes = (cols,) + (tuple(geo[2]) if geo else ())
     vec = _vec(x.dtype, sizes, x, me)
-    # 4 vectors per thread: smaller blocks, more rows in flight per SM (bf16 0.150 vs 0.193 ms
-    # at 16384x4096 on an H100 against 16 values per thread)
-    cfg = _row_cfg(vec, cols, 4 * vec)
+    # a few vectors per thread: smaller blocks, more rows in flight per SM (bf16 0.150 vs
+    # 0.193 ms at 16384x4096 on an H100 with 4 vectors against 16 values per thread)
+    cfg = _row_cfg(vec, cols, K.TUNING.softmax_vectors * vec)
     if cfg is None:
         return _smsoftmax_eager(x, scale, divide, mask, mask_kind, fill_value, dim)
     s = 1.0 if scale is None else float(scale)

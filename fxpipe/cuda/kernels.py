@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,8 @@ import torch
 
 from fxpipe.errors import FxpipeError
 
-__all__ = ["available", "launch", "launch_chain", "SHARE", "row_config", "vec_width", "KernelCompileError", "DTYPES"]
+__all__ = ["available", "launch", "launch_chain", "SHARE", "row_config", "vec_width", "KernelCompileError", "DTYPES",
+           "TUNING", "Tuning", "set_tuning", "kernel_resources"]
 
 DTYPES = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat16"}
 MAX_CHUNKS_PER_THREAD = 8  # rows longer than 1024 threads x 8 vectors run the eager fallback
@@ -64,6 +66,10 @@ __device__ __forceinline__ T st(float f) { T h; asm("cvt.rn.f16.f32 %%0, %%1;" :
 #else
 typedef unsigned short T;
 __device__ __forceinline__ float ld(T v) { return __uint_as_float(((unsigned int)v) << 16); }
+#if __CUDA_ARCH__ >= 800
+// one instruction (round to nearest even, NaN stays NaN) where the hardware has it
+__device__ __forceinline__ T st(float f) { T h; asm("cvt.rn.bf16.f32 %%0, %%1;" : "=h"(h) : "f"(f)); return h; }
+#else
 __device__ __forceinline__ T st(float f) {
     unsigned int u = __float_as_uint(f);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (T)0x7fc0;  // NaN stays NaN
@@ -71,10 +77,13 @@ __device__ __forceinline__ T st(float f) {
     return (T)(u >> 16);
 }
 #endif
+#endif
 #define NEG_INF __int_as_float(0xff800000)
 #define VEC %(vec)d
 #define THREADS %(threads)d
 #define NV %(nv)d
+#define U %(unroll)d
+#define MINB %(min_blocks)d
 struct alignas(sizeof(T) * VEC) Pack { T e[VEC]; };
 struct alignas(VEC) BPack { unsigned char e[VEC]; };
 
@@ -100,27 +109,52 @@ __device__ __forceinline__ float block_max(float x, float* red) {
     for (int i = 0; i < THREADS / 32; ++i) t = fmaxf(t, red[i]);
     return t;
 }
+// fp32 storage uses the libm functions (results within an ulp or two of eager). fp16/bf16
+// results keep 11/8 significant bits, so cheaper forms whose error stays far below that
+// (|error| < 2e-7 for erf, ~1e-6 for tanh) are used there: the kernels would otherwise be
+// bound by erff/tanhf instructions, not by memory (bf16 bias+GELU: 73%% of copy bandwidth).
+#if defined(STORAGE_float)
+__device__ __forceinline__ float erf_k(float x) { return erff(x); }
+__device__ __forceinline__ float tanh_k(float u) { return tanhf(u); }
+__device__ __forceinline__ float exp_k(float x) { return expf(x); }
+#else
+__device__ __forceinline__ float erf_k(float x) {  // Abramowitz & Stegun 7.1.26
+    float a = fabsf(x);
+    float t = __fdividef(1.f, 1.f + 0.3275911f * a);
+    float y = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+    return copysignf(1.f - y * __expf(-a * a), x);
+}
+__device__ __forceinline__ float tanh_k(float u) {  // 1 - 2 / (e^2u + 1), saturated at |u| = 9
+    u = fminf(fmaxf(u, -9.f), 9.f);
+    return 1.f - __fdividef(2.f, __expf(2.f * u) + 1.f);
+}
+__device__ __forceinline__ float exp_k(float x) { return __expf(x); }
+#endif
 __device__ __forceinline__ float gelu_f(float v, int tanh_approx) {
     if (tanh_approx) {
         float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
-        return 0.5f * v * (1.f + tanhf(u));
+        return 0.5f * v * (1.f + tanh_k(u));
     }
-    return 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+    return 0.5f * v * (1.f + erf_k(v * 0.7071067811865476f));
 }
 __device__ __forceinline__ float gelu_grad(float v, int tanh_approx) {
     if (tanh_approx) {
         float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
-        float t = tanhf(u);
+        float t = tanh_k(u);
         return 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * 0.7978845608028654f * (1.f + 3.f * 0.044715f * v * v);
     }
-    return 0.5f * (1.f + erff(v * 0.7071067811865476f)) + v * 0.3989422804014327f * expf(-0.5f * v * v);
+    return 0.5f * (1.f + erf_k(v * 0.7071067811865476f)) + v * 0.3989422804014327f * exp_k(-0.5f * v * v);
 }
 __device__ __forceinline__ unsigned int fmix32(unsigned int h) {
     h ^= h >> 16; h *= 0x85ebca6bu; h ^= h >> 13; h *= 0xc2b2ae35u; h ^= h >> 16; return h;
 }
-// counter-based uniform in [0, 1): the backward regenerates the forward's dropout mask
+// Counter-based uniform in [0, 1): the backward regenerates the forward's dropout mask. One
+// finaliser per element: the counter is keyed by an odd multiplier from s1 (a bijection of
+// 32-bit words, so distinct elements never share a hash input) xor s0; the high word of
+// the index (tensors past 2^32 elements) is folded in with a golden-ratio step.
 __device__ __forceinline__ float urand(unsigned int s0, unsigned int s1, unsigned long long i) {
-    unsigned int h = fmix32(fmix32((unsigned int)i ^ s0) + ((unsigned int)(i >> 32) ^ s1));
+    unsigned int c = (unsigned int)i + (unsigned int)(i >> 32) * 0x9e3779b9u;
+    unsigned int h = fmix32((c * (s1 | 1u)) ^ s0);
     return (float)(h >> 8) * (1.0f / 16777216.0f);
 }
 """
@@ -129,14 +163,13 @@ _ELEMENTWISE = r"""
 // Grid-stride loops with U vectors in flight per thread. When the grid's thread count is a
 // multiple of the row length in vectors (fixed_col), a thread always meets the same columns:
 // its bias vector is loaded once and no per-element division is needed.
-#define U 2
 #define GRID_LOOP(body_load, body_compute)                                                   \
     const long long stride = (long long)gridDim.x * blockDim.x;                              \
     for (long long i0 = blockIdx.x * (long long)blockDim.x + threadIdx.x; i0 < nv; i0 += stride * U) { \
         body_load body_compute                                                               \
     }
 
-extern "C" __global__ void __launch_bounds__(256, 8) bias_gelu_fwd(const T* __restrict__ x, const T* __restrict__ b,
+extern "C" __global__ void __launch_bounds__(256, MINB) bias_gelu_fwd(const T* __restrict__ x, const T* __restrict__ b,
         T* __restrict__ y, long long nv, int h, int has_bias, int tanh_approx, int fixed_col) {
     Pack pb;
     long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -157,7 +190,7 @@ extern "C" __global__ void __launch_bounds__(256, 8) bias_gelu_fwd(const T* __re
             }
         })
 }
-extern "C" __global__ void __launch_bounds__(256, 8) bias_gelu_bwd(const T* __restrict__ dy, const T* __restrict__ x,
+extern "C" __global__ void __launch_bounds__(256, MINB) bias_gelu_bwd(const T* __restrict__ dy, const T* __restrict__ x,
         const T* __restrict__ b, T* __restrict__ dx, long long nv, int h, int has_bias, int tanh_approx, int fixed_col) {
     Pack pb;
     long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -181,7 +214,7 @@ extern "C" __global__ void __launch_bounds__(256, 8) bias_gelu_bwd(const T* __re
             }
         })
 }
-extern "C" __global__ void __launch_bounds__(256, 8) dropout_add_fwd(const T* __restrict__ x, const T* __restrict__ r,
+extern "C" __global__ void __launch_bounds__(256, MINB) dropout_add_fwd(const T* __restrict__ x, const T* __restrict__ r,
         T* __restrict__ y, long long nv, float p, float scale, unsigned int s0, unsigned int s1, int train) {
     GRID_LOOP(
         Pack px[U]; Pack pr[U];
@@ -202,7 +235,7 @@ extern "C" __global__ void __launch_bounds__(256, 8) dropout_add_fwd(const T* __
             }
         })
 }
-extern "C" __global__ void __launch_bounds__(256, 8) dropout_add_bwd(const T* __restrict__ dy, T* __restrict__ dx,
+extern "C" __global__ void __launch_bounds__(256, MINB) dropout_add_bwd(const T* __restrict__ dy, T* __restrict__ dx,
         long long nv, float p, float scale, unsigned int s0, unsigned int s1) {
     GRID_LOOP(
         Pack pd[U];
@@ -457,9 +490,42 @@ def row_config(cols: int, vec: int, per_thread: int = 16) -> tuple[int, int] | N
     return None if nv > MAX_CHUNKS_PER_THREAD else (threads, nv)
 
 
+@dataclass
+class Tuning:
+    """Launch shape of the elementwise kernels (fused ops and chains).
+
+    unroll: vectors each thread loads before it computes (memory-level parallelism).
+    min_blocks: 256-thread blocks per SM the compiler must fit (`__launch_bounds__`), which
+        caps registers per thread at 65536 / (256 * min_blocks).
+    waves: the grid is waves x SMs x min_blocks blocks; threads stride over the rest.
+    ln_values, softmax_vectors: how much of a row each thread of a row kernel holds (fewer:
+        bigger blocks; more: more rows in flight per SM).
+    Chosen by `benchmarks/cuda_kernels.py --sweep` on an H100 (see its results).
+    """
+
+    unroll: int = 1
+    min_blocks: int = 8
+    waves: int = 8
+    # row kernels: values per thread of a LayerNorm row, 16-byte vectors per thread of a softmax row
+    ln_values: int = 8
+    softmax_vectors: int = 2
+
+
+TUNING = Tuning()
+
+
+def set_tuning(**fields: int) -> None:
+    """Change `TUNING` (for the benchmark's sweep); later launches compile kernels for it."""
+    for k, v in fields.items():
+        if not hasattr(TUNING, k) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"set_tuning: {k}={v!r} is not a Tuning field with a positive integer")
+        setattr(TUNING, k, v)
+
+
 @functools.lru_cache(maxsize=None)
-def _module(family: str, dtype_kind: str, vec: int, threads: int, nv: int) -> Any:
-    src = (_PRELUDE % {"kind": dtype_kind, "vec": vec, "threads": threads, "nv": nv}
+def _module(family: str, dtype_kind: str, vec: int, threads: int, nv: int, unroll: int, min_blocks: int) -> Any:
+    src = (_PRELUDE % {"kind": dtype_kind, "vec": vec, "threads": threads, "nv": nv, "unroll": unroll,
+                       "min_blocks": min_blocks}
            + (_ELEMENTWISE if family == "elementwise" else _ROWS) % {})
     return _compile(src, family, f"the fxpipe {family} kernels for {dtype_kind} (vec={vec}, threads={threads}, nv={nv})")
 
@@ -511,11 +577,18 @@ _STREAMS: dict[tuple[int, int], Any] = {}
 
 
 def _function(family: str, name: str, dtype: torch.dtype, vec: int, threads: int, nv: int) -> Any:
-    key = (family, name, dtype, vec, threads, nv)
+    key = (family, name, dtype, vec, threads, nv, TUNING.unroll, TUNING.min_blocks)
     fn = _FUNCS.get(key)
     if fn is None:
-        fn = _FUNCS[key] = _module(family, DTYPES[dtype], vec, threads, nv).get_function(name)
+        fn = _FUNCS[key] = _module(family, DTYPES[dtype], vec, threads, nv, TUNING.unroll,
+                                   TUNING.min_blocks).get_function(name)
     return fn
+
+
+def kernel_resources(fn: Any) -> dict[str, int]:
+    """Registers per thread and spilled (local) bytes of a compiled kernel, for the benchmark."""
+    attrs = getattr(fn, "attributes", {}) or {}
+    return {"regs": int(attrs.get("num_regs", -1)), "local_bytes": int(attrs.get("local_size_bytes", -1))}
 
 
 def _stream(index: int) -> Any:
@@ -552,11 +625,12 @@ def launch(family: str, name: str, dtype: torch.dtype, vec: int, grid: int, thre
 
 
 def elementwise_grid(nv: int, device: torch.device, row_vectors: int | None = None) -> tuple[int, int]:
-    """(blocks of 256 threads, fixed_col) for `nv` vectors: one full wave of the device
-    (8 blocks per SM), grid-stride beyond. With `row_vectors`, the grid is rounded so that the
-    thread count is a multiple of it (fixed_col = 1: every thread keeps its columns)."""
-    wave = _sm_count(device.index or 0) * 8
-    blocks = max(1, min(-(-nv // 256), wave))
+    """(blocks of 256 threads, fixed_col) for `nv` vectors: `TUNING.waves` full waves of the
+    device (`TUNING.min_blocks` blocks per SM), grid-stride beyond. With `row_vectors`, the
+    grid is rounded so that the thread count is a multiple of it (fixed_col = 1: every thread
+    keeps its columns)."""
+    wave = _sm_count(device.index or 0) * TUNING.min_blocks * TUNING.waves
+    blocks = max(1, min(-(-nv // (256 * TUNING.unroll)), wave))
     if row_vectors:
         g = row_vectors // math.gcd(row_vectors, 256)  # blocks must be a multiple of g
         if g <= wave * 2:
@@ -567,13 +641,26 @@ def elementwise_grid(nv: int, device: torch.device, row_vectors: int | None = No
 # ---- elementwise chains (sources generated per program by `cuda/chain.py`) ----------------
 
 @functools.lru_cache(maxsize=256)
-def _chain_functions(program: str, dtype_kind: str, modes: tuple[str, ...], need: tuple[bool, ...] | None) -> Any:
+def _chain_functions(program: str, dtype_kind: str, modes: tuple[str, ...], need: tuple[bool, ...] | None,
+                     vec: int, unroll: int, min_blocks: int) -> Any:
     from fxpipe.cuda.chain import kernel_source
 
     grads = need if need is not None else tuple(False for _ in modes)
-    src = _PRELUDE % {"kind": dtype_kind, "vec": 1, "threads": 256, "nv": 1} + kernel_source(program, modes, grads)
-    mod = _compile(src, "chain", f"the elementwise chain {program!r} for {dtype_kind}")
+    src = (_PRELUDE % {"kind": dtype_kind, "vec": vec, "threads": 256, "nv": 1, "unroll": unroll, "min_blocks": min_blocks}
+           + kernel_source(program, modes, grads))
+    mod = _compile(src, "chain", f"the elementwise chain {program!r} for {dtype_kind} (vec={vec})")
     return mod.get_function("chain_fwd" if need is None else "chain_bwd")
+
+
+def chain_vec(tensors: list[torch.Tensor], modes: tuple[str, ...], n: int, cols: int) -> int:
+    """Values per vector access for a chain launch: 16 bytes when every size it splits (the
+    element count, and the row length if an input is a row) divides and every full or row
+    operand is 16-byte aligned, else 1."""
+    v = vec_width(tensors[0].dtype, n, *([cols] if "row" in modes else []))
+    scalar_ops = {k for k, m in enumerate(modes) if m == "scalar"}
+    if any(t.data_ptr() % 16 for k, t in enumerate(tensors) if k not in scalar_ops):
+        return 1
+    return v
 
 
 def launch_chain(program: str, modes: tuple[str, ...], need: tuple[bool, ...] | None, tensors: list[torch.Tensor],
@@ -585,7 +672,10 @@ def launch_chain(program: str, modes: tuple[str, ...], need: tuple[bool, ...] | 
     cp = _cupy()
     dev = tensors[0].device
     index = dev.index or 0
-    kern = _chain_functions(program, DTYPES[tensors[0].dtype], modes, need)
-    grid = elementwise_grid(n, dev)[0]
+    vec = chain_vec(tensors, modes, n, cols)
+    kern = _chain_functions(program, DTYPES[tensors[0].dtype], modes, need, vec, TUNING.unroll, TUNING.min_blocks)
+    nv = n // vec
+    grid, fixed = elementwise_grid(nv, dev, cols // vec if "row" in modes else None)
     with cp.cuda.Device(index), _stream(index):
-        kern((grid,), (256,), tuple(np.uint64(t.data_ptr()) for t in tensors) + (np.int64(n), np.int64(cols)))
+        kern((grid,), (256,), tuple(np.uint64(t.data_ptr()) for t in tensors)
+             + (np.int64(nv), np.int64(cols), np.int32(fixed)))

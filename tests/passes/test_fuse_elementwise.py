@@ -369,12 +369,19 @@ def test_chain_program_format_parse_and_eager_meaning():
 
 def test_chain_kernel_source_has_forward_and_reverse_mode_backward():
     src = kernel_source("mul(i0,i1);tanh(v0)", ("full", "row"), (True, False))
-    assert "const float a1 = ld(in1[(i % cols)]);" in src
-    assert "const float v1 = tanhf(v0);" in src and "out[i] = st(v1);" in src
+    # the row input is loaded once per thread when its columns are fixed, else per vector
+    assert "r1 = *(const Pack*)(in1 + (first * VEC) % cols);" in src
+    assert "if (!fixed_col) q1 = *(const Pack*)(in1 + (i * VEC) % cols);" in src
+    assert "const float a1 = ld(q1.e[e]);" in src and "const float a0 = ld(p_in0[u].e[e]);" in src
+    assert "const float v1 = tanh_k(v0);" in src and "o_out.e[e] = st(v1);" in src
+    assert "((Pack*)(out))[i] = o_out;" in src
     # d tanh(v0)/d v0 = 1 - v1^2, then d(a0*a1)/d a0 = a1; the row input gets no gradient buffer
     assert "gv0 += gv1 * (1.f - v1 * v1);" in src and "ga0 += gv0 * a1;" in src
-    assert "g0[i] = st(ga0);" in src and "g1[" not in src
+    assert "o_g0.e[e] = st(ga0);" in src and "((Pack*)(g0))[i] = o_g0;" in src and "g1" not in src
     assert src.count("{") == src.count("}")
+    # a scalar input is read once per thread
+    src = kernel_source("mul(i0,i1)", ("full", "scalar"), (True, True))
+    assert "const float s1 = ld(in1[0]);" in src and "const float a1 = s1;" in src
 
 
 def test_chain_runs_in_a_compiled_pipeline_equal_to_eager():
@@ -392,3 +399,19 @@ def test_chain_runs_in_a_compiled_pipeline_equal_to_eager():
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_kernel_sources_render_for_every_dtype_and_family():
+    """The CUDA sources are %-templates: rendering them must work without a GPU (a stray % in
+    a comment would otherwise only fail on a CUDA machine)."""
+    from fxpipe.cuda import kernels as K
+
+    for kind in K.DTYPES.values():
+        params = {"kind": kind, "vec": 4, "threads": 256, "nv": 2, "unroll": 1, "min_blocks": 8}
+        prelude = K._PRELUDE % params
+        assert f"#define STORAGE_{kind} 1" in prelude and "#define MINB 8" in prelude
+        for body in (K._ELEMENTWISE, K._ROWS):
+            src = prelude + body % {}
+            assert src.count("{") == src.count("}")
+        src = prelude + kernel_source("tanh(i0);mul(v0,i1)", ("full", "row"), (True, True))
+        assert "tanh_k(a0)" in src and src.count("{") == src.count("}")
