@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from fxpipe.cuda.pack import pack_into
 from fxpipe.errors import FxpipeError, RuntimeMismatchError
 from fxpipe.runtime.local import LocalRuntime, StageRunner, _StepState
 
@@ -164,13 +165,14 @@ class BoundaryLayout:
             t = next(v for s, v in zip(self.slots, leaves) if s.kind == "tensor")
             return t.detach().contiguous().reshape(-1).view(torch.uint8)
         buf = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
-        scalars = []
+        parts, scalars = [], []
         for slot, v in zip(self.slots, leaves):
             if slot.kind == "tensor":
                 if slot.nbytes:
-                    buf[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape).copy_(v.detach())
+                    parts.append((v.to(device), slot.offset))
             elif slot.kind in ("int", "float"):
                 scalars.append((slot, v))
+        pack_into(buf, parts)  # one kernel launch for all tensors on CUDA (cuda/pack.py)
         for slot, v in scalars:
             t = torch.tensor([v], dtype=slot.dtype).view(torch.uint8)
             buf[slot.offset:slot.offset + 8].copy_(t)
