@@ -26,6 +26,7 @@ from fxpipe.passes.emit_schedule import Schedule, emit_schedule
 from fxpipe.passes.simulate_schedule import Timeline, _device_peak_inflight
 from fxpipe.passes.split_stages import StageGraph, build_stage_module, resolve_attr, split_stages
 from fxpipe.runtime.local import LocalRuntime, StageRunner, _StepState, measured_timeline
+from fxpipe.runtime.offload import keep_weights_on_host
 from fxpipe.runtime.program import compile_program
 from fxpipe.runtime.weight_grad import with_split_backward
 
@@ -37,12 +38,12 @@ def plan(model: nn.Module, devices: Sequence[str | Device] | Cluster, example_in
          schedule: "str | Schedule | os.PathLike" = "1f1b", train: bool = True, optimizer: str = "adam",
          capture_method: str = "auto", leaf_modules: tuple[type, ...] = (), virtual_stages: int | None = None,
          progress: bool = False, profile: bool = False, fuse: bool = False,
-         recompute: bool | str = "auto") -> Plan:
+         recompute: bool | str = "auto", offload: str = "auto") -> Plan:
     """Plan `model` for `devices` offline: decides stages, placement and schedule, runs nothing.
 
     Works for models on the meta device (no memory is allocated for parameters).
     `schedule` may be the user's own (a Schedule or a .json/.csv file, see `compile`), or
-    "auto"; `microbatches` may be "auto" (see `compile`); `recompute` as in `compile`.
+    "auto"; `microbatches` may be "auto" (see `compile`); `recompute` and `offload` as in `compile`.
     `profile=True` times every unit on the devices instead of pricing it by the roofline.
 
     Example:
@@ -52,7 +53,7 @@ def plan(model: nn.Module, devices: Sequence[str | Device] | Cluster, example_in
     return build_plan(model, devices, example_inputs, example_kwargs, microbatches=microbatches, schedule=schedule,
                       train=train, optimizer=optimizer, capture_method=capture_method, leaf_modules=leaf_modules,
                       virtual_stages=virtual_stages, progress=progress, profile=profile, fuse=fuse,
-                      recompute=recompute).plan
+                      recompute=recompute, offload=offload).plan
 
 
 def simulate(plan: Plan) -> Any:
@@ -75,7 +76,7 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
             plan: Plan | str | os.PathLike | None = None, capture_method: str = "auto",
             leaf_modules: tuple[type, ...] = (), virtual_stages: int | None = None, timeout: float = 300.0,
             progress: bool = False, profile: bool = False, backend: str = "local",
-            fuse: bool = False, recompute: bool | str | None = None) -> "CompiledModel":
+            fuse: bool = False, recompute: bool | str | None = None, offload: str | None = None) -> "CompiledModel":
     """Compile `model` into a pipeline over `devices`.
 
     Args:
@@ -93,6 +94,12 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
         recompute: activation recomputation per stage: "auto" (default: only stages that
             would not fit in memory otherwise keep just their boundary and re-run their
             forward in backward), True (every stage) or False (none). Not with "zb-h1".
+        offload: weight streaming per stage: "auto" (default: only a stage that would not fit
+            in its device's memory otherwise keeps its params, grads and optimizer state in
+            pinned host memory and copies each unit's weights in, prefetched while the previous
+            unit computes, for every microbatch's forward and backward; only if it then fits),
+            "on" (every stage; for benchmarks and tests) or "off". Not on the same stage as
+            recomputation, not with "zb-h1".
         virtual_stages: v for "interleaved" (default 2).
         optimizer: optimizer kind for the memory model ("adam" (default), "sgd", "sgd-momentum", ...).
         plan: a Plan (or a plan file path) to use instead of planning; it must be for this model.
@@ -123,7 +130,8 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
                           schedule="1f1b" if schedule is None else schedule, train=True,
                           optimizer="adam" if optimizer is None else optimizer, capture_method=capture_method,
                           leaf_modules=leaf_modules, virtual_stages=virtual_stages, progress=progress,
-                          profile=profile, fuse=fuse, recompute="auto" if recompute is None else recompute)
+                          profile=profile, fuse=fuse, recompute="auto" if recompute is None else recompute,
+                          offload="auto" if offload is None else offload)
         return _make_compiled(model, comp, timeout, backend)
     if isinstance(plan, (str, os.PathLike)):
         plan = Plan.load(plan)
@@ -133,6 +141,9 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
     if recompute is not None:
         raise PlanError("recompute is decided per stage by the plan (its stages' recompute flags); leave recompute "
                         "out when giving plan=, or re-plan with fxpipe.plan(..., recompute=...)")
+    if offload is not None:
+        raise PlanError("offload is decided per stage by the plan (its stages' offload flags); leave offload out "
+                        "when giving plan=, or re-plan with fxpipe.plan(..., offload=...)")
     if profile:
         raise PlanError("profile=True decides costs while planning, but a plan was given; re-plan with "
                         "fxpipe.plan(..., profile=True) and pass that plan")
@@ -204,14 +215,19 @@ class CompiledModel:
         runners = []
         for sg, sp in zip(self.stage_graphs, self.plan.stages):
             dev = self.devices[sp.device]
+            offload = getattr(sp, "offload", False)
             objects: dict[str, Any] = {}
             for target in sg.attrs + sg.modules:
                 obj = resolve_attr(self.model, self._cap.gm, target)
-                objects[target] = self._place(obj, sg.index, dev, owner)
+                # an offloaded stage's weights stay on the host (runtime/offload.py streams them)
+                objects[target] = self._place(obj, sg.index, torch.device("cpu") if offload else dev, owner)
+            if offload:
+                keep_weights_on_host(objects, dev)  # buffers and constants to the device, parameters pinned
             module = build_stage_module(sg, objects, dev)
             positions = tuple(self._cap.input_names.index(n) for n in sg.model_inputs)
             runners.append(StageRunner(sg.index, module, dev, sp.device, len(sg.recv), positions,
-                                       sg.index == len(self.stage_graphs) - 1, recompute=sp.recompute))
+                                       sg.index == len(self.stage_graphs) - 1, recompute=sp.recompute,
+                                       offload=offload))
         return runners
 
     def _place(self, obj: Any, stage: int, dev: torch.device, owner: dict[int, int]) -> Any:

@@ -291,7 +291,7 @@ def _cmd_plan(a: argparse.Namespace) -> int:
     plan = fxpipe.plan(model, devices, args, example_kwargs=kwargs or None, microbatches=a.microbatches,
                        schedule=a.schedule, train=not a.inference, optimizer=a.optimizer,
                        virtual_stages=a.virtual_stages, progress=True, profile=a.profile,
-                       recompute={"on": True, "off": False}.get(a.recompute, a.recompute))
+                       recompute={"on": True, "off": False}.get(a.recompute, a.recompute), offload=a.offload)
     try:
         plan.save(out)
     except OSError as e:
@@ -446,6 +446,10 @@ def _plan_arguments(pl: argparse.ArgumentParser) -> None:
     pl.add_argument("--recompute", choices=("auto", "on", "off"), default="auto",
                     help="activation recomputation per stage: 'auto' (only stages that would not fit otherwise; "
                          "default), 'on' (every stage) or 'off'")
+    pl.add_argument("--offload", choices=("auto", "on", "off"), default="auto",
+                    help="weight streaming per stage: 'auto' (a stage keeps params, grads and optimizer state in host "
+                         "memory and streams each unit's weights in only where it would not fit otherwise; default), "
+                         "'on' (every stage) or 'off'")
     pl.add_argument("--virtual-stages", type=int, default=None, metavar="V",
                     help="stages per device for --schedule interleaved (default 2)")
     pl.add_argument("--optimizer", choices=("adam", "sgd", "sgd-momentum"), default="adam",

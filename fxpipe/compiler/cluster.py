@@ -21,19 +21,27 @@ from typing import Any, Sequence
 
 from fxpipe.errors import PlanError
 
-__all__ = ["Device", "Link", "NodeLink", "Cluster", "cpu_calibration", "CUDA_PRESETS", "NODE_LINK_PRESETS"]
+__all__ = ["Device", "Link", "NodeLink", "Cluster", "cpu_calibration", "CUDA_PRESETS", "NODE_LINK_PRESETS",
+           "DEFAULT_HOST_BANDWIDTH"]
 
 GiB = 1024**3
 
 # Dense fp32 peak and memory bandwidth of common GPUs (spec sheets, non-tensor-core fp32
 # would be far lower; we take TF32 tensor-core rates since torch uses them for fp32 matmul
 # only when allowed, so the fp32 column is the conservative SIMT rate).
+# host_bandwidth: pinned host <-> device copies over the GPU's host link, per direction
+# (PCIe gen5 x16 for H100/H200 SXM, gen4 x16 for A100 and L4), at about 80% of the link's rate.
 CUDA_PRESETS: dict[str, dict[str, float]] = {
-    "h100": {"peak_flops": 67e12, "mem_bandwidth": 3.35e12, "memory": 80 * GiB},
-    "h200": {"peak_flops": 67e12, "mem_bandwidth": 4.8e12, "memory": 141 * GiB},
-    "a100": {"peak_flops": 19.5e12, "mem_bandwidth": 2.0e12, "memory": 80 * GiB},
-    "l4": {"peak_flops": 30e12, "mem_bandwidth": 0.3e12, "memory": 24 * GiB},
+    "h100": {"peak_flops": 67e12, "mem_bandwidth": 3.35e12, "memory": 80 * GiB, "host_bandwidth": 50e9},
+    "h200": {"peak_flops": 67e12, "mem_bandwidth": 4.8e12, "memory": 141 * GiB, "host_bandwidth": 50e9},
+    "a100": {"peak_flops": 19.5e12, "mem_bandwidth": 2.0e12, "memory": 80 * GiB, "host_bandwidth": 25e9},
+    "l4": {"peak_flops": 30e12, "mem_bandwidth": 0.3e12, "memory": 24 * GiB, "host_bandwidth": 25e9},
 }
+
+# host_bandwidth of a device that does not give one: a CUDA (or meta, planning-only) device
+# is priced as a PCIe gen4 x16 link; a CPU's "host" is its own memory, so a copy at its
+# memory bandwidth (offloading there frees nothing; the planner never chooses it on its own).
+DEFAULT_HOST_BANDWIDTH = 25e9
 
 # Link between two GPUs of the same node (bytes/s, seconds): NVLink-class for the SXM parts,
 # PCIe-class for L4. Between nodes `Cluster.preset` defaults to 25e9 B/s (200 Gb/s) and 2e-5 s.
@@ -60,6 +68,9 @@ class Device:
         node: the machine (node) the device sits in, or -1 for unknown. Devices with a known
             node are linked by the cluster's node links (see `NodeLink`), so a 64-GPU cluster
             needs no 64 x 64 list of links.
+        host_bandwidth: bytes/s between pinned host memory and this device, each direction
+            (full duplex): what streaming offloaded weights costs. None (the default) means
+            `DEFAULT_HOST_BANDWIDTH` for CUDA and meta devices and `mem_bandwidth` for CPUs.
     """
 
     name: str
@@ -70,6 +81,7 @@ class Device:
     launch_overhead: float = 5e-6
     threads: int = 1
     node: int = -1
+    host_bandwidth: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -88,6 +100,15 @@ class Device:
             raise PlanError(f"device {self.name!r}: threads must be an integer >= 1, got {self.threads!r}")
         if not _is_int(self.node) or self.node < -1:
             raise PlanError(f"device {self.name!r}: node must be an integer >= 0 (or -1 for unknown), got {self.node!r}")
+        if self.host_bandwidth is None:  # frozen: resolved once here, so every reader sees a number
+            object.__setattr__(self, "host_bandwidth", _default_host_bandwidth(self.kind, self.mem_bandwidth))
+        elif not _is_number(self.host_bandwidth) or not math.isfinite(self.host_bandwidth) or self.host_bandwidth <= 0:
+            raise PlanError(f"device {self.name!r}: host_bandwidth must be a positive number of bytes/s "
+                            f"(pinned host <-> device copies), or left out for the default; got {self.host_bandwidth!r}")
+
+
+def _default_host_bandwidth(kind: str, mem_bandwidth: float) -> float:
+    return float(mem_bandwidth) if kind == "cpu" else DEFAULT_HOST_BANDWIDTH
 
 
 def _is_number(v: Any) -> bool:
@@ -266,7 +287,7 @@ class Cluster:
         mem = spec["memory"] if memory is None else memory
         devices = tuple(
             Device(f"{key}:{k}", "cuda", spec["peak_flops"], spec["mem_bandwidth"], mem, 8e-6, 1,
-                   node=first_node + k // per_node)
+                   node=first_node + k // per_node, host_bandwidth=spec["host_bandwidth"])
             for k in range(count))
         n_nodes = (count + per_node - 1) // per_node
         node_links = tuple(NodeLink(first_node + k, first_node + k, bw, lat) for k in range(n_nodes))
@@ -417,6 +438,8 @@ def _device_dict(d: Device) -> dict[str, Any]:
     out = asdict(d)
     if d.node < 0:  # unknown node: leave the field out, as files written before it existed
         del out["node"]
+    if d.host_bandwidth == _default_host_bandwidth(d.kind, d.mem_bandwidth):  # likewise (and it loads back the same)
+        del out["host_bandwidth"]
     return out
 
 
@@ -499,7 +522,8 @@ def _device_from_string(name: str, n_cpu: int, memory: float | None) -> Device:
         props = torch.cuda.get_device_properties(idx)
         preset = next((v for k, v in CUDA_PRESETS.items() if k in props.name.lower()), CUDA_PRESETS["a100"])
         mem = memory if memory is not None else props.total_memory * 0.9
-        return Device(f"cuda:{idx}", "cuda", preset["peak_flops"], preset["mem_bandwidth"], mem, 8e-6, 1)
+        return Device(f"cuda:{idx}", "cuda", preset["peak_flops"], preset["mem_bandwidth"], mem, 8e-6, 1,
+                      host_bandwidth=preset["host_bandwidth"])
     if kind == "meta":
         return Device(name, "meta", 1e12, 1e11, memory or 16 * GiB, 5e-6, 1)
     raise AssertionError(f"unreachable: device kind {kind!r}")

@@ -21,7 +21,7 @@ from fxpipe.compiler.capture import Captured, capture
 from fxpipe.compiler.cluster import Cluster, Device
 from fxpipe.compiler.plan import OPTIMIZER_STATE_FACTOR, Plan, StagePlan, graph_fingerprint
 from fxpipe.errors import PlanError, ScheduleError
-from fxpipe.passes.annotate_costs import CostTable, annotate_costs, device_unit_times
+from fxpipe.passes.annotate_costs import CostTable, annotate_costs, device_offload_unit_times, device_unit_times
 from fxpipe.passes.emit_schedule import Op, Schedule, emit_schedule, peak_inflight, validate_schedule
 from fxpipe.passes.group_units import Units, group_units
 from fxpipe.passes.load_schedule import load_schedule
@@ -35,7 +35,7 @@ from fxpipe.passes.simulate_schedule import Timeline, simulate_schedule
 
 __all__ = ["build_plan", "build_from_plan", "check_options", "Compilation", "normalize_inputs", "microbatch_sizes",
            "SCHEDULES", "simulate_plan", "virtual_stage_count", "custom_schedule", "plan_costs", "MICROBATCHES_UNSET",
-           "AUTO_MICROBATCHES", "recompute_mode"]
+           "AUTO_MICROBATCHES", "recompute_mode", "offload_mode"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 # auto mode's candidates; the order is also the tie-break (simpler schedules first)
@@ -140,7 +140,16 @@ def recompute_mode(recompute: Any) -> str:
                     f"or 'auto' (only stages that would not fit otherwise), got {recompute!r}")
 
 
-def check_options(*, microbatches: Any, schedule: Any, optimizer: Any, train: Any, recompute: Any = False) -> None:
+def offload_mode(offload: Any) -> str:
+    """The partitioner's mode for the `offload` option ("off", "on" or "auto"), checked."""
+    if isinstance(offload, str) and offload in ("off", "on", "auto"):
+        return offload
+    raise PlanError(f"offload must be 'auto' (a stage streams its weights from host memory only when it would not "
+                    f"fit otherwise), 'off' (never) or 'on' (every stage), got {offload!r}")
+
+
+def check_options(*, microbatches: Any, schedule: Any, optimizer: Any, train: Any, recompute: Any = False,
+                  offload: Any = "off") -> None:
     """Refuse bad planning options before any work is done (PlanError says what to pass).
 
     `schedule` and `microbatches` may be "auto" (auto mode picks them)."""
@@ -163,6 +172,15 @@ def check_options(*, microbatches: Any, schedule: Any, optimizer: Any, train: An
         raise PlanError("recompute=True cannot be combined with schedule='zb-h1': its split backward (BI then BW) "
                         "would recompute each forward twice, and fxpipe's BI/BW runtime does not support it; use "
                         "schedule='1f1b' (or 'gpipe', 'interleaved') with recompute, or recompute='auto'")
+    off = offload_mode(offload)
+    if off == "on" and mode == "on":
+        raise PlanError("offload='on' and recompute=True ask every stage to both stream its weights and recompute "
+                        "its activations, which fxpipe does not combine (the recomputed forward would stream the "
+                        "weights once more); use recompute='auto' (or False) with offload='on'")
+    if off == "on" and schedule == "zb-h1":
+        raise PlanError("offload='on' cannot be combined with schedule='zb-h1': its split backward (BI then BW) "
+                        "would stream each unit's weights twice, and fxpipe's BI/BW runtime does not stream them; "
+                        "use schedule='1f1b' (or 'gpipe', 'interleaved') with offload, or offload='auto'")
 
 
 def _front(model: nn.Module, args: tuple, kwargs: dict, p: int, m: int, capture_method: str,
@@ -273,6 +291,7 @@ def build_plan(
     profile: bool = False,
     fuse: bool = False,
     recompute: bool | str = "auto",
+    offload: str = "auto",
 ) -> Compilation:
     """Run the planning passes; decide everything, execute nothing (except, with `profile`,
     each unit once per device kind to time it).
@@ -285,6 +304,9 @@ def build_plan(
     the candidates are recorded in ``plan.predicted["auto"]``.
     `recompute`: True (every stage recomputes its activations in backward), False, or
     "auto" (per stage, only where keeping the activations would not fit; the DP decides).
+    `offload`: "auto" (a stage keeps its weights, grads and optimizer state in host memory and
+    streams each unit's weights in only where it would not fit otherwise, and then fits),
+    "off" or "on" (every stage; for benchmarks and tests).
     """
     cluster = devices if isinstance(devices, Cluster) else Cluster.from_devices(devices)
     auto_s = isinstance(schedule, str) and schedule == "auto"
@@ -302,31 +324,42 @@ def build_plan(
     else:
         kind, user, m = _resolve_schedule(schedule, microbatches, len(cluster), train, virtual_stages)
     check_options(microbatches=m, schedule=kind if user is None else SCHEDULES[0], optimizer=optimizer, train=train,
-                  recompute=recompute)
+                  recompute=recompute, offload=offload)
     if not isinstance(profile, bool):
         raise PlanError(f"profile must be True or False, got {profile!r}")
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     prog = _Progress(progress)
     p = len(cluster)
     mode = recompute_mode(recompute)
+    off = offload_mode(offload)
     if not (auto_s or auto_m):
         stage_device = user.stage_device if user is not None else _stage_devices(kind, p, virtual_stage_count(kind, virtual_stages))
         cap, units, costs = _front(model, args, kwargs, len(stage_device), m, capture_method, leaf_modules, prog,
                                    fuse=fuse)
         costs = _profiled(costs, model, cap, args, kwargs, m, cluster, stage_device, train, profile, progress, prog)
+        if user is not None and _splits_backward(user) and off == "on":
+            raise PlanError("offload='on' cannot be combined with a schedule that splits the backward (BI/BW): "
+                            "fxpipe's BI/BW runtime does not stream weights; use offload='auto' or 'off'")
         plan = _plan_one(kind, user, m, stage_device, cap, units, costs, cluster, model, train, optimizer,
-                         _mode_for(mode, kind, train), fuse, prog)
+                         _mode_for(mode, kind, train), fuse, prog, _offload_for(off, kind, user))
         _dump("plan", plan.summary())
         _dump("schedule", plan.schedule.listing())
         return Compilation(plan, cap, units)
     return _plan_auto(model, cluster, args, kwargs, kind, m, auto_s, auto_m, train, optimizer, capture_method,
-                      leaf_modules, virtual_stages, profile, progress, fuse, mode, prog)
+                      leaf_modules, virtual_stages, profile, progress, fuse, mode, prog, off)
 
 
 def _mode_for(mode: str, kind: str, train: bool) -> str:
     """Recompute mode per schedule: none when forward-only, none with the split backward
     (zb-h1's runtime does not recompute; check_options refuses recompute=True there)."""
     return "off" if not train or kind == "zb-h1" else mode
+
+
+def _offload_for(off: str, kind: str, user: Schedule | None = None) -> str:
+    """Offload mode per schedule: none with the split backward (zb-h1, or a user schedule with
+    BI/BW): its runtime does not stream weights (check_options refuses offload='on' there)."""
+    split = kind == "zb-h1" or (user is not None and _splits_backward(user))
+    return "off" if split else off
 
 
 def _profiled(costs: CostTable, model: nn.Module, cap: Captured, args: tuple, kwargs: dict, m: int, cluster: Cluster,
@@ -345,7 +378,7 @@ def _profiled(costs: CostTable, model: nn.Module, cap: Captured, args: tuple, kw
 
 def _plan_one(kind: str, user: Schedule | None, m: int, stage_device: Sequence[int], cap: Captured, units: Units,
               costs: CostTable, cluster: Cluster, model: nn.Module, train: bool, optimizer: str, mode: str, fuse: bool,
-              prog: _Progress) -> Plan:
+              prog: _Progress, offload: str = "off") -> Plan:
     """schedule -> placement + partition -> simulate -> Plan, for one schedule kind and m."""
     # the schedule first: which stage sits where and how many microbatches each keeps alive
     # do not depend on the cut, and the partitioner needs both for its memory model
@@ -358,11 +391,12 @@ def _plan_one(kind: str, user: Schedule | None, m: int, stage_device: Sequence[i
 
     # placement and partition together: every distinct device order gets the exact partition
     # (with the schedule's in-flight counts, since memory depends on the schedule); identical
-    # devices keep the order given; recomputation is decided per stage inside the partition
+    # devices keep the order given; recomputation and weight streaming (offload) are decided
+    # per stage inside the partition
     prog.start("partition")
     placement = place_stages(
         lambda order: _problem(costs, cluster.subset(order), stage_device, inflight, train, optimizer, mode,
-                               split_backward=_splits_backward(sched)), cluster)
+                               split_backward=_splits_backward(sched), offload=offload), cluster)
     cluster = cluster.subset(placement.order)
     problem, part = placement.problem, placement.partition
     baselines = {}
@@ -371,6 +405,8 @@ def _plan_one(kind: str, user: Schedule | None, m: int, stage_device: Sequence[i
         baselines[name] = {"bounds": [list(x) for x in b.bounds], "bottleneck_ms": b.bottleneck * 1e3, "fits": b.fits}
         if any(b.recompute):
             baselines[name]["recompute"] = list(b.recompute)
+        if any(b.offload):
+            baselines[name]["offload"] = list(b.offload)
     # the min-bottleneck cut is the best in steady state; with few microbatches the fill and
     # drain weigh too, so cuts trading bottleneck for a smaller total (and the baselines) are
     # simulated as well and the smallest predicted step wins (ties: the smaller bottleneck)
@@ -400,6 +436,7 @@ def _plan_one(kind: str, user: Schedule | None, m: int, stage_device: Sequence[i
         "cost_source": "measured" if costs.measured_fwd else "roofline",
         "fuse": fuse,
         "recompute": mode,
+        "offload": offload,
         "placement": placement.to_dict(),
     }
     if costs.measured_fwd:  # the plan file's cost table has no room for them (see CostTable)
@@ -414,7 +451,7 @@ def _plan_one(kind: str, user: Schedule | None, m: int, stage_device: Sequence[i
 def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, kind: Any, m: Any, auto_s: bool,
                auto_m: bool, train: bool, optimizer: str, capture_method: str, leaf_modules: tuple[type, ...],
                virtual_stages: Any, profile: bool, progress: bool, fuse: bool, mode: str,
-               prog: _Progress) -> Compilation:
+               prog: _Progress, off: str = "off") -> Compilation:
     """Auto mode: plan every (schedule, m) candidate on one capture, keep the fastest that fits.
 
     Shapes and costs depend on the microbatch size and units on the stage count, so they are
@@ -424,6 +461,8 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
     kinds = (list(AUTO_SCHEDULES) if train else ["gpipe"]) if auto_s else [kind]
     if auto_s and mode == "on":
         kinds = [k for k in kinds if k != "zb-h1"]  # refused with recompute=True (check_options)
+    if auto_s and off == "on":
+        kinds = [k for k in kinds if k != "zb-h1"]  # refused with offload='on' (check_options)
     v_given = virtual_stages
     # capture once, analysed first for the smallest candidate (m=1 always fits a batch)
     first_m = 1 if auto_m else m
@@ -465,17 +504,19 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
             try:
                 units, costs = analysis(size, len(stage_device), m_, stage_device)
                 plan = _plan_one(kind_, None, m_, stage_device, cap, units, costs, cluster, model, train, optimizer,
-                                 _mode_for(mode, kind_, train), fuse, prog)
+                                 _mode_for(mode, kind_, train), fuse, prog, _offload_for(off, kind_))
             except (PlanError, ScheduleError) as e:
                 row.update(fits=False, why=str(e).splitlines()[0][:200])
                 err = e if isinstance(e, PlanError) else PlanError(str(e))
                 failures.append((_shortfall(cap, analysed.get((size, len(stage_device))), cluster, kind_, m_,
-                                            stage_device, train, optimizer, _mode_for(mode, kind_, train)),
+                                            stage_device, train, optimizer, _mode_for(mode, kind_, train),
+                                            _offload_for(off, kind_)),
                                  f"schedule={kind_!r}, microbatches={m_}", err))
                 rows.append(row)
                 continue
             row.update(schedule=plan.schedule.kind, fits=True, step_ms=plan.predicted["step_ms"],
-                       recompute_stages=sum(1 for st in plan.stages if st.recompute))
+                       recompute_stages=sum(1 for st in plan.stages if st.recompute),
+                       offload_stages=sum(1 for st in plan.stages if st.offload))
             rows.append(row)
             plans.append((plan, units, (size, len(stage_device))))
     if not plans:
@@ -501,7 +542,7 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
 
 
 def _shortfall(cap: Captured, analysed: tuple[Units, CostTable] | None, cluster: Cluster, kind: str, m: int,
-               stage_device: Sequence[int], train: bool, optimizer: str, mode: str) -> float:
+               stage_device: Sequence[int], train: bool, optimizer: str, mode: str, off: str = "off") -> float:
     """How far a failed auto candidate is from fitting (bytes short on its worst device in the
     given device order); inf when it failed for another reason than memory."""
     if analysed is None:
@@ -509,7 +550,7 @@ def _shortfall(cap: Captured, analysed: tuple[Units, CostTable] | None, cluster:
     try:
         sched = emit_schedule(kind, len(stage_device), m, stage_device=stage_device, train=train)
         prob = _problem(analysed[1], cluster, stage_device, peak_inflight(sched), train, optimizer, mode,
-                        split_backward=_splits_backward(sched))
+                        split_backward=_splits_backward(sched), offload=off)
         return memory_shortfall(prob)
     except (PlanError, ScheduleError):
         return math.inf
@@ -600,11 +641,15 @@ def _splits_backward(sched: Schedule) -> bool:
 
 
 def _problem(costs: CostTable, cluster: Cluster, stage_device: Sequence[int], inflight: Sequence[int], train: bool,
-             optimizer: str, recompute: str = "off", split_backward: bool = False) -> PartitionProblem:
+             optimizer: str, recompute: str = "off", split_backward: bool = False,
+             offload: str = "off") -> PartitionProblem:
     """Positions are stages; stage s runs on device stage_device[s]. A device holding k
     stages (interleaved) gives each 1/k of its memory. A recomputing stage pays one more
     forward per microbatch (`recompute`: the partitioner's mode). Training stages also need
-    their worst backward transient (gradients alive during one unit's backward)."""
+    their worst backward transient (gradients alive during one unit's backward). An
+    offloading stage (`offload`: the partitioner's mode) pays each unit's weight copy over the
+    device's host link where the compute does not hide it; on a CPU the host memory is the
+    device's own, so offloading there frees nothing."""
     n = len(costs.unit_names)
     devs = [cluster.devices[d] for d in stage_device]
     times = device_unit_times(costs, devs, train)
@@ -623,7 +668,18 @@ def _problem(costs: CostTable, cluster: Cluster, stage_device: Sequence[int], in
         device_names=tuple(f"{d.name}" if k == 1 else f"{d.name} (stage {s})" for s, (d, k) in enumerate(zip(devs, share))),
         unit_recompute_time=tuple(map(tuple, device_unit_times(costs, devs, False))) if recompute != "off" else (),
         recompute=recompute, unit_transient_bytes=costs.transient_bytes if train else (),
-        split_backward=split_backward and train)
+        split_backward=split_backward and train, unit_param_bytes=_streamed_bytes(costs, train),
+        unit_offload_time=tuple(map(tuple, device_offload_unit_times(costs, devs, train, times))) if offload != "off" else (),
+        offload=offload, host_memory_is_device=tuple(d.kind == "cpu" for d in devs))
+
+
+def _streamed_bytes(costs: CostTable, train: bool) -> tuple[float, ...]:
+    """Device bytes per unit of an offloaded stage: its weights, plus in training its weight
+    gradients, which are made on the device and copied back to the host (on an H100,
+    counting the weights alone under-predicted a streamed stage's peak by ~3x)."""
+    if not train:
+        return tuple(costs.param_bytes)
+    return tuple(pb + tb for pb, tb in zip(costs.param_bytes, costs.trainable_bytes))
 
 
 def _stage_plans(part: Partition, costs: CostTable, cluster: Cluster, stage_device: Sequence[int], train: bool,
@@ -633,9 +689,14 @@ def _stage_plans(part: Partition, costs: CostTable, cluster: Cluster, stage_devi
     for s, (a, b) in enumerate(part.bounds):
         d = stage_device[s]
         dev = cluster.devices[d]
-        fwd = sum(costs.fwd_time(u, dev) for u in range(a, b))
-        bwd = sum(costs.bwd_time(u, dev) for u in range(a, b))
         rc = bool(part.recompute[s]) if part.recompute else False
+        off = bool(part.offload[s]) if part.offload else False
+        if off:  # each unit at least as long as its weights' copy over the host link
+            fwd = sum(costs.offload_fwd_time(u, dev) for u in range(a, b))
+            bwd = sum(costs.offload_bwd_time(u, dev) for u in range(a, b))
+        else:
+            fwd = sum(costs.fwd_time(u, dev) for u in range(a, b))
+            bwd = sum(costs.bwd_time(u, dev) for u in range(a, b))
         if rc:  # the forward runs again inside the backward
             bwd += fwd
         send_bytes = costs.boundary_bytes[b - 1] if s < p - 1 else 0.0
@@ -644,5 +705,5 @@ def _stage_plans(part: Partition, costs: CostTable, cluster: Cluster, stage_devi
         out.append(StagePlan(index=s, device=d, units=(a, b), param_bytes=sum(costs.param_bytes[a:b]),
                              fwd_ms=fwd * 1e3, bwd_ms=bwd * 1e3 if train else 0.0, send_ms=send * 1e3,
                              send_bytes=send_bytes, memory_bytes=part.stage_memory[s], inflight=int(inflight[s]),
-                             recompute=rc))
+                             recompute=rc, offload=off))
     return out

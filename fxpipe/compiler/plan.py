@@ -53,6 +53,12 @@ class StagePlan:
     # forward in backward (bwd_ms already includes that forward). Plan files written before
     # this field existed load as False.
     recompute: bool = False
+    # weight streaming (offload): params, grads and optimizer state stay in pinned host memory
+    # and each unit's weights are copied in (prefetched on the copy stream) for its forward and
+    # again for its backward, every microbatch; memory_bytes counts two units' weights instead
+    # of the static state, fwd_ms / bwd_ms each unit at least its copy time. Never together
+    # with recompute. Plan files written before this field existed load as False.
+    offload: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,7 @@ class Plan:
             span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
             rows.append((str(st.index), f"{st.device}:{dev.name}", str(st.units[1] - st.units[0]), _clip(span, 38),
                          _human(st.param_bytes / 4), f"{st.fwd_ms:.3f}", f"{st.bwd_ms:.3f}", f"{st.send_ms:.3f}",
-                         f"{st.memory_bytes / gib:.3f}", f"{dev.memory / gib:.1f}", "recompute" if st.recompute else ""))
+                         f"{st.memory_bytes / gib:.3f}", f"{dev.memory / gib:.1f}", _stage_flags(st)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [f"fxpipe plan for {self.model_name}: {self.num_stages} stages, {self.microbatches} microbatches "
                  f"of batch {self.batch_size}, schedule {self.schedule.kind}, captured by {self.capture_path}"]
@@ -109,6 +115,9 @@ class Plan:
             fit = sum(1 for c in p["auto"] if c.get("fits"))
             lines.append(f"auto: chose schedule {self.schedule.kind} with {self.microbatches} microbatches, the fastest "
                          f"predicted of {fit} fitting candidates ({len(p['auto'])} tried; `fxpipe inspect --why` lists them)")
+        if any(st.offload for st in self.stages):
+            lines.append("offload: those stages keep params, grads and optimizer state in host memory and stream "
+                         "each unit's weights in for every microbatch's forward and backward (times include it)")
         lines.append(f"predicted step {p['step_ms']:.2f} ms, bottleneck stage {p['bottleneck_ms']:.3f} ms/microbatch, "
                      f"bubble {100 * p['bubble']:.1f}%")
         for name, b in self.baselines.items():
@@ -211,6 +220,15 @@ class Plan:
         if rc and any(i.op.name in ("BWD_INPUT", "BWD_WEIGHT") for prog in sched.programs for i in prog):
             raise PlanError(f"stages {rc} recompute but the schedule {sched.kind!r} splits the backward (BI/BW), "
                             "which fxpipe does not combine with recomputation; use another schedule or recompute=False")
+        off = [s.index for s in self.stages if s.offload]
+        both = [s.index for s in self.stages if s.offload and s.recompute]
+        if both:
+            raise PlanError(f"stages {both} both recompute and offload, which fxpipe does not combine (the "
+                            "recomputed forward would stream the weights once more); set one of the two to false")
+        if off and any(i.op.name in ("BWD_INPUT", "BWD_WEIGHT") for prog in sched.programs for i in prog):
+            raise PlanError(f"stages {off} offload but the schedule {sched.kind!r} splits the backward (BI/BW), "
+                            "which fxpipe does not combine with weight streaming; use another schedule or "
+                            "offload='off'")
         from fxpipe.passes.emit_schedule import validate_schedule
 
         try:
@@ -364,7 +382,8 @@ def _nested(build: Any, data: Any, name: str) -> Any:
 
 
 def _stage_from_dict(r: _Fields, s: Any, name: str) -> StagePlan:
-    r.keys(s, name + ".", required=tuple(k for k in StagePlan.__slots__ if k != "recompute"), optional=("recompute",))
+    late = ("recompute", "offload")  # fields added later: older plan files lack them
+    r.keys(s, name + ".", required=tuple(k for k in StagePlan.__slots__ if k not in late), optional=late)
     pre = name + "."
     units = s["units"]
     if not (isinstance(units, (list, tuple)) and len(units) == 2 and all(_is_int(u) and u >= 0 for u in units)):
@@ -374,7 +393,8 @@ def _stage_from_dict(r: _Fields, s: Any, name: str) -> StagePlan:
         param_bytes=r.number(s, "param_bytes", pre), fwd_ms=r.number(s, "fwd_ms", pre),
         bwd_ms=r.number(s, "bwd_ms", pre), send_ms=r.number(s, "send_ms", pre),
         send_bytes=r.number(s, "send_bytes", pre), memory_bytes=r.number(s, "memory_bytes", pre),
-        inflight=r.integer(s, "inflight", pre), recompute=r.boolean(s, "recompute", pre) if "recompute" in s else False)
+        inflight=r.integer(s, "inflight", pre), recompute=r.boolean(s, "recompute", pre) if "recompute" in s else False,
+        offload=r.boolean(s, "offload", pre) if "offload" in s else False)
 
 
 def _costs_from_dict(r: _Fields, c: Any) -> CostTable:
@@ -415,13 +435,14 @@ def _predicted_from_dict(r: _Fields, p: Any) -> dict[str, Any]:
             raise PlanError(f"field 'predicted.auto' must be a list of candidates, got {_show(p['auto'])}")
         for i, c in enumerate(p["auto"]):
             pre = f"predicted.auto[{i}]."
-            r.keys(c, pre, required=("schedule", "microbatches", "fits"), optional=("step_ms", "recompute_stages", "why"))
+            r.keys(c, pre, required=("schedule", "microbatches", "fits"), optional=("step_ms", "recompute_stages", "offload_stages", "why"))
             r.string(c, "schedule", pre)
             r.integer(c, "microbatches", pre, low=1)
             if r.boolean(c, "fits", pre) or "step_ms" in c:
                 r.number(c, "step_ms", pre)
-            if "recompute_stages" in c:
-                r.integer(c, "recompute_stages", pre)
+            for k in ("recompute_stages", "offload_stages"):
+                if k in c:
+                    r.integer(c, k, pre)
             if "why" in c and not isinstance(c["why"], str):
                 raise PlanError(f"field '{pre}why' must be a string, got {_show(c['why'])}")
     return out
@@ -432,11 +453,12 @@ def _baselines_from_dict(r: _Fields, b: Any) -> dict[str, Any]:
         raise PlanError(f"field 'baselines' must be an object, got {_show(b)}")
     for name, v in b.items():
         pre = f"baselines.{name}."
-        r.keys(v, pre, required=("bottleneck_ms", "fits"), optional=("bounds", "recompute"))
+        r.keys(v, pre, required=("bottleneck_ms", "fits"), optional=("bounds", "recompute", "offload"))
         r.number(v, "bottleneck_ms", pre)
         r.boolean(v, "fits", pre)
-        if "recompute" in v and not (isinstance(v["recompute"], list) and all(isinstance(x, bool) for x in v["recompute"])):
-            raise PlanError(f"field '{pre}recompute' must be a list of true/false per stage, got {_show(v['recompute'])}")
+        for k in ("recompute", "offload"):
+            if k in v and not (isinstance(v[k], list) and all(isinstance(x, bool) for x in v[k])):
+                raise PlanError(f"field '{pre}{k}' must be a list of true/false per stage, got {_show(v[k])}")
         bounds = v.get("bounds", [])
         if not isinstance(bounds, (list, tuple)) or not all(
                 isinstance(x, (list, tuple)) and len(x) == 2 and all(_is_int(u) for u in x) for x in bounds):
@@ -468,6 +490,10 @@ def _is_contiguous_call(n: fx.Node) -> bool:
     if n.op == "call_method":
         return n.target == "contiguous"
     return n.op == "call_function" and n.target is torch.ops.aten.contiguous.default
+
+
+def _stage_flags(st: StagePlan) -> str:
+    return " ".join(f for f, on in (("recompute", st.recompute), ("offload", st.offload)) if on)
 
 
 def _human(n: float) -> str:

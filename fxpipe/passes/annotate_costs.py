@@ -21,7 +21,7 @@ from fxpipe.passes.group_units import COMPUTE_OPS, UNIT, Units
 from fxpipe.passes.propagate_shapes import FLOPS, VAL, same_inputs, template_of
 
 __all__ = ["NodeCost", "CostTable", "annotate_costs", "backward_transients", "split_kept_gradients", "stage_transient",
-           "COST", "BWD_FACTOR", "value_bytes", "device_key"]
+           "COST", "BWD_FACTOR", "value_bytes", "device_key", "device_unit_times", "device_offload_unit_times"]
 
 COST = "fxpipe.cost"
 BWD_FACTOR = 2.0  # backward ~ 2x forward: grad wrt input and grad wrt weight
@@ -123,6 +123,20 @@ class CostTable:
         f = (self.measured_bi_fraction or {}).get(device_key(dev))
         share = f[u] if f is not None and self.measured_for(dev) is not None else 0.5
         return self.bwd_time(u, dev) * share
+
+    def weight_stream_time(self, u: int, dev: Device) -> float:
+        """Seconds to copy unit u's weights between pinned host memory and `dev` (one way)."""
+        return self.param_bytes[u] / dev.host_bandwidth
+
+    def offload_fwd_time(self, u: int, dev: Device) -> float:
+        """Unit u's forward when its stage streams its weights: the prefetch of its weights
+        overlaps the previous unit's compute, so the slower of the two sets the pace."""
+        return max(self.fwd_time(u, dev), self.weight_stream_time(u, dev))
+
+    def offload_bwd_time(self, u: int, dev: Device) -> float:
+        """Unit u's backward when streaming: the weights are fetched again while the weight
+        gradients go back on the other direction of the link, so one crossing overlaps it."""
+        return max(self.bwd_time(u, dev), self.weight_stream_time(u, dev))
 
     def stage_transient(self, start: int, end: int, split: bool = False) -> float:
         """Bytes a stage holding units [start, end) needs during one microbatch's backward on
@@ -523,3 +537,32 @@ def device_unit_times(table: CostTable, devices: Sequence[Device], train: bool) 
             columns[key] = [table.unit_time(u, d, train) for u in range(len(table.unit_names))]
         per_device.append(columns[key])
     return [[col[u] for col in per_device] for u in range(len(table.unit_names))]
+
+
+def device_offload_unit_times(table: CostTable, devices: Sequence[Device], train: bool,
+                              plain: Sequence[Sequence[float]] | None = None) -> list[list[float]]:
+    """unit x device matrix of seconds per microbatch when the unit's stage streams its
+    weights from host memory: ``max(fwd, w / host_bandwidth)`` (+ ``max(bwd, w /
+    host_bandwidth)`` when training). Written as `device_unit_times`' entry (`plain`, when the
+    caller has it already) plus the copy time the compute cannot hide, so an entry is never
+    below the plain one by rounding."""
+    n = len(table.unit_names)
+    if plain is None:
+        plain = device_unit_times(table, devices, train)
+    columns: dict[tuple, list[float]] = {}  # devices priced alike share a column (as device_unit_times)
+    out = [list(row) for row in plain]
+    for j, d in enumerate(devices):
+        measured = table.measured_for(d)
+        key = (device_key(d) if measured is not None else None, d.peak_flops, d.mem_bandwidth,
+               d.launch_overhead, d.host_bandwidth)
+        if key not in columns:
+            col = []
+            for u in range(n):
+                w = table.weight_stream_time(u, d)
+                f = table.fwd_time(u, d)
+                b = measured[1][u] if measured is not None else f * BWD_FACTOR  # = bwd_time, priced once
+                col.append(max(0.0, w - f) + (max(0.0, w - b) if train else 0.0))
+            columns[key] = col
+        for u in range(n):
+            out[u][j] = plain[u][j] + columns[key][u]
+    return out

@@ -12,6 +12,10 @@
   the units' saved activations; one microbatch's for a stage that recomputes) and boundary
   buffers (in-flight x incoming + outgoing), and backward transients (the gradients alive
   while one microbatch's backward runs its worst unit, `annotate_costs.stage_transient`).
+  A stage that streams its weights (offload) holds two consecutive units' weights on the
+  device instead (`partition_stages.weight_buffer`, in the params column) and keeps its
+  params, grads and optimizer state in host memory (the "host" column, not in the total;
+  on a CPU the host memory is the device's own, so there they stay in the total).
 * **auto**, when ``plan.predicted["auto"]`` holds the candidates auto mode compared: each
   (schedule, microbatches) with its predicted step and whether it fits, best first.
 * **placement**, when ``plan.predicted["placement"]`` holds `Placement.to_dict()`: the chosen
@@ -30,6 +34,7 @@ from typing import Any, Sequence
 
 from fxpipe.compiler.plan import OPTIMIZER_STATE_FACTOR, Plan, StagePlan
 from fxpipe.passes.emit_schedule import Op
+from fxpipe.passes.partition_stages import weight_buffer
 
 __all__ = ["explain", "stage_memory_split", "stage_time_split", "baseline_stages", "stage_table", "compare_baseline"]
 
@@ -37,7 +42,8 @@ _GiB = 1024.0**3
 
 
 def stage_memory_split(plan: Plan, s: int) -> dict[str, float]:
-    """Bytes of stage s: params, grads, optimizer, activations, buffers, transients, total."""
+    """Bytes of stage s: params, grads, optimizer, activations, buffers, transients, total
+    (on the device), and host (static state an offloaded stage keeps in host memory)."""
     st = plan.stages[s]
     a, b = st.units
     c = plan.costs
@@ -54,7 +60,19 @@ def stage_memory_split(plan: Plan, s: int) -> dict[str, float]:
     transients = c.stage_transient(a, b, split) if plan.train else 0.0
     out = {"params": params, "grads": trainable, "optimizer": opt, "activations": act, "buffers": buffers,
            "transients": transients}
+    host = 0.0
+    if st.offload:
+        # the unit computing and the one being prefetched, and in training their weight
+        # gradients on the way back to the host (as `compiler/pipeline._streamed_bytes`)
+        per_unit = [pb + (tb if plan.train else 0.0) for pb, tb in zip(c.param_bytes, c.trainable_bytes)]
+        held = weight_buffer(per_unit, a, b)
+        if plan.cluster.devices[st.device].kind == "cpu":  # its host memory is its own: nothing leaves
+            out["params"] = params + held
+        else:
+            host = params + trainable + opt
+            out.update(params=held, grads=0.0, optimizer=0.0)
     out["total"] = sum(out.values())
+    out["host"] = host
     return out
 
 
@@ -78,18 +96,20 @@ def stage_time_split(plan: Plan, timeline: Any = None) -> list[dict[str, float]]
     return out
 
 
-def baseline_stages(plan: Plan, bounds: Sequence[Sequence[int]],
-                    recompute: Sequence[bool] | None = None) -> tuple[StagePlan, ...]:
+def baseline_stages(plan: Plan, bounds: Sequence[Sequence[int]], recompute: Sequence[bool] | None = None,
+                    offload: Sequence[bool] | None = None) -> tuple[StagePlan, ...]:
     """The plan's stages re-cut at `bounds` (same devices, schedule and cost model);
-    `recompute`: which of them recompute (a baseline's own "recompute" list), none by default."""
+    `recompute` / `offload`: which of them recompute / stream their weights (a baseline's own
+    lists), none by default."""
     c = plan.costs
     p = len(bounds)
     out = []
     for s, (a, b) in enumerate(bounds):
         d = plan.stages[s].device
         dev = plan.cluster.devices[d]
-        fwd = sum(c.fwd_time(u, dev) for u in range(a, b))
-        bwd = sum(c.bwd_time(u, dev) for u in range(a, b)) if plan.train else 0.0
+        off = bool(offload[s]) if offload else False
+        fwd = sum((c.offload_fwd_time if off else c.fwd_time)(u, dev) for u in range(a, b))
+        bwd = sum((c.offload_bwd_time if off else c.bwd_time)(u, dev) for u in range(a, b)) if plan.train else 0.0
         send_bytes = c.boundary_bytes[b - 1] if s < p - 1 else 0.0
         nxt = plan.stages[s + 1].device if s < p - 1 else d
         send = plan.cluster.link(d, nxt).transfer_time(send_bytes) if nxt != d else 0.0
@@ -97,11 +117,18 @@ def baseline_stages(plan: Plan, bounds: Sequence[Sequence[int]],
         rc = bool(recompute[s]) if recompute else False
         out.append(StagePlan(index=s, device=d, units=(int(a), int(b)), param_bytes=sum(c.param_bytes[a:b]),
                              fwd_ms=fwd * 1e3, bwd_ms=(bwd + (fwd if rc else 0.0)) * 1e3, send_ms=send * 1e3,
-                             send_bytes=send_bytes, memory_bytes=0.0, inflight=st.inflight, recompute=rc))
+                             send_bytes=send_bytes, memory_bytes=0.0, inflight=st.inflight, recompute=rc,
+                             offload=off))
     stages = tuple(out)
     probe = plan.with_(stages=stages)
     return tuple(StagePlan(**{**{k: getattr(x, k) for k in StagePlan.__slots__},
                               "memory_bytes": stage_memory_split(probe, x.index)["total"]}) for x in stages)
+
+
+def _stream_bound(plan: Plan, st: StagePlan) -> bool:
+    """Whether some unit of an offloaded stage waits on its weights' copy (copy > compute)."""
+    c, dev = plan.costs, plan.cluster.devices[st.device]
+    return any(c.weight_stream_time(u, dev) > c.fwd_time(u, dev) for u in range(*st.units))
 
 
 def _table(rows: list[tuple[str, ...]], left: Sequence[int] = (1,)) -> list[str]:
@@ -136,31 +163,41 @@ def explain(plan: Plan) -> str:
     unit, scale = ("GiB", _GiB) if max(m["total"] for m in mems) >= 0.1 * _GiB else ("MiB", 1024.0**2)
     lines += ["", f"memory per stage ({unit}; activations and buffers x microbatches in flight; transients: gradients "
                   "alive during one backward; 'of' = the device's):"]
+    offloads = any(st.offload for st in plan.stages)
     rows = [("stage", "device", "in flight", "params", "grads", "optimizer", "activations", "buffers", "transients",
-             "total", "of", "")]
+             "total", "of", "") + (("host",) if offloads else ())]
     for s, st in enumerate(plan.stages):
         mem = mems[s]
         dev = plan.cluster.devices[st.device]
         rows.append((str(s), f"{st.device}:{dev.name}", str(st.inflight),
                      *(f"{mem[k] / scale:.3f}" for k in ("params", "grads", "optimizer", "activations", "buffers",
                                                          "transients", "total")),
-                     f"{dev.memory / scale:.1f}", "recompute" if st.recompute else ""))
+                     f"{dev.memory / scale:.1f}", "recompute" if st.recompute else "offload" if st.offload else "")
+                    + ((f"{mem['host'] / scale:.3f}",) if offloads else ()))
     lines += _table(rows, left=(1, 11))
     if any(st.recompute for st in plan.stages):
         lines.append("  recompute: the stage keeps only its boundaries per microbatch in flight and runs its forward "
                      "again in backward (its bwd includes that forward)")
+    if offloads:
+        slow = [st.index for st in plan.stages if st.offload and _stream_bound(plan, st)]
+        lines.append("  offload: the stage streams its weights: params, grads and optimizer state stay in host memory "
+                     "('host'), the device holds two consecutive units' weights ('params'), and each unit's weights "
+                     "cross the host link in every microbatch's forward and again in its backward (no reuse across "
+                     "microbatches); each unit takes max(compute, weights / host bandwidth)"
+                     + (f"; the copy is slower than the compute on stage(s) {slow}" if slow else
+                        "; the compute hides every copy"))
     auto = plan.predicted.get("auto")
     if isinstance(auto, list) and auto:
         lines += ["", f"auto mode: {len(auto)} (schedule, microbatches) candidates, the fastest predicted step that "
                       "fits was chosen (ties: fewer microbatches, simpler schedule):"]
-        rows = [("", "schedule", "microbatches", "step ms", "fits", "recompute stages")]
+        rows = [("", "schedule", "microbatches", "step ms", "fits", "recompute stages", "offload stages")]
         ranked = sorted(auto, key=lambda r: (not r.get("fits"), r.get("step_ms", float("inf")), r.get("microbatches", 0)))
         for r in ranked:
             chosen = r.get("schedule") == plan.schedule.kind and r.get("microbatches") == plan.microbatches
             rows.append(("chosen" if chosen else "runner-up" if r.get("fits") else "no fit", str(r.get("schedule")),
                          str(r.get("microbatches")), f"{r['step_ms']:.3f}" if "step_ms" in r else "-",
                          "yes" if r.get("fits") else "NO", str(r.get("recompute_stages", "-")) if r.get("fits")
-                         else str(r.get("why", ""))[:70]))
+                         else str(r.get("why", ""))[:70], str(r.get("offload_stages", "-")) if r.get("fits") else ""))
         lines += _table(rows, left=(0, 1, 5))
     pl = plan.predicted.get("placement")
     if isinstance(pl, dict) and isinstance(pl.get("order"), list):
@@ -184,7 +221,8 @@ def explain(plan: Plan) -> str:
             step = "-"
             if bounds and len(bounds) == plan.num_stages:
                 try:
-                    step_s = fxpipe.simulate(plan.with_(stages=baseline_stages(plan, bounds, b.get("recompute")))).step_time
+                    step_s = fxpipe.simulate(plan.with_(stages=baseline_stages(plan, bounds, b.get("recompute"),
+                                                                               b.get("offload")))).step_time
                     step = f"{step_s * 1e3:.3f}"
                 except Exception:  # a baseline we cannot simulate still has its bottleneck
                     step = "-"
@@ -221,7 +259,7 @@ def compare_baseline(plan: Plan, name: str) -> str:
         have = ", ".join(sorted(plan.baselines)) or "none"
         raise PlanError(f"the plan has no baseline {name!r} (it has: {have})")
     b = plan.baselines[name]
-    stages = baseline_stages(plan, b["bounds"], b.get("recompute"))
+    stages = baseline_stages(plan, b["bounds"], b.get("recompute"), b.get("offload"))
     step = fxpipe.simulate(plan.with_(stages=stages)).step_time * 1e3
     mine = plan.predicted
     ratio = b["bottleneck_ms"] / max(mine["bottleneck_ms"], 1e-12)

@@ -21,6 +21,23 @@ and its time per microbatch grows by its forward time (``unit_recompute_time``).
 that fits (recomputation is never faster, so: plain if it fits, else recompute if that needs
 less); stages are independent given their bounds, so the DP over bounds stays exact.
 
+A stage may instead *offload* (stream its weights, as in Superpipeline): its parameters, their
+gradients and optimizer state live in pinned host memory, and each unit's weights are copied
+to the device on a copy stream while the previous unit computes, so the device holds about
+two units' weights at a time (the largest pair of consecutive units, a double buffer):
+
+    max(params[u] + params[u+1]) + inflight[j] * (activations + both boundaries)
+
+Each microbatch streams every unit's weights again (nothing is reused across microbatches,
+which is what the runtime does): once in forward and once in backward (the weight gradients
+go back to the host over the other direction of the full-duplex link meanwhile), so with
+the copy overlapped a unit costs ``max(forward, w / host_bandwidth) + max(backward,
+w / host_bandwidth)`` per microbatch (``unit_offload_time``, computed by the caller). On a
+CPU the "host" is the device's own memory, so there the static state still counts. With
+``offload="auto"`` a stage offloads only when no cheaper variant fits and offloading does
+(streaming is never faster than keeping the weights), and among recomputing and offloading
+the faster that fits wins; offloading never combines with recomputation on one stage.
+
 `partition_stages` returns the exact optimum by dynamic programming over (cut, position)
 with every cut considered: the objective is not monotone in a stage's length (a shorter
 stage can end on a heavier boundary), so greedy or binary-search feasibility tests are not
@@ -73,9 +90,16 @@ __all__ = [
     "step_candidates",
     "memory_shortfall",
     "RECOMPUTE_MODES",
+    "OFFLOAD_MODES",
+    "stage_offload",
+    "weight_buffer",
 ]
 
 RECOMPUTE_MODES = ("off", "on", "auto")
+OFFLOAD_MODES = ("off", "on", "auto")
+
+# The variants a stage can take (`_choose`); index into `_variants`' result.
+_PLAIN, _RECOMPUTE, _OFFLOAD = 0, 1, 2
 
 _GiB = float(1024**3)
 
@@ -152,6 +176,19 @@ class PartitionProblem:
             needs its worst one once, while it runs one microbatch's backward.
         split_backward: the schedule splits backward into BI and BW (zero bubble): BI keeps
             every saved tensor, so a unit's transient adds in full.
+        unit_param_bytes: n (or empty); bytes one unit of an offloaded stage holds on the
+            device while resident: its weights, and in training also its weight gradients on
+            their way back to the host (the runtime keeps at most two units' of each in
+            flight); double-buffered on the device (`weight_buffer`).
+        unit_offload_time: n x p (or empty); seconds per microbatch unit u takes on position
+            j when its stage streams its weights (replaces unit_time for that stage; never
+            less than it, since the copy at best hides behind the compute).
+        offload: "off", "on" (every stage offloads) or "auto" (a stage offloads only where
+            nothing cheaper fits and offloading does). Not with ``split_backward``, nor
+            "on" with ``recompute="on"``.
+        host_memory_is_device: p bools (or empty: none); True where the host memory the
+            weights would move to is the device's own memory (a CPU): offloading there
+            frees nothing, so its static state still counts.
     """
 
     unit_names: tuple[str, ...]
@@ -167,6 +204,10 @@ class PartitionProblem:
     recompute: str = "off"
     unit_transient_bytes: tuple[float, ...] = ()
     split_backward: bool = False
+    unit_param_bytes: tuple[float, ...] = ()
+    unit_offload_time: tuple[tuple[float, ...], ...] = ()
+    offload: str = "off"
+    host_memory_is_device: tuple[bool, ...] = ()
 
     def __post_init__(self) -> None:
         # Validate once here so that the DP and the helpers can index without checks.
@@ -227,11 +268,46 @@ class PartitionProblem:
         if not isinstance(self.split_backward, bool):
             raise PlanError(f"PartitionProblem.split_backward must be True or False, got {self.split_backward!r}")
 
+        if not isinstance(self.offload, str) or self.offload not in OFFLOAD_MODES:
+            raise PlanError(f"PartitionProblem.offload must be one of {', '.join(map(repr, OFFLOAD_MODES))}, "
+                            f"got {self.offload!r}")
+        params = tuple(self.unit_param_bytes)
+        if params:
+            params = vec("unit_param_bytes", params, n, "n (or none)")
+        off_time = tuple(self.unit_offload_time)
+        if off_time:
+            off_time = _as_matrix("unit_offload_time", off_time, n, p, f"n x p = {n} x {p}")
+            below = np.argwhere(np.asarray(off_time, dtype=np.float64) < np.asarray(unit_time, dtype=np.float64))
+            if below.size:
+                u, j = (int(x) for x in below[0])
+                raise PlanError(f"PartitionProblem.unit_offload_time[{u}][{j}] = {off_time[u][j]!r} is less "
+                                f"than unit_time[{u}][{j}] = {unit_time[u][j]!r}: streaming weights can at "
+                                "best hide behind the compute, never speed it up")
+        if self.offload != "off":
+            if not params or not off_time:
+                raise PlanError(f"PartitionProblem.offload={self.offload!r} needs unit_param_bytes and "
+                                "unit_offload_time (each unit's weights and its time when streaming them); give "
+                                "them or use offload='off'")
+            if self.split_backward:
+                raise PlanError(f"PartitionProblem.offload={self.offload!r} cannot be combined with split_backward "
+                                "(the zero-bubble BI/BW backward would stream each unit's weights twice); use "
+                                "offload='off' with it")
+            if self.offload == "on" and self.recompute == "on":
+                raise PlanError("PartitionProblem.offload='on' and recompute='on' ask every stage to do both, "
+                                "which fxpipe does not combine (the forward would stream the weights again "
+                                "inside the backward); choose one, or 'auto' for the other")
+        shared = tuple(self.host_memory_is_device)
+        if shared and (len(shared) != p or not all(isinstance(x, (bool, np.bool_)) for x in shared)):
+            raise PlanError(f"PartitionProblem.host_memory_is_device must be p = {p} bools (or empty), "
+                            f"got {shared!r}")
+        shared = tuple(bool(x) for x in shared)
+
         for name, value in (
             ("unit_names", names), ("unit_time", unit_time), ("boundary_time", boundary_time),
             ("unit_static_bytes", static), ("unit_activation_bytes", act),
             ("boundary_bytes", bbytes), ("inflight", inflight), ("device_memory", memory),
             ("device_names", devices), ("unit_recompute_time", rc_time), ("unit_transient_bytes", transient),
+            ("unit_param_bytes", params), ("unit_offload_time", off_time), ("host_memory_is_device", shared),
         ):
             object.__setattr__(self, name, value)
 
@@ -260,6 +336,8 @@ class Partition:
         fits: True when every stage's memory is within its device's memory.
         recompute: per stage, whether it recomputes its activations (see the module doc);
             empty when the problem's recompute mode is "off".
+        offload: per stage, whether it streams its weights from host memory (see the module
+            doc); empty when the problem's offload mode is "off".
     """
 
     bounds: tuple[tuple[int, int], ...]
@@ -269,6 +347,7 @@ class Partition:
     method: str
     fits: bool
     recompute: tuple[bool, ...] = ()
+    offload: tuple[bool, ...] = ()
 
 
 # --------------------------------------------------------------------------------------
@@ -299,9 +378,23 @@ def _check_stage(problem: PartitionProblem, start: int, end: int, j: int) -> Non
         raise PlanError(f"device position {j} is out of range for {problem.p} devices")
 
 
-def _plain_and_recompute(problem: PartitionProblem, start: int, end: int,
-                         j: int) -> tuple[float, float, float, float]:
-    """(time, memory) of the stage kept plain and recomputing, in the DP's operation order."""
+def weight_buffer(param_bytes: Sequence[float], start: int, end: int) -> float:
+    """Bytes of weights an offloaded stage of units ``[start, end)`` keeps on its device: the
+    unit computing and the next one with weights, being prefetched (units without weights,
+    an activation between two Linears, are skipped: the runtime fetches nothing for them), so
+    the largest sum of two consecutive weighted units' bytes (the largest unit's alone when
+    the stage has one weighted unit)."""
+    weighted = [param_bytes[u] for u in range(start, end) if param_bytes[u] > 0]
+    best = max(weighted, default=0.0)
+    for a, b in zip(weighted, weighted[1:]):
+        best = max(best, a + b)
+    return best
+
+
+def _variants(problem: PartitionProblem, start: int, end: int,
+              j: int) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
+    """(time, memory) of the stage kept plain, recomputing and offloading, in the DP's
+    operation order (offloading is (inf, inf) when the problem has no offload times)."""
     acc = 0.0
     for u in range(end - 1, start - 1, -1):
         acc += problem.unit_time[u][j]
@@ -310,9 +403,14 @@ def _plain_and_recompute(problem: PartitionProblem, start: int, end: int,
         for u in range(end - 1, start - 1, -1):
             rc += problem.unit_recompute_time[u][j]
     acc_rc = acc + rc
+    acc_off = 0.0
+    if problem.unit_offload_time:
+        for u in range(end - 1, start - 1, -1):
+            acc_off += problem.unit_offload_time[u][j]
     if j < problem.p - 1 and end < problem.n:
         acc = acc + problem.boundary_time[end - 1][j]
         acc_rc = acc_rc + problem.boundary_time[end - 1][j]
+        acc_off = acc_off + problem.boundary_time[end - 1][j]
     static = _segment_sum(problem.unit_static_bytes, start, end)
     act = _segment_sum(problem.unit_activation_bytes, start, end)
     bytes_in = problem.boundary_bytes[start - 1] if start > 0 else 0.0
@@ -322,23 +420,78 @@ def _plain_and_recompute(problem: PartitionProblem, start: int, end: int,
                          problem.split_backward)
     mem = (static + k * ((act + bytes_in) + bytes_out)) + tr
     mem_rc = ((static + k * (bytes_in + bytes_out)) + act) + tr
-    return acc, mem, acc_rc, mem_rc
+    if not problem.unit_offload_time:
+        return (acc, mem), (acc_rc, mem_rc), (math.inf, math.inf)
+    held = weight_buffer(problem.unit_param_bytes, start, end)
+    if problem.host_memory_is_device and problem.host_memory_is_device[j]:
+        held = static + held
+    mem_off = (held + k * ((act + bytes_in) + bytes_out)) + tr
+    return (acc, mem), (acc_rc, mem_rc), (acc_off, mem_off)
+
+
+def _choose(problem: PartitionProblem, j: int,
+            variants: tuple[tuple[float, float], tuple[float, float], tuple[float, float]]) -> int:
+    """Which variant a stage takes (`_stage_tables` applies the same rule to whole arrays).
+
+    offload "on": offloading. Else the base (plain, or recomputing with recompute "on") when it
+    fits; else the fastest fitting of the modes' "auto" alternatives (ties: recomputation);
+    else, nothing fitting, the one needing the least memory (ties: the base), which is what
+    the infeasibility report shows as the closest partition.
+    """
+    if problem.offload == "on":
+        return _OFFLOAD
+    cap = problem.device_memory[j]
+    base = _RECOMPUTE if problem.recompute == "on" else _PLAIN
+    if variants[base][1] <= cap:
+        return base
+    options = _alternatives(problem)
+    fitting = [v for v in options if variants[v][1] <= cap]
+    if fitting:
+        return min(fitting, key=lambda v: variants[v][0])  # min() keeps the first on ties
+    return min([base] + options, key=lambda v: variants[v][1])
+
+
+def _alternatives(problem: PartitionProblem) -> list[int]:
+    """Variants "auto" may switch a stage to when its base does not fit, in tie-break order."""
+    out = []
+    if problem.recompute == "auto":
+        out.append(_RECOMPUTE)
+    if problem.offload == "auto" and problem.recompute != "on":
+        out.append(_OFFLOAD)
+    return out
+
+
+def _stage_variant(problem: PartitionProblem, start: int, end: int, j: int) -> tuple[int, float, float]:
+    """(variant, time, memory) of the stage ``[start, end)`` on position j."""
+    _check_stage(problem, start, end, j)
+    variants = _variants(problem, start, end, j)
+    v = _choose(problem, j, variants)
+    return v, variants[v][0], variants[v][1]
 
 
 def stage_recompute(problem: PartitionProblem, start: int, end: int, j: int) -> bool:
     """Whether the stage holding units ``[start, end)`` on position j recomputes.
 
-    "off": never; "on": always; "auto": only when keeping its activations does not fit in
-    the device's memory and recomputing needs less (recomputing is never faster).
+    "off": never; "on": always (unless offload is "on"); "auto": only when keeping its
+    activations does not fit in the device's memory and recomputing fits (and is no slower
+    than offloading when that fits too), or, nothing fitting, recomputing needs the least.
 
     Raises:
         PlanError: If the range is empty or out of bounds, or j is not a position.
     """
-    _check_stage(problem, start, end, j)
-    if problem.recompute != "auto":
-        return problem.recompute == "on"
-    _, mem, _, mem_rc = _plain_and_recompute(problem, start, end, j)
-    return bool(mem > problem.device_memory[j] and mem_rc < mem)
+    return _stage_variant(problem, start, end, j)[0] == _RECOMPUTE
+
+
+def stage_offload(problem: PartitionProblem, start: int, end: int, j: int) -> bool:
+    """Whether the stage holding units ``[start, end)`` on position j streams its weights
+    from host memory (see the module doc): always with offload "on", never with "off"; with
+    "auto" only when keeping them does not fit and offloading does (and is faster than
+    recomputing when that fits too), or, nothing fitting, offloading needs the least.
+
+    Raises:
+        PlanError: If the range is empty or out of bounds, or j is not a position.
+    """
+    return _stage_variant(problem, start, end, j)[0] == _OFFLOAD
 
 
 def stage_time(problem: PartitionProblem, start: int, end: int, j: int) -> float:
@@ -352,16 +505,15 @@ def stage_time(problem: PartitionProblem, start: int, end: int, j: int) -> float
 
     Returns:
         The units' compute time on position j (plus one more forward when the stage
-        recomputes, see `stage_recompute`) plus the time to send the boundary after unit
-        ``end - 1`` to position j+1; there is no outgoing boundary for the last position or
-        for a stage that ends the model.
+        recomputes, see `stage_recompute`; each unit at least its weights' copy time when
+        the stage offloads, see `stage_offload`) plus the time to send the boundary after
+        unit ``end - 1`` to position j+1; there is no outgoing boundary for the last
+        position or for a stage that ends the model.
 
     Raises:
         PlanError: If the range is empty or out of bounds, or j is not a position.
     """
-    rc = stage_recompute(problem, start, end, j)
-    t, _, t_rc, _ = _plain_and_recompute(problem, start, end, j)
-    return t_rc if rc else t
+    return _stage_variant(problem, start, end, j)[1]
 
 
 def stage_memory(problem: PartitionProblem, start: int, end: int, j: int) -> float:
@@ -371,7 +523,10 @@ def stage_memory(problem: PartitionProblem, start: int, end: int, j: int) -> flo
     once, while activations and both boundary buffers exist once per microbatch in flight.
     A recomputing stage (`stage_recompute`) keeps only the boundary buffers per microbatch
     in flight, plus one microbatch's activations while it runs that microbatch's backward:
-    ``static + inflight[j] * (bytes_in + bytes_out) + activations``.
+    ``static + inflight[j] * (bytes_in + bytes_out) + activations``. An offloading stage
+    (`stage_offload`) keeps its static state on the host and two units' weights on the
+    device: ``weight_buffer + inflight[j] * (activations + bytes_in + bytes_out)``.
+    A training stage adds its worst backward transient in every case.
 
     Args:
         problem: The partitioning problem.
@@ -385,9 +540,7 @@ def stage_memory(problem: PartitionProblem, start: int, end: int, j: int) -> flo
     Raises:
         PlanError: If the range is empty or out of bounds, or j is not a position.
     """
-    rc = stage_recompute(problem, start, end, j)
-    _, mem, _, mem_rc = _plain_and_recompute(problem, start, end, j)
-    return mem_rc if rc else mem
+    return _stage_variant(problem, start, end, j)[2]
 
 
 def evaluate_partition(
@@ -437,8 +590,9 @@ def evaluate_partition(
             f"the stages end at unit {expected_start} but the model has {n} units "
             f"(bounds {list(bounds)})"
         )
-    times = tuple(stage_time(problem, s, e, j) for j, (s, e) in enumerate(bounds))
-    mems = tuple(stage_memory(problem, s, e, j) for j, (s, e) in enumerate(bounds))
+    chosen = [_stage_variant(problem, s, e, j) for j, (s, e) in enumerate(bounds)]
+    times = tuple(t for _, t, _ in chosen)
+    mems = tuple(m for _, _, m in chosen)
     fits = all(m <= cap for m, cap in zip(mems, problem.device_memory))
     return Partition(
         bounds=bounds,
@@ -447,8 +601,8 @@ def evaluate_partition(
         bottleneck=max(times),
         method=method,
         fits=fits,
-        recompute=(tuple(stage_recompute(problem, s, e, j) for j, (s, e) in enumerate(bounds))
-                   if problem.recompute != "off" else ()),
+        recompute=tuple(v == _RECOMPUTE for v, _, _ in chosen) if problem.recompute != "off" else (),
+        offload=tuple(v == _OFFLOAD for v, _, _ in chosen) if problem.offload != "off" else (),
     )
 
 
@@ -481,8 +635,8 @@ def _stage_tables(problem: PartitionProblem) -> Iterator[tuple[int, np.ndarray, 
     """Yield ``(end, time, memory)`` for end = 1..n; arrays are (end, p), row = start.
 
     Row s, column j holds the time / memory of the stage [s, end) on position j, computed
-    with the same operation order as `stage_time` / `stage_memory`; with recomputation
-    "auto", each entry is already the variant `stage_recompute` picks.
+    with the same operation order as `stage_time` / `stage_memory`; each entry is already
+    the variant `_choose` picks (plain, recomputing or offloading).
     """
     n, p = problem.n, problem.p
     unit_time = np.asarray(problem.unit_time, dtype=np.float64).reshape(n, p)
@@ -500,6 +654,16 @@ def _stage_tables(problem: PartitionProblem) -> Iterator[tuple[int, np.ndarray, 
     rc_time = (np.asarray(problem.unit_recompute_time, dtype=np.float64).reshape(n, p)
                if problem.unit_recompute_time else np.zeros((n, p), dtype=np.float64))
     transient = np.asarray(problem.unit_transient_bytes, dtype=np.float64)
+    offload = problem.offload
+    if offload != "off":
+        off_time = np.asarray(problem.unit_offload_time, dtype=np.float64).reshape(n, p)
+        params = np.asarray(problem.unit_param_bytes, dtype=np.float64)
+        # nxt[u]: the next unit after u with weights (n if none): `weight_buffer`'s pairs
+        nxt = np.full(n, n, dtype=np.int64)
+        for u in range(n - 2, -1, -1):
+            nxt[u] = u + 1 if params[u + 1] > 0 else nxt[u + 1]
+        shared = np.asarray(problem.host_memory_is_device or (False,) * p, dtype=bool)[None, :]
+    alternatives = _alternatives(problem)
     for end in range(1, n + 1):
         # Sums over [s, end) for every s, accumulated from end-1 backwards like the helpers.
         seg_time = np.add.accumulate(unit_time[end - 1 :: -1], axis=0)[::-1]
@@ -514,20 +678,55 @@ def _stage_tables(problem: PartitionProblem) -> Iterator[tuple[int, np.ndarray, 
         per_mb = (seg_act + bytes_in[:end]) + bytes_out
         tr = _transients(transient, act, end, problem.split_backward)[:, None]
         memory = (seg_static[:, None] + inflight[None, :] * per_mb[:, None]) + tr
-        if mode == "off":
-            yield end, time, memory
+        if (mode == "off" and offload == "off") or (mode != "on" and offload != "on" and (memory <= caps).all()):
+            yield end, time, memory  # no alternative, or plain fits everywhere (then `_choose` keeps it)
             continue
-        seg_rc = np.add.accumulate(rc_time[end - 1 :: -1], axis=0)[::-1]
-        time_rc = seg_time + seg_rc
-        if end < n:
-            time_rc = time_rc + btime[end - 1]
-        per_mb_rc = bytes_in[:end] + bytes_out
-        memory_rc = ((seg_static[:, None] + inflight[None, :] * per_mb_rc[:, None]) + seg_act[:, None]) + tr
-        if mode == "on":
-            yield end, time_rc, memory_rc
-            continue
-        use = (memory > caps) & (memory_rc < memory)
-        yield end, np.where(use, time_rc, time), np.where(use, memory_rc, memory)
+        variants = [(time, memory), None, None]
+        if mode != "off":
+            seg_rc = np.add.accumulate(rc_time[end - 1 :: -1], axis=0)[::-1]
+            time_rc = seg_time + seg_rc
+            if end < n:
+                time_rc = time_rc + btime[end - 1]
+            per_mb_rc = bytes_in[:end] + bytes_out
+            memory_rc = ((seg_static[:, None] + inflight[None, :] * per_mb_rc[:, None]) + seg_act[:, None]) + tr
+            variants[_RECOMPUTE] = (time_rc, memory_rc)
+        if offload != "off":
+            time_off = np.add.accumulate(off_time[end - 1 :: -1], axis=0)[::-1]
+            if end < n:
+                time_off = time_off + btime[end - 1]
+            # pairs[u]: unit u and the next weighted unit of the stage resident at once
+            follow = nxt[:end]
+            pairs = params[:end] + np.where(follow < end, params[np.minimum(follow, n - 1)], 0.0)
+            held = np.maximum.accumulate(pairs[::-1])[::-1][:, None]
+            held = np.where(shared, seg_static[:, None] + held, held)
+            memory_off = (held + inflight[None, :] * per_mb[:, None]) + tr
+            variants[_OFFLOAD] = (time_off, memory_off)
+            if offload == "on":
+                yield end, time_off, memory_off
+                continue
+        yield (end, *_choose_arrays(variants, _RECOMPUTE if mode == "on" else _PLAIN, alternatives, caps))
+
+
+def _choose_arrays(variants: list, base: int, alternatives: list[int],
+                   caps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`_choose` on whole (start, position) arrays: same comparisons, same tie-breaks."""
+    base_t, base_m = variants[base]
+    best_t = np.full(base_t.shape, np.inf)
+    best_m = np.full(base_t.shape, np.inf)
+    found = np.zeros(base_t.shape, dtype=bool)
+    least_t, least_m = base_t, base_m
+    for v in alternatives:
+        t, m = variants[v]
+        fits = m <= caps
+        take = fits & (~found | (t < best_t))  # strictly faster: the earlier one keeps ties
+        best_t, best_m = np.where(take, t, best_t), np.where(take, m, best_m)
+        found |= fits
+        less = m < least_m
+        least_t, least_m = np.where(less, t, least_t), np.where(less, m, least_m)
+    fits_base = base_m <= caps
+    time = np.where(fits_base, base_t, np.where(found, best_t, least_t))
+    memory = np.where(fits_base, base_m, np.where(found, best_m, least_m))
+    return time, memory
 
 
 def _minmax_dp(
@@ -760,6 +959,9 @@ def _infeasible_message(problem: PartitionProblem) -> str:
             act = _segment_sum(problem.unit_activation_bytes, s, e)
             parts = (f"static {_gib(static)} + {problem.inflight[j]} in flight x {_gib(per_mb - act)} boundaries "
                      f"+ {_gib(act)} activations of the microbatch being recomputed")
+        elif closest.offload and closest.offload[j]:
+            parts = (f"weights streamed from host memory: {_gib(weight_buffer(problem.unit_param_bytes, s, e))} "
+                     f"double buffer + {problem.inflight[j]} in flight x {_gib(per_mb)} activations and boundaries")
         else:
             parts = (f"static {_gib(static)} + {problem.inflight[j]} in flight x "
                      f"{_gib(per_mb)} activations and boundaries")
@@ -780,7 +982,23 @@ def _infeasible_message(problem: PartitionProblem) -> str:
     largest = max(caps)
     heaviest = max(range(n), key=lambda u: (problem.unit_static_bytes[u], -u))
     heaviest_static = problem.unit_static_bytes[heaviest]
-    if heaviest_static > largest:
+    # streaming weights from host memory (offload) takes the static state off the device; worth
+    # suggesting wherever a device's host memory is not its own (not on CPUs)
+    can_offload = not all(problem.host_memory_is_device) if problem.host_memory_is_device else True
+    offload_fix = ("; or stream weights from host memory with offload='auto' (params, grads and optimizer "
+                   "state stay on the host, each unit's weights are copied in while the previous unit computes, "
+                   "at the cost of host-link time)" if problem.offload == "off" and can_offload else "")
+    if problem.offload != "off" and any(closest.offload):
+        pairs = [weight_buffer(problem.unit_param_bytes, 0, n)]
+        fix = (
+            f"even with weights streamed from host memory a device holds two consecutive units' weights (and in "
+            f"training their weight gradients; up to "
+            f"{_gib(max(pairs, default=problem.unit_param_bytes[0]))}) plus its activations and boundary buffers: use "
+            + ("activation recomputation (recompute='auto'), " if problem.recompute == "off" else "")
+            + "finer units (split the largest blocks), more microbatches (fewer bytes per microbatch), more "
+            "devices, or devices with more memory"
+        )
+    elif heaviest_static > largest:
         fix = (
             f"unit {names[heaviest]!r} alone holds {_gib(heaviest_static)} of params, grads and "
             f"optimizer state, more than the largest device ({_gib(largest)}), so more devices "
@@ -804,7 +1022,7 @@ def _infeasible_message(problem: PartitionProblem) -> str:
             "microbatch), a schedule with fewer microbatches in flight (1F1B instead of "
             "GPipe), more devices, or devices with more memory"
         )
-    lines.append("To make it fit: " + fix + ".")
+    lines.append("To make it fit: " + fix + offload_fix + ".")
     return "\n".join(lines)
 
 

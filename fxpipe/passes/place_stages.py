@@ -111,7 +111,7 @@ class Placement:
 
 def _device_key(cluster: Cluster, i: int) -> tuple:
     d = cluster.devices[i]
-    return (d.kind, d.peak_flops, d.mem_bandwidth, d.memory, d.launch_overhead, d.threads)
+    return (d.kind, d.peak_flops, d.mem_bandwidth, d.memory, d.launch_overhead, d.threads, d.host_bandwidth)
 
 
 def device_classes(cluster: Cluster) -> tuple[int, ...]:
@@ -397,7 +397,8 @@ def _branch_and_bound(search: _Search, cluster: Cluster, labels: Sequence[int]) 
             rest = np.maximum(np.concatenate([np.maximum.accumulate(f[::-1])[::-1], [0.0]]),
                               np.concatenate([np.cumsum(f[::-1])[::-1], [0.0]]) / q)
             rest = np.maximum(rest, fastest_suffix / (1.0 / slow[sorted(key)]).sum())
-            rest[static_suffix > dev_memory[sorted(key)].sum()] = np.inf
+            if first.offload == "off":  # offloaded stages keep their static state on the host
+                rest[static_suffix > dev_memory[sorted(key)].sum()] = np.inf
             suffixes[key] = rest
         lo, hi = placed, n - q + 1
         return float(np.maximum(best[lo:hi], suffixes[key][lo:hi]).min())

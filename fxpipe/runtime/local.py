@@ -25,7 +25,8 @@ import torch.fx as fx
 import torch.utils.checkpoint
 import torch.utils._pytree as pytree
 
-from fxpipe.errors import FxpipeError, RuntimeMismatchError
+from fxpipe.errors import FxpipeError, PlanError, RuntimeMismatchError
+from fxpipe.runtime.offload import WeightStreamer
 from fxpipe.runtime.transfer import Channel
 from fxpipe.runtime.weight_grad import Consumers, SplitState, backward_input, backward_weight
 
@@ -55,6 +56,9 @@ class StageRunner:
     # under torch.utils.checkpoint, so only the stage's inputs are kept and the forward runs
     # again inside its backward
     recompute: bool = False
+    # offload streaming (the plan's StagePlan.offload): the parameters stay on the host and
+    # visit the device one unit at a time (runtime/offload.py)
+    offload: bool = False
 
     @property
     def uses_rng(self) -> bool:
@@ -63,6 +67,18 @@ class StageRunner:
         if cached is None:
             cached = self.__dict__["_uses_rng"] = _draws_random(self.module)
         return cached
+
+
+def _streamer_for(st: StageRunner) -> WeightStreamer:
+    """The weight streamer of an offloaded stage; the combinations it cannot run are refused."""
+    if st.recompute:
+        raise PlanError(f"stage {st.index} is planned with both offload and recompute: the recomputation would hold "
+                        "all of the stage's weights on the device at once; plan it with recompute='off' (offload "
+                        "already frees the weights) or offload='off'")
+    if st.n_out is not None:
+        raise PlanError(f"stage {st.index} is offloaded, but the schedule splits its backward (BI/BW, zero-bubble), "
+                        "which offload streaming does not support; use schedule='1f1b' or 'gpipe', or offload='off'")
+    return WeightStreamer(st.module, st.device)
 
 
 _RANDOM_NAMES = ("dropout", "rand", "bernoulli", "multinomial", "normal", "uniform", "exponential", "cauchy",
@@ -158,6 +174,11 @@ class LocalRuntime:
         self.copy_streams = os.environ.get("FXPIPE_COPY_STREAMS", "1") != "0"
         self.worker_device = {st.device_index: st.device for st in self.stages}
         self.channels: dict[tuple[int, int], Channel] = {}
+        # offloaded stages: their weights stream from host memory (runtime/offload.py)
+        self.streamers: dict[int, WeightStreamer] = {}
+        for st in self.stages:
+            if getattr(st, "offload", False):
+                self.streamers[st.index] = _streamer_for(st)
 
     # ---- driver ------------------------------------------------------------------------
     def run(self, programs: Sequence[Callable], state: _StepState, record: bool = False) -> _StepState:
@@ -222,6 +243,8 @@ class LocalRuntime:
         finally:
             torch.set_num_threads(prev_threads)
             self.state = None
+            for streamer in self.streamers.values():  # host gradients final before step returns
+                streamer.finish_step()
             if not ok:  # a failed step's activations, graphs and undelivered messages go now
                 for box in self.mailboxes:
                     with box.cv:
@@ -252,8 +275,12 @@ class LocalRuntime:
                 v = v.detach().requires_grad_(True)
             leaves.append(v)
         model_in = [self._to(state.inputs[mb][i], st.device) for i in st.input_positions]
+        streamer = self.streamers.get(s)
         with torch.set_grad_enabled(state.train), self._rng_guard(st):
-            if state.train and st.recompute:
+            if streamer is not None:
+                with streamer.forward_scope(state.train) as module:
+                    out = list(module(*leaves, *model_in))
+            elif state.train and st.recompute:
                 # keeps only the inputs; the forward is re-run (same RNG state) during backward.
                 # Saving and restoring the RNG state only where the stage draws random numbers:
                 # the restore rewinds the process-wide CPU generator, which must not happen
@@ -294,7 +321,9 @@ class LocalRuntime:
             pairs = [(o, gi) for o, gi in zip(outs, g) if isinstance(o, torch.Tensor) and o.requires_grad and gi is not None]
             tensors, grads = [p[0] for p in pairs], [p[1] for p in pairs]
         if tensors:
-            with self._rng_guard(st, recomputing=True):
+            streamer = self.streamers.get(s)
+            scope = streamer.backward_scope() if streamer is not None else contextlib.nullcontext()
+            with self._rng_guard(st, recomputing=True), scope:
                 torch.autograd.backward(tensors, grads)
         state.grads_out[(s, mb)] = [(v.grad if isinstance(v, torch.Tensor) and v.requires_grad else None) for v in leaves]
 
