@@ -11,8 +11,8 @@ consumers), and each unit's BI share BI / (BI + BW) is returned, so ZB-H1 is sim
 measured BI and BW times rather than half and half (`.grad` is put back afterwards). CPU workers of one
 host share its memory bandwidth, so on CPU as many copies of the unit run at once as the
 cluster has CPU workers (alone, a bandwidth-bound unit runs up to ~1.7x faster than in the
-pipeline). On CUDA, events on
-the current stream bracket the work and the device is synchronised before reading them.
+pipeline). On CUDA a unit costs max(host time issuing it, GPU time running it back to back);
+see `_clock`.
 
 Example:
     >>> fwd, bwd, bi = profile_units(gm, model, flat_mb, [dev])         # doctest: +SKIP
@@ -117,6 +117,7 @@ def _profile_device(graphs: list, gm: fx.GraphModule, model: nn.Module, inputs: 
                     key: str, copies: int = 1, threads: int = 1) -> tuple[list[float], list[float], list[float]]:
     values: dict[str, Any] = {}  # boundary values by name, produced by earlier units
     fwd_t, bwd_t, frac_t = [], [], []
+    call = _backward_call_overhead(dev, warmup, repeats) if train else 0.0
     for sg in graphs:
         objects = {t: _on(resolve_attr(model, gm, t), dev) for t in sg.attrs + sg.modules}
         mod = build_stage_module(sg, objects, dev)
@@ -153,6 +154,8 @@ def _profile_device(graphs: list, gm: fx.GraphModule, model: nn.Module, inputs: 
                     dev, warmup, repeats), copies, threads)
                 tbi, tbw = _concurrently(lambda i: _time_split_backward(mods[i], leaves, model_in, dev, warmup,
                                                                         repeats), copies, threads)
+        # each unit's backward was its own autograd call; in a step the stage's backward is one
+        tb, tbi, tbw = max(0.0, tb - call), max(0.0, tbi - call), max(0.0, tbw - call)
         fwd_t.append(tf)
         bwd_t.append(tb)
         frac_t.append(tbi / (tbi + tbw) if tbi + tbw > 0 else 0.5)
@@ -226,6 +229,26 @@ def _time_split_backward(mod: fx.GraphModule, leaves: list, model_in: list, dev:
     return statistics.median(bi_t), statistics.median(bw_t)
 
 
+def _backward_call_overhead(dev: torch.device, warmup: int, repeats: int) -> float:
+    """Seconds one `torch.autograd.backward` call costs beyond its work, on CUDA: the engine
+    hands the graph to its device thread and waits for it (GPT-2 small on an H100: ~45 units,
+    each timed as its own call, over-predicted the step by ~20%). The pipeline runs a stage's
+    backward as one call, so the profiler subtracts this from every unit's backward. On a
+    CPU the backward runs in the calling thread and nothing is subtracted."""
+    if dev.type != "cuda":
+        return 0.0
+    x = torch.ones(1, device=dev, requires_grad=True)
+    times = []
+    for i in range(warmup + max(repeats, 5)):
+        with torch.enable_grad():
+            y = x * 2.0
+        g = torch.ones_like(y)
+        t = _clock(lambda: torch.autograd.backward([y], [g]), dev)
+        if i >= warmup:
+            times.append(t)
+    return statistics.median(times)
+
+
 def _concurrently(measure: Callable[[int], Any], copies: int, threads: int) -> Any:
     """The mean of `measure(i)` run by `copies` threads at once (each with `threads` intra-op
     threads); a tuple result is averaged element by element."""
@@ -260,19 +283,38 @@ def _concurrently(measure: Callable[[int], Any], copies: int, threads: int) -> A
 
 def _time(fn: Callable[[], None], dev: torch.device, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
-        fn()
+        _clock(fn, dev)
     return statistics.median(_clock(fn, dev) for _ in range(repeats))
 
 
+# Host seconds the last CUDA measurement spent issuing its work, per device: the next one
+# queues a spin at least that long ahead of its work (see `_clock`).
+_HOST_HINT: dict[int, float] = {}
+_SPIN_HZ = 2.0e9  # GPU clock assumed for torch.cuda._sleep cycles; a slower clock only spins longer
+
+
 def _clock(fn: Callable[[], Any], dev: torch.device) -> float:
+    """Seconds `fn` costs on `dev`. On CUDA that is max(host time issuing it, GPU time running
+    it): in a pipeline step the host issues a unit while the GPU still runs the previous one,
+    so neither the GPU's idle wait for a slow host nor the host's wait for a slow GPU belongs
+    to one unit alone. The GPU time is taken with the queue full: a spin kernel longer than
+    the host's issuing goes first, so the events bracket the unit's kernels back to back
+    (events around a unit issued into an idle GPU add the launch gaps: GPT-2 small, host
+    bound, was over-predicted by 33% on an H100)."""
     if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(dev)
+        hint = _HOST_HINT.get(index, 1e-3)
+        torch.cuda._sleep(int(min(0.2, 2.0 * hint + 2e-4) * _SPIN_HZ))
         start.record()
+        t = time.perf_counter()
         fn()
+        host = time.perf_counter() - t
         end.record()
         torch.cuda.synchronize(dev)
-        return start.elapsed_time(end) / 1e3
+        _HOST_HINT[index] = max(host, 0.5 * hint)
+        return max(host, start.elapsed_time(end) / 1e3)
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
