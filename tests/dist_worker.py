@@ -207,7 +207,8 @@ def _run_case(case: dict, rank: int, fault: dict | None) -> dict:
         t1 = t2 = time.monotonic()
     else:
         comp = build_plan(model, ["cpu"] * world, args or None, kwargs or None, microbatches=case["microbatches"],
-                          schedule=case["schedule"], recompute=case.get("recompute", "auto"))
+                          schedule=case["schedule"], recompute=case.get("recompute", "auto"),
+                          offload=case.get("offload", "auto"))
         t1 = time.monotonic()
         cm = DistributedCompiledModel(model, comp, timeout=case.get("timeout", 90))
         t2 = time.monotonic()
@@ -239,7 +240,9 @@ def _run_case(case: dict, rank: int, fault: dict | None) -> dict:
         out = out.logits
     return {"loss": loss.detach().clone(), "grads": grads, "state_dict": sd, "output": out.detach().clone(),
             "local_stages": cm.local_stages, "params": [k for k, _ in cm.named_parameters()],
-            "recompute": [st.recompute for st in cm.plan.stages]}
+            "recompute": [st.recompute for st in cm.plan.stages],
+            # stages whose weights this rank streamed, and how many unit fetches that took
+            "streamed": {s: len(st.stats.fetches) for s, st in getattr(getattr(cm, "_rt", None), "streamers", {}).items()}}
 
 
 def main() -> None:

@@ -55,6 +55,7 @@ from fxpipe.runtime.checkpoint import (INDEX_NAME, check_compatible, copy_into, 
                                        read_tensors, remove_stale_shards, tensor_table, write_index, write_shard)
 from fxpipe.runtime.distributed import BoundaryLayout, DistRuntime, PipelineFailure, grad_layout
 from fxpipe.runtime.local import StageRunner, _StepState
+from fxpipe.runtime.offload import keep_weights_on_host
 from fxpipe.runtime.program import compile_program
 from fxpipe.runtime.weight_grad import with_split_backward
 
@@ -76,6 +77,13 @@ def _runnable(name: str, kind: str) -> torch.device:
         raise PlanError(f"plan device {name!r} is a 'meta' device: such a plan can be inspected, not run")
     return dev
 
+
+
+def _params_of(obj: Any) -> list[torch.Tensor]:
+    """The parameters a stage's module or attribute target holds."""
+    if isinstance(obj, nn.Module):
+        return list(obj.parameters())
+    return [obj] if isinstance(obj, nn.Parameter) else []
 
 class DistributedCompiledModel:
     """One rank's share of a pipelined model (see the module docstring).
@@ -146,20 +154,29 @@ class DistributedCompiledModel:
                     tensors[id(t)] = t
         self._users = users
         self._unloaded: set[int] = set()  # ids of tensors materialized from meta, not yet loaded
+        self._check_offload_sharing(model, p)
+        # parameters of this rank's offloaded stages get host memory, never the device's
+        self._host_ids = {id(t) for s in self.local_stages if getattr(p.stages[s], "offload", False)
+                          for target in self.stage_graphs[s].attrs + self.stage_graphs[s].modules
+                          for t in _params_of(resolve_attr(model, self._cap.gm, target))}
         self._materialize(tensors)
         split_bwd = any(i.op.name in ("BWD_INPUT", "BWD_WEIGHT") for prog in p.schedule.programs for i in prog)
         runners: list[StageRunner | None] = [None] * len(self.stage_graphs)
         moved: set[int] = set()
         for s in self.local_stages:
             sg = self.stage_graphs[s]
+            offload = bool(getattr(p.stages[s], "offload", False))
             objects: dict[str, Any] = {}
             for target in sg.attrs + sg.modules:
                 obj = resolve_attr(model, self._cap.gm, target)
-                objects[target] = self._move(obj, moved)
+                # an offloaded stage's parameters never visit the device whole (runtime/offload.py)
+                objects[target] = obj if offload else self._move(obj, moved)
+            if offload:
+                keep_weights_on_host(objects, self.device)
             module = build_stage_module(sg, objects, self.device)
             positions = tuple(self._cap.input_names.index(x) for x in sg.model_inputs)
             r = StageRunner(s, module, self.device, rank, len(sg.recv), positions, s == len(self.stage_graphs) - 1,
-                            recompute=p.stages[s].recompute)
+                            recompute=p.stages[s].recompute, offload=offload)
             runners[s] = with_split_backward(r) if split_bwd else r
         # tied parameters across ranks: one subgroup per set of ranks (created by every rank, same order)
         self._tied: list[tuple[Any, list[nn.Parameter]]] = []
@@ -250,7 +267,8 @@ class DistributedCompiledModel:
             mine += [t for t in self._table.tensors.values() if id(t) not in self._users]
         meta = {id(t): t for t in mine if t.is_meta}
         for i, t in meta.items():
-            real = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+            where = "cpu" if i in self._host_ids else self.device
+            real = torch.empty(t.shape, dtype=t.dtype, device=where)
             if isinstance(t, nn.Parameter):
                 real = nn.Parameter(real, requires_grad=t.requires_grad)
             torch.utils.swap_tensors(t, real)
@@ -263,6 +281,22 @@ class DistributedCompiledModel:
                 f"rank {self.rank} cannot {what}: {len(self._unloaded)} of its tensors were allocated from the meta "
                 f"device and hold no values yet (e.g. {names[:3]}); call cm.load_checkpoint(folder) or "
                 "cm.load_state_dict(sd) on every rank first")
+
+    def _check_offload_sharing(self, model: nn.Module, p: Any) -> None:
+        """A tensor this rank's offloaded stages keep on the host cannot also be read on the
+        device by a resident stage of the same rank: refuse that plan by name."""
+        where: dict[int, tuple[str, set[bool]]] = {}
+        for s in self.local_stages:
+            off = bool(getattr(p.stages[s], "offload", False))
+            for target in self.stage_graphs[s].attrs + self.stage_graphs[s].modules:
+                obj = resolve_attr(model, self._cap.gm, target)
+                for t in _params_of(obj):
+                    where.setdefault(id(t), (target, set()))[1].add(off)
+        mixed = sorted(name for name, flags in where.values() if len(flags) > 1)
+        if mixed:
+            raise PlanError(f"rank {self.rank} runs an offloaded and a resident stage that share {mixed[:3]}: the "
+                            "shared weights cannot live both on the host and on the device; plan with offload='off' or "
+                            "'on' for all of this device's stages")
 
     def _move(self, obj: Any, moved: set[int]) -> Any:
         if isinstance(obj, nn.Module):
@@ -380,9 +414,13 @@ class DistributedCompiledModel:
                 by_dtype.setdefault(q.dtype, []).append(q)
             for dtype, ps in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):
                 flat = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).reshape(-1) for q in ps])
+                home = flat.device
+                if home.type == "cpu" and self.device.type == "cuda" and dist.get_backend(group) == "nccl":
+                    flat = flat.to(self.device)  # an offloaded stage's host gradients; NCCL reduces device memory
                 ranks = sorted(self._users[id(ps[0])])
                 self._collective(lambda: dist.all_reduce(flat, group=group),
                                  f"summing the gradients of parameters shared by ranks {ranks}")
+                flat = flat.to(home)
                 off = 0
                 for q in ps:
                     q.grad = flat[off:off + q.numel()].view_as(q).clone()

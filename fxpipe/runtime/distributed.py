@@ -303,6 +303,8 @@ class DistRuntime(LocalRuntime):
                 self._post(src, self.prefetch)
             program(self)
             self._finish_sends()
+            for streamer in self.streamers.values():  # offloaded stages' host gradients are final
+                streamer.finish_step()
             left = {src: list(p.queue) + list(p.posted) for src, p in self._pending.items() if p.queue or p.posted}
             if left:
                 raise PipelineFailure(f"rank {self.rank}: the step ended with messages never received: {left}")
