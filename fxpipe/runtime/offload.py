@@ -278,6 +278,11 @@ class WeightStreamer:
         self._saved_units: set[int] = set()  # units whose weights some forward saved for backward
         self._lock = threading.Lock()
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+        # gradients go home on a stream of their own: PCIe is full duplex, so the backward's
+        # prefetch (host -> device) and its gradients (device -> host) can cross at once; on
+        # one stream they queued behind each other (H100, 12 x Linear(8192) at 512 tokens: a
+        # step took three weight crossings, 179 ms against 176 ms for three in series)
+        self.grad_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self._grads: queue.Queue | None = None
         self._errors: list[BaseException] = []
         self._grad_copies: collections.deque = collections.deque()  # copy events of gradients on the way home
@@ -327,6 +332,7 @@ class WeightStreamer:
         """Wait until every gradient of the step has been added to its host parameter."""
         if self.cuda:
             self.copy_stream.synchronize()
+            self.grad_stream.synchronize()
             self._grads.join()
         if self._errors:
             e = self._errors[0]
@@ -469,13 +475,13 @@ class WeightStreamer:
             _accumulate(host, grad.to(host.device), owned=False)
             return
         stream = torch.cuda.current_stream(self.device)
-        self.copy_stream.wait_stream(stream)
-        with torch.cuda.stream(self.copy_stream):
+        self.grad_stream.wait_stream(stream)
+        with torch.cuda.stream(self.grad_stream):
             buf = torch.empty(grad.shape, dtype=grad.dtype, pin_memory=True)
             buf.copy_(grad, non_blocking=True)
-        grad.record_stream(self.copy_stream)
+        grad.record_stream(self.grad_stream)
         event = torch.cuda.Event()
-        event.record(self.copy_stream)
+        event.record(self.grad_stream)
         self._grads.put((event, buf, host))
         # at most two units' gradients on the device waiting for their copy home: the backward
         # (this is autograd's device thread) waits here, so the planner's double buffer holds
