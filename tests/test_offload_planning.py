@@ -2,8 +2,8 @@
 wiring, plan and cluster files, explain output and the CLI flag.
 
 The memory model of an offloaded stage: params, grads and optimizer state in host memory;
-on the device two consecutive units' weights (`weight_buffer`) plus activations, boundary
-buffers and transients as usual. The time model: every unit of every microbatch costs
+on the device two consecutive weighted units' weights and, in training, their weight
+gradients (`weight_buffer`) plus activations, boundary buffers and transients as usual. The time model: every unit of every microbatch costs
 max(forward, w / host_bandwidth) + max(backward, w / host_bandwidth).
 """
 

@@ -12,8 +12,9 @@
   the units' saved activations; one microbatch's for a stage that recomputes) and boundary
   buffers (in-flight x incoming + outgoing), and backward transients (the gradients alive
   while one microbatch's backward runs its worst unit, `annotate_costs.stage_transient`).
-  A stage that streams its weights (offload) holds two consecutive units' weights on the
-  device instead (`partition_stages.weight_buffer`, in the params column) and keeps its
+  A stage that streams its weights (offload) holds two consecutive weighted units' weights
+  (and, in training, their weight gradients on the way home) on the device instead
+  (`partition_stages.weight_buffer`, in the params column) and keeps its
   params, grads and optimizer state in host memory (the "host" column, not in the total;
   on a CPU the host memory is the device's own, so there they stay in the total).
 * **auto**, when ``plan.predicted["auto"]`` holds the candidates auto mode compared: each
@@ -181,7 +182,8 @@ def explain(plan: Plan) -> str:
     if offloads:
         slow = [st.index for st in plan.stages if st.offload and _stream_bound(plan, st)]
         lines.append("  offload: the stage streams its weights: params, grads and optimizer state stay in host memory "
-                     "('host'), the device holds two consecutive units' weights ('params'), and each unit's weights "
+                     "('host'), the device holds two consecutive weighted units' weights and, in training, their weight "
+                     "gradients on the way home ('params'), and each unit's weights "
                      "cross the host link in every microbatch's forward and again in its backward (no reuse across "
                      "microbatches); each unit takes max(compute, weights / host bandwidth)"
                      + (f"; the copy is slower than the compute on stage(s) {slow}" if slow else
