@@ -61,6 +61,10 @@ def test_weight_buffer_is_the_largest_consecutive_pair():
     assert weight_buffer(w, 0, 2) == 6.0
     assert weight_buffer(w, 3, 4) == 7.0  # a single unit alone
     assert weight_buffer(w, 4, 5) == 1.0
+    # units without weights (an activation between two Linears) are skipped: the runtime
+    # prefetches the next unit that has weights
+    assert weight_buffer((4.0, 0.0, 3.0, 0.0), 0, 4) == 7.0
+    assert weight_buffer((4.0, 0.0, 3.0, 0.0), 1, 2) == 0.0
 
 
 def test_stage_that_does_not_fit_offloads_and_is_priced_by_the_formula():
