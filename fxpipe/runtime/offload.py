@@ -27,8 +27,9 @@ Mechanism (chosen over `torch.func.functional_call`, which wants every weight up
   is one of the current device copies by a small handle (unit, parameter, view geometry); on
   unpack in backward the unit is fetched again, and the next unit in reverse order is
   prefetched, with the same two-resident policy.
-* **Gradients.** On CUDA a weight's gradient is copied on the copy stream into a pinned buffer
-  and a background thread adds it to the host `.grad` once its event completed, so neither
+* **Gradients.** On CUDA a weight's gradient is copied on a gradient stream of its own (so it
+  crosses the link while the backward's prefetch comes in) into a pinned buffer, at most two
+  units' gradients in flight, and a background thread adds it to the host `.grad` once its event completed, so neither
   the backward's kernel launches nor the compute stream wait for the host. `finish_step`
   (called by the runtime at the end of every step) waits for all of them.
 * **CPU.** With no streams the same code path runs with real host copies (the "device copy"
@@ -288,7 +289,8 @@ class WeightStreamer:
         self._grad_copies: collections.deque = collections.deque()  # copy events of gradients on the way home
         if self.cuda:
             self._grads = queue.Queue()
-            threading.Thread(target=self._accumulate_loop, name=f"fxpipe-offload-grads-{self._id}", daemon=True).start()
+            threading.Thread(target=_accumulate_loop, args=(self._grads, self._errors),
+                             name=f"fxpipe-offload-grads-{self._id}", daemon=True).start()
 
     def __del__(self) -> None:
         _STREAMERS.pop(getattr(self, "_id", -1), None)
@@ -489,19 +491,25 @@ class WeightStreamer:
         while len(self._grad_copies) > 2 * len(self.units[u].params):
             self._grad_copies.popleft().synchronize()
 
-    def _accumulate_loop(self) -> None:
-        while True:
-            item = self._grads.get()
-            if item is None:
-                return
-            try:
-                event, buf, host = item
-                event.synchronize()
-                _accumulate(host, buf, owned=True)
-            except BaseException as e:  # reported by finish_step
-                self._errors.append(e)
-            finally:
-                self._grads.task_done()
+
+
+def _accumulate_loop(grads: queue.Queue, errors: list[BaseException]) -> None:
+    """The gradient thread of one streamer: add each arrived gradient to its host `.grad`.
+    It holds the queue, not the streamer, so a dropped streamer is collected and its
+    `__del__` ends the thread."""
+    while True:
+        item = grads.get()
+        if item is None:
+            grads.task_done()
+            return
+        try:
+            event, buf, host = item
+            event.synchronize()
+            _accumulate(host, buf, owned=True)
+        except BaseException as e:  # reported by finish_step
+            errors.append(e)
+        finally:
+            grads.task_done()
 
 
 def _accumulate(host: torch.Tensor, grad: torch.Tensor, owned: bool) -> None:
