@@ -19,6 +19,14 @@ from pinned memory, and the lower bound it implies for a step's transfers.
 
     PYTHONPATH=. python3 benchmarks/offload.py                          # GPU: writes results/offload.{json,md}
     PYTHONPATH=. python3 benchmarks/offload.py --dtype bf16 --layers 16
+    PYTHONPATH=. python3 benchmarks/offload.py --hidden 4096 --layers 48 --tokens 512,1024,2048
+
+On a GPU each offloaded row also asks the planner, on the same GPU capped at weights / 2.5
+(offload="auto", Adam, the measured host link), whether it streams and whether the plan fits;
+where it does, that plan is the one timed, and its predicted step and memory are reported next
+to the measured ones. Planned on this CPU (meta model, H100 preset, 55 GB/s): 48 x
+Linear(4096) fits the cap at 512 tokens (1.07 of 1.20 GiB, streamed); 12 x Linear(8192) never
+does (two 256 MiB layers' weights and gradients already take 1 GiB).
     PYTHONPATH=. python3 benchmarks/offload.py --cpu --out /tmp/offload_smoke   # tiny CPU smoke run
 """
 
@@ -121,6 +129,27 @@ def _compiled(cfg: Config, dev: torch.device, offload: str, tokens: int):
     return cm
 
 
+def _capped(cfg: Config, dev: torch.device, tokens: int, cap: float, bw: float | None):
+    """The planner's own decision on a device whose memory is the cap: (compiled model or
+    None, why not). The device is the real GPU with `memory=cap` and the measured host link."""
+    from fxpipe.compiler.cluster import CUDA_PRESETS, Device
+    from fxpipe.errors import PlanError
+
+    name = torch.cuda.get_device_name(dev).lower()
+    preset = CUDA_PRESETS["h200" if "h200" in name else "h100"]
+    d = Device(str(dev), "cuda", preset["peak_flops"], preset["mem_bandwidth"], memory=cap,
+               host_bandwidth=bw or 50e9)
+    model = make_model(cfg)
+    x = torch.randn(tokens, cfg.hidden, dtype=DTYPES[cfg.dtype], device=dev)
+    try:  # Adam, as a training job would plan it: the offloaded stage keeps its state on the host
+        cm = fxpipe.compile(model, [d], example_inputs=(x,), microbatches=1, schedule="gpipe", offload="auto")
+    except PlanError as e:
+        return None, str(e).splitlines()[0]
+    if not cm.plan.stages[0].offload:
+        return None, "the planner kept the weights resident"
+    return cm, ""
+
+
 def run(cfg: Config) -> dict:
     dev = torch.device("cpu") if cfg.cpu else torch.device("cuda", torch.cuda.current_device())
     dtype = DTYPES[cfg.dtype]
@@ -129,6 +158,7 @@ def run(cfg: Config) -> dict:
     bw = _h2d_bandwidth(cfg, dev)
     rows = []
     results: dict[str, dict[int, tuple[float, float | None]]] = {}
+    planned: dict[int, dict] = {}  # per token count: what the planner decided under the cap
     for mode in ("off", "on"):
         cm = _compiled(cfg, dev, mode, cfg.tokens[0])
         results[mode] = {}
@@ -136,12 +166,21 @@ def run(cfg: Config) -> dict:
             torch.manual_seed(1)
             x = torch.randn(t, cfg.hidden, dtype=dtype, device=dev)
             y = torch.randn(t, cfg.hidden, dtype=dtype, device=dev)
+            run_cm = cm
+            if mode == "on" and dev.type == "cuda":
+                # the planner on a device capped at weights / cap_factor: does it stream, does the
+                # plan fit, and what does it predict? Timed with that plan when it streams.
+                capped, why = _capped(cfg, dev, t, cap, bw)
+                planned[t] = (dict(planner_offloads=True, planned_gib=capped.plan.stages[0].memory_bytes / 2**30,
+                                   predicted_ms=capped.plan.predicted["step_ms"]) if capped is not None
+                              else dict(planner_offloads=False, why=why))
+                run_cm = capped if capped is not None else cm
             try:
-                results[mode][t] = _time_steps(cm, x, y, cfg, dev)
+                results[mode][t] = _time_steps(run_cm, x, y, cfg, dev)
             except torch.OutOfMemoryError:
                 results[mode][t] = (float("nan"), None)
             print(f"  offload={mode} tokens={t}: {results[mode][t][0] * 1e3:.1f} ms", file=sys.stderr)
-            del x, y
+            del x, y, run_cm
         del cm
         gc.collect()
         if dev.type == "cuda":
@@ -158,7 +197,7 @@ def run(cfg: Config) -> dict:
                          resident_peak_gib=pr / 2**30 if pr is not None else None,
                          offloaded_peak_gib=po / 2**30 if po is not None else None,
                          offloaded_fits_cap=(po <= cap) if po is not None else None,
-                         transfer_bound_ms=transfer_s * 1e3 if transfer_s else None))
+                         transfer_bound_ms=transfer_s * 1e3 if transfer_s else None, **planned.get(t, {})))
         # the crossover: from here on (every larger token count in the sweep) the ratio stays >= 0.8
         if ratio >= 0.8:
             crossover = t if crossover is None else crossover
@@ -189,6 +228,18 @@ def markdown(res: dict, command: str) -> str:
                      f"{f(r['transfer_bound_ms'], '.1f')} |")
     x = res["crossover_tokens"]
     lines += ["", f"crossover (ratio >= 0.8): {'none in the sweep' if x is None else f'{x} tokens per microbatch'}", ""]
+    if any("planner_offloads" in r for r in res["rows"]):
+        lines += [f"The planner on the same GPU capped at {res['cap_gib']:.2f} GiB (offload='auto', Adam, the measured "
+                  "host link); the offloaded column above ran that plan where it streams:", "",
+                  "| tokens | planner streams | planned GiB | measured peak GiB | predicted ms | measured ms | note |",
+                  "|---:|:---:|---:|---:|---:|---:|---|"]
+        for r in res["rows"]:
+            if r.get("planner_offloads"):
+                lines.append(f"| {r['tokens']} | yes | {r['planned_gib']:.2f} | {f(r['offloaded_peak_gib'], '.2f')} | "
+                             f"{r['predicted_ms']:.1f} | {r['offloaded_ms']:.1f} | |")
+            elif "planner_offloads" in r:
+                lines.append(f"| {r['tokens']} | no | - | - | - | - | {r['why'][:120]} |")
+        lines.append("")
     return "\n".join(lines)
 
 
