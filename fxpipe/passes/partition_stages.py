@@ -735,11 +735,10 @@ def _infeasible_message(problem: PartitionProblem) -> str:
                    "state stay on the host, each unit's weights are copied in while the previous unit computes, "
                    "at the cost of host-link time)" if problem.offload == "off" and can_offload else "")
     if problem.offload != "off" and any(closest.offload):
-        pairs = [weight_buffer(problem.unit_param_bytes, 0, n)]
+        held = weight_buffer(problem.unit_param_bytes, 0, n)  # the largest double buffer of any stage
         fix = (
             f"even with weights streamed from host memory a device holds two consecutive units' weights (and in "
-            f"training their weight gradients; up to "
-            f"{_gib(max(pairs, default=problem.unit_param_bytes[0]))}) plus its activations and boundary buffers: use "
+            f"training their weight gradients; up to {_gib(held)}) plus its activations and boundary buffers: use "
             + ("activation recomputation (recompute='auto'), " if problem.recompute == "off" else "")
             + "finer units (split the largest blocks), more microbatches (fewer bytes per microbatch), more "
             "devices, or devices with more memory"
