@@ -58,7 +58,7 @@ import fxpipe  # noqa: E402
 from fxpipe.compiler.cluster import Cluster, Device, NodeLink  # noqa: E402
 from fxpipe.compiler.pipeline import _problem  # noqa: E402
 from fxpipe.passes.emit_schedule import emit_schedule, peak_inflight  # noqa: E402
-from fxpipe.passes.partition_stages import (PartitionProblem, evaluate_partition, params_partition,  # noqa: E402
+from fxpipe.passes.partition_stages import (PartitionProblem, all_partitions, params_partition,  # noqa: E402
                                             partition_stages, uniform_partition)
 from fxpipe.passes.place_stages import place_stages  # noqa: E402
 
@@ -262,9 +262,7 @@ def bench_exactness(c: Config) -> dict:
         for order in itertools.permutations(range(p)):
             orders_brute += 1
             prob = make(order)
-            for cuts in itertools.combinations(range(1, n), p - 1):
-                cc = (0,) + cuts + (n,)
-                part = evaluate_partition(prob, [(cc[j], cc[j + 1]) for j in range(p)])
+            for part in all_partitions(prob):
                 if part.fits:
                     best = min(best, part.bottleneck)
         if not math.isfinite(best):

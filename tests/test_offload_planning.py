@@ -29,7 +29,7 @@ from fxpipe.compiler.plan import Plan
 from fxpipe.errors import PlanError
 from fxpipe.models import tiny_gpt
 from fxpipe.passes.explain_plan import explain, stage_memory_split
-from fxpipe.passes.partition_stages import (PartitionProblem, evaluate_partition, partition_stages, stage_memory,
+from fxpipe.passes.partition_stages import (PartitionProblem, all_partitions, evaluate_partition, partition_stages, stage_memory,
                                             stage_offload, stage_recompute, stage_time, weight_buffer)
 
 __all__: list[str] = []
@@ -186,21 +186,14 @@ def offload_problems(draw):
     return dataclasses.replace(prob, device_memory=tuple(caps))
 
 
-def _all_partitions(prob):
-    n, p = prob.n, prob.p
-    for cuts in itertools.combinations(range(1, n), p - 1):
-        edges = (0, *cuts, n)
-        yield evaluate_partition(prob, [(edges[j], edges[j + 1]) for j in range(p)])
-
-
 def _feasible_exists(prob, mode):
-    return any(part.fits for part in _all_partitions(dataclasses.replace(prob, offload=mode)))
+    return any(part.fits for part in all_partitions(dataclasses.replace(prob, offload=mode)))
 
 
 @settings(max_examples=400, deadline=None, derandomize=True)
 @given(offload_problems())
 def test_auto_is_exact_fits_whenever_streaming_can_and_never_loses_to_off(prob):
-    feasible = [part for part in _all_partitions(prob) if part.fits]
+    feasible = [part for part in all_partitions(prob) if part.fits]
     # a plan where some stages stream (and the others keep or recompute) is one auto may pick:
     # when every stage streaming fits, auto must find a fitting plan
     if _feasible_exists(prob, "on") or _feasible_exists(prob, "off"):
@@ -485,9 +478,7 @@ def test_branch_and_bound_placement_finds_the_streamed_optimum():
     best = math.inf
     for order in itertools.permutations(range(5)):
         prob = make(order)
-        for cuts in itertools.combinations(range(1, n), 4):
-            c = (0,) + cuts + (n,)
-            part = evaluate_partition(prob, [(c[j], c[j + 1]) for j in range(5)])
+        for part in all_partitions(prob):
             if part.fits:
                 best = min(best, part.bottleneck)
     assert math.isfinite(best)

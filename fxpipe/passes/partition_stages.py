@@ -69,6 +69,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable, Iterator, Sequence
 
@@ -94,6 +95,7 @@ __all__ = [
     "OFFLOAD_MODES",
     "stage_offload",
     "weight_buffer",
+    "all_partitions",
 ]
 
 
@@ -774,6 +776,18 @@ def _infeasible_message(problem: PartitionProblem) -> str:
 # --------------------------------------------------------------------------------------
 # Baselines
 # --------------------------------------------------------------------------------------
+
+
+def all_partitions(problem: PartitionProblem) -> Iterator[Partition]:
+    """Every contiguous partition of the problem's units onto its positions, evaluated.
+
+    C(n-1, p-1) of them: for brute-force checks of `partition_stages` on small problems
+    (tests, `benchmarks/planner.py`), never for planning.
+    """
+    n, p = problem.n, problem.p
+    for cuts in itertools.combinations(range(1, n), p - 1):
+        edges = (0, *cuts, n)
+        yield evaluate_partition(problem, [(edges[j], edges[j + 1]) for j in range(p)])
 
 
 def uniform_partition(problem: PartitionProblem) -> Partition:

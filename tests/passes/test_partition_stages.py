@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import random
 
@@ -14,6 +13,7 @@ from hypothesis import strategies as st
 from fxpipe.errors import PlanError
 from fxpipe.passes.partition_stages import (
     Partition,
+    all_partitions,
     PartitionProblem,
     evaluate_partition,
     params_partition,
@@ -382,13 +382,6 @@ def problems(draw):
             end = rng.randint(start + 1, n)
             caps.append(stage_memory(prob, start, end, j))
     return dataclasses.replace(prob, device_memory=tuple(caps))
-
-
-def all_partitions(prob):
-    n, p = prob.n, prob.p
-    for cuts in itertools.combinations(range(1, n), p - 1):
-        edges = (0, *cuts, n)
-        yield evaluate_partition(prob, [(edges[j], edges[j + 1]) for j in range(p)])
 
 
 def close(a, b):

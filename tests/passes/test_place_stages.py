@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from fxpipe.compiler.cluster import Cluster, Device, Link, NodeLink
 from fxpipe.errors import PlanError
-from fxpipe.passes.partition_stages import PartitionProblem, evaluate_partition
+from fxpipe.passes.partition_stages import PartitionProblem, all_partitions, evaluate_partition
 from fxpipe.passes.place_stages import Placement, _count_orders, class_orders, device_classes, place_stages
 
 
@@ -41,9 +41,7 @@ def brute_force(make, p: int, n: int) -> float:
     best = math.inf
     for order in itertools.permutations(range(p)):
         prob = make(order)
-        for cuts in itertools.combinations(range(1, n), p - 1):
-            c = (0,) + cuts + (n,)
-            part = evaluate_partition(prob, [(c[j], c[j + 1]) for j in range(p)])
+        for part in all_partitions(prob):
             if part.fits:
                 best = min(best, part.bottleneck)
     return best
