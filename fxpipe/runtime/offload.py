@@ -28,10 +28,11 @@ Mechanism (chosen over `torch.func.functional_call`, which wants every weight up
   unpack in backward the unit is fetched again, and the next unit in reverse order is
   prefetched, with the same two-resident policy.
 * **Gradients.** On CUDA a weight's gradient is copied on a gradient stream of its own (so it
-  crosses the link while the backward's prefetch comes in) into a pinned buffer, at most two
-  units' gradients in flight, and a background thread adds it to the host `.grad` once its event completed, so neither
-  the backward's kernel launches nor the compute stream wait for the host. `finish_step`
-  (called by the runtime at the end of every step) waits for all of them.
+  crosses the link while the backward's prefetch comes in) into a pinned buffer, with at most
+  two units' gradients on the device at a time, and a background thread adds it to the host
+  `.grad` once its event completed, so neither the backward's kernel launches nor the compute
+  stream wait for the host. `finish_step` (called by the runtime at the end of every step)
+  waits for all of them.
 * **CPU.** With no streams the same code path runs with real host copies (the "device copy"
   is a fresh tensor), so the CPU test suite checks the grouping, the handles, the order of
   fetches, the freeing and the gradients exactly.
@@ -485,10 +486,13 @@ class WeightStreamer:
         event = torch.cuda.Event()
         event.record(self.grad_stream)
         self._grads.put((event, buf, host))
-        # at most two units' gradients on the device waiting for their copy home: the backward
-        # (this is autograd's device thread) waits here, so the planner's double buffer holds
+        # at most one unit's gradients left on the device waiting for their copy home when the
+        # next unit's backward starts, so with the gradients that one computes there are two
+        # units' gradients at a time -- the planner's double buffer (weight_buffer: two units'
+        # weights and gradients). The backward (autograd's device thread) waits here; the wait
+        # is for the copy issued one unit earlier, which had that unit's compute to cross.
         self._grad_copies.append(event)
-        while len(self._grad_copies) > 2 * len(self.units[u].params):
+        while len(self._grad_copies) > len(self.units[u].params):
             self._grad_copies.popleft().synchronize()
 
 
