@@ -10,10 +10,12 @@ max(forward, w / host_bandwidth) + max(backward, w / host_bandwidth).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import json
 import math
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -484,3 +486,44 @@ def test_branch_and_bound_placement_finds_the_streamed_optimum():
     assert math.isfinite(best)
     pl = place_stages(make, cl)
     assert pl.partition.bottleneck == best and any(pl.partition.offload)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+def _offload_bench():
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("offload_bench", root / "benchmarks" / "offload.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_offload_benchmark_plans_the_compute_bound_case_under_the_cap():
+    """The GPU run the issue needs, planned here on meta: 24 GiB of ReLU layers on an H100
+    capped at weights / 2.5 streams and fits at 2048 tokens (a compute-bound size), not at 3072;
+    with GELU (two saved activations per layer) 2048 no longer fits."""
+    bench = _offload_bench()
+    cfg = bench.Config(hidden=16384, layers=24, act="relu", tokens=(2048, 3072), plan_only=True)
+    res = bench.run(cfg)
+    assert res["weights_gib"] / res["cap_gib"] == pytest.approx(2.5)
+    fits, over = res["rows"]
+    assert fits["planner_offloads"] and fits["planned_gib"] <= res["cap_gib"]
+    # the double buffer (2 x (1 GiB weight + 1 GiB grad)) plus one 128 MiB activation per layer
+    assert fits["planned_gib"] > 4.0 + 24 * 2048 * 16384 * 4 / 2**30
+    assert not over["planner_offloads"] and over["why"].startswith("does not fit")
+    gelu = bench.run(bench.Config(hidden=16384, layers=24, act="gelu", tokens=(2048,), plan_only=True))
+    assert not gelu["rows"][0]["planner_offloads"]
+
+
+def test_offload_benchmark_cpu_smoke_end_to_end(tmp_path, monkeypatch):
+    from fxpipe.runtime import offload as offload_mod
+
+    bench = _offload_bench()
+    # --cpu sets one unit per layer process-wide; give the other tests their default back
+    monkeypatch.setattr(offload_mod, "DEFAULT_MIN_UNIT_BYTES", offload_mod.DEFAULT_MIN_UNIT_BYTES)
+    bench.main(["--cpu", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "offload_cpu_smoke.json").read_text())
+    assert [r["tokens"] for r in res["rows"]] == [32, 128]
+    assert all(r["offloaded_ms"] > 0 and r["resident_ms"] > 0 for r in res["rows"])
+    assert "| tokens | planner streams |" in (tmp_path / "offload_cpu_smoke.md").read_text()
