@@ -6,7 +6,10 @@ bottleneck), median of the batches. Bandwidth: the pattern's compulsory bytes (e
 once, each output written once) over the time, as a fraction of a device-to-device copy of
 N elements measured in the same run (copy bandwidth = 2 N bytes-per-element / copy time).
 
-    PYTHONPATH=. python3 benchmarks/cuda_kernels.py [--out DIR] [--rows R] [--cols C]
+    PYTHONPATH=. python3 benchmarks/cuda_kernels.py [--out DIR] [--rows R] [--cols C] [--repeats K]
+
+--repeats K times the copy, the fused kernel, eager and Inductor in turn K rounds per pattern,
+so a borderline ratio comes with its spread across rounds (the medians are judged).
 
 Writes DIR/cuda_kernels.json and DIR/cuda_kernels.md (default benchmarks/results).
 """
@@ -217,6 +220,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16384)
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--no-inductor", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="time copy, fused, eager and Inductor in turn this many rounds; report medians and ranges")
     ap.add_argument("--sweep", action="store_true",
                     help="first time each launch configuration (writes cuda_kernels_sweep.{json,md}) and use the best")
     args = ap.parse_args()
@@ -235,35 +240,69 @@ def main() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             src = torch.randn(R, C, device="cuda", dtype=dtype)
             dst = torch.empty_like(src)
-            t_copy = _time(lambda: dst.copy_(src))
-            copy_bw = 2 * src.numel() * src.element_size() / (t_copy * 1e-3)
             for name, eager, fused, inputs, nbytes in _patterns(R, C, dtype):
                 t0 = time.perf_counter()
-                t_f = _time(fused)
                 kernels.SHARE = "dlpack"  # the same kernels, tensors wrapped as CuPy arrays per call
                 t_d = _time(fused)
                 kernels.SHARE = "pointer"
-                t_e = _time(lambda: eager(*inputs))
-                t_i = None
+                comp = None
                 if not args.no_inductor:
                     comp = torch.compile(eager, dynamic=False)
                     comp(*inputs)
-                    t_i = _time(lambda: comp(*inputs))
-                row = {
-                    "pattern": name, "dtype": str(dtype).replace("torch.", ""), "copy_ms": t_copy,
-                    "fused_ms": t_f, "fused_dlpack_ms": t_d, "eager_ms": t_e, "inductor_ms": t_i,
-                    "fused_bw_frac": nbytes / (t_f * 1e-3) / copy_bw,
-                    "eager_bw_frac": nbytes / (t_e * 1e-3) / copy_bw,
-                    "inductor_bw_frac": None if t_i is None else nbytes / (t_i * 1e-3) / copy_bw,
-                    "speedup_vs_eager": t_e / t_f,
-                    "time_vs_inductor": None if t_i is None else t_f / t_i,
-                    "bytes": nbytes, "copy_GBps": copy_bw / 1e9,
-                }
+                # the copy, fused, eager and Inductor timed in turn, `repeats` times: the spread of
+                # the ratios across rounds is the noise a borderline target must be read against
+                rounds = []
+                for _ in range(args.repeats):
+                    rounds.append({"copy_ms": _time(lambda: dst.copy_(src)), "fused_ms": _time(fused),
+                                   "eager_ms": _time(lambda: eager(*inputs)),
+                                   "inductor_ms": None if comp is None else _time(lambda: comp(*inputs))})
+                row = summarize(name, str(dtype).replace("torch.", ""), nbytes, 2 * src.numel() * src.element_size(),
+                                rounds)
+                row["fused_dlpack_ms"] = t_d
                 results.append(row)
                 print(json.dumps(row), f"({time.perf_counter() - t0:.1f}s)", flush=True)
                 _write(args.out, env, results)
     _write(args.out, env, results)
     pack_bench(args.out)
+
+
+def summarize(pattern: str, dtype: str, nbytes: int, copy_bytes: int, rounds: list[dict]) -> dict:
+    """One table row from `rounds` of interleaved timings ({"copy_ms", "fused_ms", "eager_ms",
+    "inductor_ms"}, ms): per round the bandwidth fraction (compulsory bytes / fused time over the
+    copy's bandwidth that round), the speedup over eager and the time against Inductor; the row
+    holds their medians and, over the rounds, their [min, max].
+
+    Example:
+        >>> r = summarize("p", "float32", 300, 200, [{"copy_ms": 1.0, "fused_ms": 1.5, "eager_ms": 3.0,
+        ...                                          "inductor_ms": 1.5}])
+        >>> r["fused_bw_frac"], r["speedup_vs_eager"], r["time_vs_inductor"]
+        (1.0, 2.0, 1.0)
+    """
+    def med(key):
+        vals = [r[key] for r in rounds if r.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    def spread(vals):
+        vals = [v for v in vals if v is not None]
+        return [min(vals), max(vals)] if vals else None
+
+    bw = [nbytes / r["fused_ms"] / (copy_bytes / r["copy_ms"]) for r in rounds]
+    speed = [r["eager_ms"] / r["fused_ms"] for r in rounds]
+    vs_ind = [None if r.get("inductor_ms") is None else r["fused_ms"] / r["inductor_ms"] for r in rounds]
+    copy_ms = med("copy_ms")
+    copy_bw = copy_bytes / (copy_ms * 1e-3)
+    t_f, t_e, t_i = med("fused_ms"), med("eager_ms"), med("inductor_ms")
+    return {
+        "pattern": pattern, "dtype": dtype, "copy_ms": copy_ms, "fused_ms": t_f, "eager_ms": t_e, "inductor_ms": t_i,
+        "fused_bw_frac": statistics.median(bw),
+        "eager_bw_frac": nbytes / (t_e * 1e-3) / copy_bw,
+        "inductor_bw_frac": None if t_i is None else nbytes / (t_i * 1e-3) / copy_bw,
+        "speedup_vs_eager": statistics.median(speed),
+        "time_vs_inductor": None if t_i is None else statistics.median([v for v in vs_ind if v is not None]),
+        "bytes": nbytes, "copy_GBps": copy_bw / 1e9, "rounds": len(rounds),
+        "fused_bw_frac_range": spread(bw), "speedup_vs_eager_range": spread(speed),
+        "time_vs_inductor_range": spread(vs_ind),
+    }
 
 
 def _write(out, env, results):
@@ -274,15 +313,21 @@ def _write(out, env, results):
     lines = [f"# Fused CuPy kernels at {env['rows']}x{env['cols']} ({env['device']}, torch {env['torch']}, "
              f"CuPy {env['cupy']})", "", f"Launch configuration: {env.get('tuning')}.", "",
              "Forward, median ms (CUDA events); bw = compulsory bytes / time as a fraction of a device-to-device copy "
-             "of the same N elements in the same run.", "",
+             "of the same N elements in the same run. With several rounds (--repeats) the ratios are medians over "
+             "the rounds, with their range in brackets; the targets are judged on the medians.", "",
              "| pattern | dtype | copy ms | fused ms | fused (DLPack args) ms | eager ms | inductor ms | fused bw | eager bw | inductor bw "
              "| speedup vs eager | fused / inductor time |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def rng(r, key, fmt):  # " (lo-hi)" over the rounds, when there were several
+        v = r.get(key + "_range")
+        return "" if r.get("rounds", 1) < 2 or v is None else f" ({format(v[0], fmt)}-{format(v[1], fmt)})"
+
     for r in results:
         lines.append(
-            f"| {r['pattern']} | {r['dtype']} | {r['copy_ms']:.3f} | {r['fused_ms']:.3f} | {r['fused_dlpack_ms']:.3f} | {r['eager_ms']:.3f} | "
-            f"{f2(r['inductor_ms'], '.3f')} | {r['fused_bw_frac']:.0%} | {r['eager_bw_frac']:.0%} | "
-            f"{f2(r['inductor_bw_frac'], '.0%')} | {r['speedup_vs_eager']:.2f}x | {f2(r['time_vs_inductor'], '.2f')}x |")
+            f"| {r['pattern']} | {r['dtype']} | {r['copy_ms']:.3f} | {r['fused_ms']:.3f} | {f2(r.get('fused_dlpack_ms'), '.3f')} | {r['eager_ms']:.3f} | "
+            f"{f2(r['inductor_ms'], '.3f')} | {r['fused_bw_frac']:.0%}{rng(r, 'fused_bw_frac', '.0%')} | {r['eager_bw_frac']:.0%} | "
+            f"{f2(r['inductor_bw_frac'], '.0%')} | {r['speedup_vs_eager']:.2f}x{rng(r, 'speedup_vs_eager', '.2f')} | "
+            f"{f2(r['time_vs_inductor'], '.2f')}x{rng(r, 'time_vs_inductor', '.2f')} |")
     misses = []
     for r in results:
         why = [w for w, bad in (("bw < 90% of copy", r["fused_bw_frac"] < 0.9),
