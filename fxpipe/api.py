@@ -138,6 +138,11 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
     elif not isinstance(plan, Plan):
         raise PlanError(f"plan must be a fxpipe.Plan or the path of a plan file, got {type(plan).__name__}")
     _require_same_as_plan(plan, devices, microbatches, schedule, optimizer)
+    planned_v = plan.num_stages // max(1, len(plan.cluster.devices))
+    if virtual_stages is not None and virtual_stages != planned_v:  # else silently ignored: the plan decides
+        raise PlanError(f"the plan was made with {planned_v} stage(s) per device (schedule {plan.schedule.kind!r}) but "
+                        f"virtual_stages={virtual_stages!r} was given; leave virtual_stages out to use the plan's, or "
+                        "re-plan with fxpipe.plan(..., schedule='interleaved', virtual_stages=...)")
     if recompute is not None:
         raise PlanError("recompute is decided per stage by the plan (its stages' recompute flags); leave recompute "
                         "out when giving plan=, or re-plan with fxpipe.plan(..., recompute=...)")
@@ -301,6 +306,7 @@ class CompiledModel:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Pipelined inference: equals `model(*args, **kwargs)` (outputs concatenated over microbatches)."""
+        self._cap.check_modes(self.model)
         per_mb, sizes, _ = self._split(args, kwargs)
         self._sync_replicas()
         state = _StepState(inputs=per_mb, train=False)
@@ -332,12 +338,18 @@ class CompiledModel:
         """
         if not isinstance(measure_memory, bool):
             raise RuntimeMismatchError(f"measure_memory must be True or False, got {measure_memory!r}")
+        if trace is not None:
+            _check_writable(trace, "trace")  # before the step: a failed write after it would leave .grad updated
         if not self.plan.train:
             raise PlanError("this model was compiled from an inference plan (train=False), which has no backward; "
                             "call it for inference, or re-plan with train=True to train")
+        self._cap.check_modes(self.model)
         if not callable(loss_fn):
             raise RuntimeMismatchError(f"loss_fn must be callable as loss_fn(output, target) -> scalar tensor, "
                                        f"got {type(loss_fn).__name__} {loss_fn!r}; e.g. loss_fn=torch.nn.functional.mse_loss")
+        if isinstance(loss_fn, type):  # loss_fn=nn.CrossEntropyLoss: calling it builds a module, it fails deep inside
+            raise RuntimeMismatchError(f"loss_fn is the class {loss_fn.__name__}, not a loss: pass an instance, "
+                                       f"e.g. loss_fn={loss_fn.__name__}()")
         # The workers set their own thread counts; the driver thread computes with one so that
         # its OpenMP team does not spin-wait on the cores the workers need after its last
         # parallel region (MKL's default block time is 200 ms: a whole small step).
@@ -452,12 +464,15 @@ class CompiledModel:
     def code(self, device: int, train: bool = True) -> str:
         """The generated program device `device` runs (training step, or inference)."""
         progs = self._train_prog if train else self._infer_prog
-        if not 0 <= device < len(progs):
-            raise PlanError(f"device {device} does not exist; this plan has devices 0..{len(progs) - 1}")
+        if not (isinstance(device, int) and 0 <= device < len(progs)):
+            raise PlanError(f"device {device!r} does not exist; this plan has devices 0..{len(progs) - 1}")
         return progs[device][0]
 
     def stage_code(self, stage: int) -> str:
         """The fx-generated forward of one stage."""
+        n = len(self.stage_graphs)
+        if not (isinstance(stage, int) and 0 <= stage < n):  # not list indexing: -1 or 7 is a mistake here
+            raise PlanError(f"stage {stage!r} does not exist; this plan has stages 0..{n - 1}")
         return self.stage_graphs[stage].code()
 
     @property
@@ -529,6 +544,17 @@ def _split_target(target: Any, m: int, batch: int) -> list[Any]:
                 f"got {got}; give one target per input sample, split along dim 0 like the inputs")
         parts.append(torch.tensor_split(t, m))
     return [pytree.tree_unflatten([p[i] for p in parts], spec) for i in range(m)]
+
+
+def _check_writable(path: Any, what: str) -> None:
+    """FxpipeError unless `path` names a file that can be created: a str or PathLike (not a
+    folder) whose folder exists. Checked before work whose result would otherwise be lost."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise FxpipeError(f"{what} must be a file path such as 'run.json', got {type(path).__name__} {path!r}")
+    folder = os.path.dirname(os.fspath(path)) or "."
+    if os.path.isdir(path) or not os.path.isdir(folder):
+        why = "it is a folder" if os.path.isdir(path) else f"folder {folder} does not exist"
+        raise FxpipeError(f"cannot write {what} file {os.fspath(path)}: {why}; give a file path in an existing folder")
 
 
 def _write_json_atomically(path: str | os.PathLike, data: Any, what: str) -> None:

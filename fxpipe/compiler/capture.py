@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from typing import Any, Callable
 
 import torch
@@ -32,7 +32,7 @@ from torch import nn
 from fxpipe.compiler.repeat_capture import KEEP, RepeatUnsupported, find_block_list, replicate_blocks, truncated_model
 from fxpipe.errors import TraceError
 
-__all__ = ["Captured", "capture", "bind_inputs"]
+__all__ = ["Captured", "capture", "bind_inputs", "samples_mixed"]
 
 
 @dataclass
@@ -50,6 +50,30 @@ class Captured:
     notes: list[str] = field(default_factory=list)
     fingerprint: str = ""  # set by the pipeline: hash of the graph as captured
     repeated: str = ""  # how the repeat path built the graph ("" for a full capture)
+    # train/eval mode of every submodule at capture: torch.export bakes it into the graph
+    # (dropout on or off, BatchNorm batch or running statistics); see check_modes
+    modes: dict[str, bool] = field(default_factory=dict)
+
+    def check_modes(self, model: nn.Module) -> None:
+        """RuntimeMismatchError when `model.train()`/`model.eval()` changed a mode since an
+        export capture, whose graph fixed it: the call would silently compute the old mode.
+        An fx graph calls nn.Dropout / nn.BatchNorm as modules, which follow their current
+        mode, so it is not checked (a forward reading `self.training` itself is baked in
+        by fx too, and goes unnoticed)."""
+        if self.path == "fx":
+            return
+        from fxpipe.errors import RuntimeMismatchError
+
+        for name, mod in model.named_modules():
+            was = self.modes.get(name)
+            if was is not None and mod.training != was:
+                mode = lambda t: "train" if t else "eval"  # noqa: E731
+                raise RuntimeMismatchError(
+                    f"module {name or type(model).__name__!r} is in {mode(mod.training)} mode but was in "
+                    f"{mode(was)} mode when compiled; its {self.path} graph fixed that mode (dropout, BatchNorm "
+                    f"statistics), so this call would not equal the model's. Call model.{mode(was)}() before "
+                    f"using this compiled model, or compile the model again in {mode(mod.training)} mode for "
+                    f"{mode(mod.training)} calls")
 
     def flat_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         """The tensors to feed the graph, from a call like the user's `model(*args, **kwargs)`."""
@@ -139,6 +163,15 @@ def capture(
     bound = bind_inputs(sig, tuple(example_args), example_kwargs)
     tensors = {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
     constants = {k: v for k, v in bound.items() if not isinstance(v, torch.Tensor)}
+    nested = [k for k, v in constants.items() if not isinstance(v, torch.Tensor)
+              and any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(v))]
+    if nested:  # they would be baked into the graph as constants: the example batch, forever
+        raise TraceError(
+            f"{type(model).__name__}.forward argument(s) {', '.join(repr(k) for k in nested)} hold tensors inside a "
+            f"{type(constants[nested[0]]).__name__}; fxpipe splits and feeds tensors that are arguments themselves: "
+            "give them as separate arguments (e.g. forward(self, input_ids, attention_mask) called with "
+            "example_inputs={'input_ids': ..., 'attention_mask': ...}), or wrap the model in a module that "
+            "takes them so and builds the container")
     if not tensors:
         raise TraceError("example_inputs contain no tensor: give at least one input tensor whose dim 0 is the batch")
     batch = _batch_size(tensors)
@@ -152,6 +185,7 @@ def capture(
         try:
             cap = _capture_repeated(model, leaf_modules, check and not on_meta, tensors, constants)
             cap.seconds = time.perf_counter() - t0
+            cap.modes = {name: mod.training for name, mod in model.named_modules()}
             return cap
         except Exception as e:  # noqa: BLE001 - any failure of the shortcut means: capture it all
             if method == "repeat":
@@ -162,9 +196,26 @@ def capture(
                     "'auto' to capture the whole model") from e
             skipped = f"repeat capture not used ({_first_line(e)}); captured the whole model"
         method = "auto"
-    cap = _capture_full(model, sig, tensors, constants, batch, method, leaf_modules, check and not on_meta)
+    try:
+        cap = _capture_full(model, sig, tensors, constants, batch, method, leaf_modules, check and not on_meta)
+    except TraceError as first:
+        # A model on meta called with CPU inputs: export fails wherever an input meets a weight
+        # without an embedding in between (Whisper's and Wav2Vec2's convolutions, CLIP's and
+        # Swin's patch embeddings: "Tensor on device meta is not on the expected device cpu").
+        # Inputs on meta trace those; they are only a second try, since a forward that reads
+        # an input's values (a mask check) needs the real ones.
+        if not any(p.is_meta for p in model.parameters()) or all(t.is_meta for t in tensors.values()):
+            raise
+        meta_tensors = {k: v.to("meta") for k, v in tensors.items()}
+        try:
+            cap = _capture_full(model, sig, meta_tensors, constants, batch, method, leaf_modules, check=False)
+        except TraceError:
+            raise first from None
+        cap.notes.append(f"captured with the example inputs on the meta device ({_first_line(first)} with them "
+                         "on their own device)")
     if skipped:
         cap.notes.append(skipped)
+    cap.modes = {name: mod.training for name, mod in model.named_modules()}
     return cap
 
 
@@ -223,6 +274,11 @@ def _capture_repeated(model: nn.Module, leaf_modules: tuple[type, ...], check: b
 # ---- fx ---------------------------------------------------------------------------------
 
 class _LeafTracer(fx.Tracer):
+    # Buffers read as attributes are proxies (get_attr nodes), as parameters are: otherwise
+    # fx hands `self.ema` to the forward as the real tensor, so `self.ema.mul_(0.9)` runs once
+    # at trace time on the user's buffer and is missing from the graph.
+    proxy_buffer_attributes = True
+
     def __init__(self, leaves: tuple[type, ...]):
         super().__init__()
         self.leaves = leaves
@@ -251,12 +307,44 @@ def _trace_fx(model, tensors, constants, leaf_modules):
     if set(ph) != set(tensors):
         raise TraceError(f"fx placeholders {sorted(ph)} do not match the tensor inputs {sorted(tensors)}")
     out_node = next(n for n in g.nodes if n.op == "output")
-    leaves, spec = pytree.tree_flatten(out_node.args[0])
+    leaves, spec = pytree.tree_flatten(_expand_dataclass_outputs(out_node.args[0], type(model).__name__))
     out_node.args = (tuple(leaves),)
+    for node in reversed(list(g.nodes)):  # the dataclass-building nodes it bypassed (not a general
+        # dead-code pass: that would drop in-place buffer updates, whose results nothing reads)
+        if node.op == "call_function" and isinstance(node.target, type) and is_dataclass(node.target) and not node.users:
+            g.erase_node(node)
     _reorder_placeholders(g, list(tensors))
     g.lint()
     gm.recompile()
     return gm, spec
+
+
+def _expand_dataclass_outputs(value: Any, model_name: str) -> Any:
+    """The output structure with each dataclass the forward builds spelled out field by field.
+
+    fx records `return Out(a=x, b=y)` as ONE call_function node that builds the dataclass, so
+    the flattened output would be a single opaque value: microbatch results could not be
+    concatenated (the first microbatch's would be returned) and the batch-size check would see
+    no tensors. A dataclass known to pytree (`torch.export.register_dataclass`, transformers'
+    ModelOutputs) is rebuilt around its field nodes so its tensors become output leaves and
+    `out_spec` rebuilds the user's type; an unregistered one is refused (export refuses it too).
+    """
+    def expand(v: Any) -> Any:
+        if not (isinstance(v, fx.Node) and v.op == "call_function" and isinstance(v.target, type)
+                and is_dataclass(v.target)):
+            return v
+        cls = v.target
+        if cls not in pytree.SUPPORTED_NODES:
+            raise TraceError(
+                f"{model_name}.forward returns a {cls.__qualname__} dataclass, which torch's pytree cannot flatten, so "
+                f"its tensors cannot be concatenated over microbatches; register it once before compiling "
+                f"(torch.export.register_dataclass({cls.__qualname__})) or return a tuple or dict")
+        if v.args:
+            raise TraceError(f"{model_name}.forward builds its {cls.__qualname__} output with positional arguments "
+                             f"fx cannot map to fields; build it with keywords")
+        return cls(**{k: pytree.tree_map(expand, a) for k, a in v.kwargs.items()})
+
+    return pytree.tree_map(expand, value)
 
 
 # ---- torch.export ----------------------------------------------------------------------
@@ -311,6 +399,13 @@ def _batch_size(tensors: dict[str, torch.Tensor]) -> int:
     return values.pop()
 
 
+def _call_quietly(gm: fx.GraphModule, *args: Any) -> Any:
+    """Call `gm` without fx's wrapper, which prints a traceback of the generated code to stderr
+    before re-raising: a failure here is an expected answer of a check (the next capture path
+    is tried), not something to show the user."""
+    return nn.Module.__call__(gm, *args)
+
+
 def _check_second_size(model, cap: Captured, tensors, constants) -> str | None:
     """Run the graph at a smaller batch and compare with eager: catches shapes baked in at trace time.
 
@@ -331,9 +426,13 @@ def _check_second_size(model, cap: Captured, tensors, constants) -> str | None:
                     want = pytree.tree_leaves(model(**small, **constants))
                 except Exception:
                     continue  # the model itself does not run at this size
+                # The graph must start from the buffers eager started from: a forward that
+                # updates a buffer it then reads (an EMA subtracted from the output) would
+                # otherwise see eager's update and differ for no fault of the trace.
+                _restore_buffers(saved)
                 torch.manual_seed(0)
                 try:
-                    got = cap.gm(*small.values())
+                    got = _call_quietly(cap.gm, *small.values())
                 except Exception as e:
                     return (f"the {cap.path} graph fails at batch size {size} where the model runs ({_first_line(e)}): "
                             "shapes were specialised to the example batch")
@@ -347,7 +446,120 @@ def _check_second_size(model, cap: Captured, tensors, constants) -> str | None:
             if a.shape != b.shape or not torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4):
                 return (f"the {cap.path} graph's output {i} differs from eager at batch size {size} (shape "
                         f"{tuple(a.shape)} vs {tuple(b.shape)}): the trace specialised on the example batch")
+        if size + 1 < cap.batch_size:
+            _refuse_batch_mixing_outputs(model, cap, {k: v[:size + 1] for k, v in tensors.items()}, got)
         return None
+    return None
+
+
+def _refuse_batch_mixing_outputs(model: nn.Module, cap: Captured, bigger: dict[str, torch.Tensor],
+                                 got: list[torch.Tensor]) -> None:
+    """TraceError when an output has a dimension other than 0 that grows with the batch.
+
+    Such an output relates samples to each other (CLIP's `logits_per_image` is (batch, batch):
+    every image against every text), so per-microbatch results are blocks of it and their
+    concatenation along dim 0 is silently the wrong shape and the wrong values. `got` holds the
+    graph's tensor outputs at one size smaller than `bigger`'s.
+    """
+    saved = _snapshot_buffers(model, cap.gm)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            more = [t for t in _call_quietly(cap.gm, *bigger.values()) if isinstance(t, torch.Tensor)]
+    except Exception:  # noqa: BLE001 - the size check above is the one that judges failures
+        return
+    finally:
+        _restore_buffers(saved)
+    n = next(iter(bigger.values())).shape[0]
+    for i, (a, b) in enumerate(zip(got, more)):
+        if a.dim() == b.dim() and a.dim() > 1 and a.shape[1:] != b.shape[1:]:
+            raise TraceError(
+                f"{type(model).__name__}'s output {i} (flat, in output order) has shape {tuple(a.shape)} for {n - 1} "
+                f"sample(s) and {tuple(b.shape)} for {n}: a dimension other than 0 grows with the batch, so the "
+                "output relates samples to each other (as CLIP's logits_per_image = image x text similarity does) "
+                "and cannot be computed per microbatch. Return per-sample outputs, batch first (e.g. the "
+                "embeddings), and combine samples outside the pipeline; or, for a model that is not batch-first "
+                "(sequence first), transpose its inputs and outputs")
+
+
+def samples_mixed(model: nn.Module, cap: Captured, args: tuple, kwargs: dict) -> str | None:
+    """Why `model` does not compute the samples along dim 0 independently, or None.
+
+    Microbatching is exact only for a model whose output for samples 0 and 1 together is its
+    output for each alone, concatenated. A sequence-first model (nn.LSTM, nn.MultiheadAttention
+    and nn.Transformer default to batch_first=False) passes every shape check with time as
+    dim 0, and split into microbatches it silently computes something else. Eager runs, in
+    eval mode (dropout off, BatchNorm on running statistics: neither is the model's doing), on
+    samples (0, 1), on (1, 0), and on each alone. The swapped pair has the same shapes, so the
+    same kernels and roundings: an independent model gives the same rows, in any dtype. The
+    runs alone also catch a dependence on the batch size, but batch 1 may take other kernels,
+    which in 16 bits round differently, so they are compared only in 32 bits and up. None also
+    when that cannot be judged (meta tensors, a batch of 1, a model that refuses those sizes).
+    """
+    bound = bind_inputs(cap.signature, args, kwargs)
+    tensors = {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
+    if cap.batch_size < 2 or any(t.is_meta for t in tensors.values()) or any(q.is_meta for q in model.parameters()):
+        return None
+    modes = [(m, m.training) for m in model.modules()]
+    saved = _snapshot_buffers(model)
+    try:
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            runs = [pytree.tree_flatten_with_path(model(**{k: v[list(rows)] for k, v in tensors.items()},
+                                                        **cap.constants))[0]
+                    for rows in ((0, 1), (1, 0), (0,), (1,))]
+    except Exception:  # noqa: BLE001 - a size the model refuses says nothing either way
+        return None
+    finally:
+        for m, training in modes:
+            m.training = training
+        _restore_buffers(saved)
+    for (path, both), (_, swapped), (_, a), (_, b) in zip(*runs):
+        if not (isinstance(both, torch.Tensor) and both.dim() > 0 and both.is_floating_point()
+                and both.shape[0] == 2 and swapped.shape == both.shape and a.shape[0] == b.shape[0] == 1):
+            continue
+        others = [swapped.flip(0)]
+        alone = torch.cat([a, b])
+        if torch.finfo(both.dtype).bits > 16 and alone.shape == both.shape:
+            others.append(alone)
+        for other in others:
+            if not torch.allclose(both.float(), other.float(), rtol=1e-3, atol=1e-4):
+                diff = (both.float() - other.float()).abs().max().item()
+                how = "in the other order" if other is others[0] else "each alone"
+                return (f"its output {pytree.keystr(path) or '(the tensor)'} for samples 0 and 1 together differs "
+                        f"from the same samples run {how} by up to {diff:.3g} (in eval mode)")
+    return None
+    modes = [(m, m.training) for m in model.modules()]
+    saved = _snapshot_buffers(model)
+    try:
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            runs = [pytree.tree_flatten_with_path(model(**{k: v[lo:hi] for k, v in tensors.items()}, **cap.constants))[0]
+                    for lo, hi in ((0, 2), (0, 1), (1, 2))]
+    except Exception:  # noqa: BLE001 - a size the model refuses says nothing either way
+        return None
+    finally:
+        for m, training in modes:
+            m.training = training
+        _restore_buffers(saved)
+    for (path, both), (_, a), (_, b) in zip(*runs):
+        if not (isinstance(both, torch.Tensor) and both.dim() > 0 and both.is_floating_point()
+                and both.shape[0] == 2 and a.shape[0] == b.shape[0] == 1):
+            continue
+        alone = torch.cat([a, b])
+        if alone.shape != both.shape:
+            continue
+        if torch.finfo(both.dtype).bits > 16:
+            mixed = not torch.allclose(both, alone, rtol=1e-3, atol=1e-4)
+        else:
+            # batch 2 and batch 1 may take different GEMM kernels, and in 16 bits their roundings
+            # differ by ulps that compound over layers: judge the error over the whole output
+            # (8 eps) instead of per value; samples that mix differ by tens of percent
+            d, w = both.float(), alone.float()
+            mixed = (d - w).norm() > 8 * torch.finfo(both.dtype).eps * d.norm()
+        if mixed:
+            diff = (both - alone).abs().max().item()
+            return (f"its output {pytree.keystr(path) or '(the tensor)'} for samples 0 and 1 together differs from "
+                    f"each sample run alone by up to {diff:.3g} (in eval mode)")
     return None
 
 

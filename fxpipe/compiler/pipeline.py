@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from fxpipe.compiler.capture import Captured, capture
+from fxpipe.compiler.capture import Captured, capture, samples_mixed
 from fxpipe.compiler.cluster import Cluster, Device
 from fxpipe.compiler.plan import OPTIMIZER_STATE_FACTOR, Plan, StagePlan, graph_fingerprint
 from fxpipe.errors import PlanError, ScheduleError
@@ -73,6 +73,9 @@ def normalize_inputs(example_inputs: Any, example_kwargs: dict | None) -> tuple[
 
 def microbatch_sizes(batch: int, m: int) -> list[int]:
     """Sizes of m microbatches of a batch (torch.tensor_split's: the first ones one larger)."""
+    if batch < 1:  # "use microbatches <= 0" below would be no advice at all
+        raise PlanError(f"the batch is empty (dim 0 of the inputs is {batch}); give at least one sample per "
+                        f"microbatch ({m} here)")
     if m > batch:
         raise PlanError(f"{m} microbatches asked for a batch of {batch} samples: each microbatch needs at least "
                         f"one sample; use microbatches <= {batch} or a larger batch")
@@ -107,8 +110,12 @@ class _Progress:
 def _dump(name: str, text: str) -> None:
     d = os.environ.get("FXPIPE_DUMP")
     if d:
-        Path(d).mkdir(parents=True, exist_ok=True)
-        (Path(d) / f"{name}.txt").write_text(text)
+        try:
+            Path(d).mkdir(parents=True, exist_ok=True)
+            (Path(d) / f"{name}.txt").write_text(text)
+        except OSError as e:  # a debugging aid must not fail with a traceback after planning
+            raise PlanError(f"FXPIPE_DUMP={d!r}: cannot write {name}.txt there ({e.strerror or e}); set FXPIPE_DUMP "
+                            "to a folder that can be created, or unset it") from None
 
 
 def _stage_devices(schedule: str, p: int, v: int) -> tuple[int, ...]:
@@ -199,6 +206,17 @@ def _front(model: nn.Module, args: tuple, kwargs: dict, p: int, m: int, capture_
     if plan is not None:  # another model's plan is refused before any more work
         plan.require_fingerprint(cap.fingerprint)
     sizes = microbatch_sizes(cap.batch_size, m)
+    # before any pricing: with several microbatches a model that relates the samples of dim 0
+    # (a sequence-first model: time is dim 0) would run silently wrong
+    mixed = samples_mixed(model, cap, args, kwargs) if m > 1 else None
+    if mixed:
+        raise PlanError(
+            f"{type(model).__name__} does not compute the samples along dim 0 independently: {mixed}. fxpipe "
+            f"splits dim 0 of every input into microbatches ({m} here), so the pipeline would compute something "
+            "else. If dim 0 is not the batch (a sequence-first model: nn.LSTM, nn.GRU, nn.MultiheadAttention and "
+            "nn.Transformer default to batch_first=False), make the model batch-first (batch_first=True, inputs "
+            "(batch, seq, ...)); if it relates samples on purpose (in-batch statistics or negatives), use "
+            "microbatches=1")
     _dump("capture", cap.gm.code)
     units, costs = _analyse(cap, args, kwargs, sizes[0], p, prog, fuse=fuse)
     return cap, units, costs
@@ -228,6 +246,22 @@ def _analyse(cap: Captured, args: tuple, kwargs: dict, size: int, p: int, prog: 
     prog.done("costs", f"({len(units)} units)")
     _dump("units", "\n".join(f"{i}: {n} ({len(units.nodes[i])} nodes)" for i, n in enumerate(units.names)))
     return units, costs
+
+
+def _too_few_units(cap: Captured, units: Units, p: int) -> str:
+    """Why `cap` has fewer units than devices, and what gives it more."""
+    msg = (f"the model has {len(units)} units ({', '.join(units.names[:8])}{', ...' if len(units) > 8 else ''}) but "
+           f"{p} devices were given, and a unit is the smallest piece a stage holds; use at most {len(units)} devices")
+    # fx keeps every torch.nn module but Sequential as one call (nn.TransformerEncoder with all
+    # its layers, nn.Transformer): the whole stack becomes a single unit
+    whole = [(str(n.target), type(cap.gm.get_submodule(str(n.target))).__name__)
+             for n in cap.gm.graph.nodes if n.op == "call_module"
+             and any(True for _ in cap.gm.get_submodule(str(n.target)).children())]
+    if cap.path == "fx" and whole:
+        shown = ", ".join(f"{t} ({k})" for t, k in whole[:3])
+        msg += (f", or let the capture look inside the torch.nn modules fx keeps whole ({shown}) with "
+                "capture_method='export'")
+    return msg
 
 
 class _Unset:
@@ -380,6 +414,14 @@ def _plan_one(kind: str, user: Schedule | None, m: int, stage_device: Sequence[i
               costs: CostTable, cluster: Cluster, model: nn.Module, train: bool, optimizer: str, mode: str, fuse: bool,
               prog: _Progress, offload: str = "off") -> Plan:
     """schedule -> placement + partition -> simulate -> Plan, for one schedule kind and m."""
+    n_units, n_devs = len(costs.unit_names), len(cluster)
+    if len(stage_device) > n_devs and n_units < len(stage_device):
+        # the partitioner would say "N devices were given" of the virtual stages, which misleads
+        raise PlanError(f"the model has {n_units} units but schedule {kind!r} asks for {len(stage_device)} stages "
+                        f"({len(stage_device) // n_devs} virtual stages on each of {n_devs} devices); use fewer "
+                        f"virtual stages (at most {n_units // n_devs} here), or finer units")
+    if n_units < len(stage_device):  # said here, where the graph can tell the user why the units are so few
+        raise PlanError(_too_few_units(cap, units, len(stage_device)))
     # the schedule first: which stage sits where and how many microbatches each keeps alive
     # do not depend on the cut, and the partitioner needs both for its memory model
     prog.start("schedule")

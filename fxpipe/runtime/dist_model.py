@@ -377,6 +377,7 @@ class DistributedCompiledModel:
         """
         from fxpipe.api import _split_target, _unflatten
 
+        self._cap.check_modes(self.model)  # on every rank alike, before any message
         if not self.plan.train:
             raise PlanError("this model was compiled from an inference plan (train=False), which has no backward")
         self._check_loaded("train")
@@ -445,6 +446,7 @@ class DistributedCompiledModel:
         from fxpipe.api import _concat, _unflatten
 
         self._check_loaded("run inference")
+        self._cap.check_modes(self.model)
         per_mb, sizes, _ = self._split(args, kwargs)
         state = _StepState(inputs=per_mb, train=False)
         with torch.no_grad():

@@ -140,6 +140,9 @@ class _StepState:
     grads_out: dict[tuple[int, int], list] = field(default_factory=dict)
     events: list = field(default_factory=list)  # measured Events when recording
     saved_bytes: dict[tuple[int, int], float] = field(default_factory=dict)  # (stage, mb) -> bytes, when recording
+    # (receiving stage, mb) -> per received value, whether the sender's value required grad
+    # (the payload itself travels detached); absent: every floating value is differentiable
+    needs_grad: dict[tuple[int, int], list[bool]] = field(default_factory=dict)
 
 
 class LocalRuntime:
@@ -269,10 +272,14 @@ class LocalRuntime:
         st, state = self.stages[s], self.state
         self.current[st.device_index] = f"F(s{s},mb{mb})"
         recv = state.stash.pop((s, mb), ([], None))[0] if s > 0 else []
+        # A value the sender computed without grad (x.detach().mean() feeding an in-place buffer
+        # update) must stay so here: made a leaf that requires grad, it would pull the buffer
+        # into this microbatch's graph and the next microbatch's backward would run through it
+        needs = state.needs_grad.pop((s, mb), None)
         leaves = []
-        for v in recv:
+        for i, v in enumerate(recv):
             if state.train and isinstance(v, torch.Tensor) and v.is_floating_point():
-                v = v.detach().requires_grad_(True)
+                v = v.detach().requires_grad_(needs is None or needs[i])
             leaves.append(v)
         model_in = [self._to(state.inputs[mb][i], st.device) for i in st.input_positions]
         streamer = self.streamers.get(s)
@@ -351,6 +358,8 @@ class LocalRuntime:
         if not state.train:
             state.stash.pop((s, mb))
         payload = [o.detach() if isinstance(o, torch.Tensor) else o for o in out]
+        if state.train:  # written before the put: the receiver reads it after its get
+            state.needs_grad[(s + 1, mb)] = [isinstance(o, torch.Tensor) and o.requires_grad for o in out]
         self.mailboxes[dst].put(("act", s + 1, mb), self._ship(st, dst, payload))
 
     def recv_act(self, s: int, mb: int, src: int) -> None:

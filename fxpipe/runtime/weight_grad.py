@@ -167,9 +167,14 @@ def backward_weight(state: SplitState, consumers: Consumers, params: dict[str, t
         for i, g in zip(missing, res):
             if g is not None:
                 state.kept[i] = g
-    shared = [params[p] for p in sorted(consumers.shared) if p in params and params[p].requires_grad]
+    # A consumer whose output is not one tensor (a leaf LSTM's or MultiheadAttention's tuple)
+    # has no single gradient BI could keep: its parameters join the restricted ordinary
+    # backward below, else they would get no gradient at all.
+    fallback = set(consumers.shared).union(*(consumers.params[i] for i, c in enumerate(state.consumer_out)
+                                             if not isinstance(c, torch.Tensor)))
+    shared = [params[p] for p in sorted(fallback) if p in params and params[p].requires_grad]
     for i in todo:
-        own = [params[p] for p in consumers.params[i] if p in params and p not in consumers.shared and params[p].requires_grad]
+        own = [params[p] for p in consumers.params[i] if p in params and p not in fallback and params[p].requires_grad]
         if own and i in state.kept:
             torch.autograd.backward([state.consumer_out[i]], [state.kept[i]], inputs=own, retain_graph=True)
     if shared:
