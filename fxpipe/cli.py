@@ -52,8 +52,9 @@ as dim 0. For example, mymodel.py:
 
     import torch
     def make():
-        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
-        return model, torch.randn(32, 64)
+        layers = [torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+                  for _ in range(4)]
+        return torch.nn.Sequential(*layers, torch.nn.Linear(64, 10)), torch.randn(32, 64)
 
 examples:
   fxpipe plan mymodel.py:make --devices cpu,cpu -o plan.json
@@ -149,7 +150,10 @@ def load_factory(spec: str) -> tuple[Any, tuple, dict]:
         raise CliError(f"model {spec!r} is not of the form FILE.py:FACTORY (e.g. mymodel.py:make)")
     path = Path(path_text)
     if not path.is_file():
-        raise CliError(f"model file {path} does not exist")
+        if path.is_dir():
+            raise CliError(f"model file {path} is a folder; name the Python file in it, e.g. {path / 'mymodel.py'}:{name}")
+        hint = f"; did you mean {path}.py:{name}?" if path.suffix != ".py" and path.with_name(path.name + ".py").is_file() else ""
+        raise CliError(f"model file {path} does not exist{hint}")
     mod_name = f"_fxpipe_user_{path.stem}"
     mspec = importlib.util.spec_from_file_location(mod_name, path)
     if mspec is None or mspec.loader is None:
@@ -158,24 +162,35 @@ def load_factory(spec: str) -> tuple[Any, tuple, dict]:
     sys.modules[mod_name] = module
     folder = str(path.resolve().parent)
     sys.path.insert(0, folder)  # so the file (and its factory) can import its neighbours
+    # The file runs as if started without arguments: a top-level argparse `parse_args()` would
+    # otherwise read fxpipe's own arguments and exit with "unrecognized arguments: plan ...".
+    argv, sys.argv = sys.argv, [str(path)]
+    exits = ("exited (SystemExit: {}) while {}: it calls sys.exit or parses the command line; move that under "
+             "`if __name__ == '__main__':`")
     try:
         try:
             mspec.loader.exec_module(module)
         except Exception as e:  # the user's code: report it in one line
             sys.modules.pop(mod_name, None)
             raise CliError(f"importing {path} failed: {type(e).__name__}: {e}") from None
+        except SystemExit as e:  # not an Exception: would end fxpipe with the user's exit code, unexplained
+            sys.modules.pop(mod_name, None)
+            raise CliError(f"{path} " + exits.format(e.code, "being imported")) from None
         factory = getattr(module, name, None)
         if factory is None:
             found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
                            and getattr(v, "__module__", None) == mod_name)
             raise CliError(f"{path} has no function {name!r}" + (f"; it defines {', '.join(found)}" if found else ""))
         if not callable(factory):
-            raise CliError(f"{path}:{name} is a {type(factory).__name__}, not a function")
+            raise CliError(f"{path}:{name} is not a function but a value of type {type(factory).__name__}")
         try:
             result = factory()
         except Exception as e:
             raise CliError(f"{path}:{name}() raised {type(e).__name__}: {e}") from None
+        except SystemExit as e:
+            raise CliError(f"{path}:{name}() " + exits.format(e.code, "building the model")) from None
     finally:
+        sys.argv = argv
         if folder in sys.path:
             sys.path.remove(folder)
     want = "(model, example_args) or (model, example_args, example_kwargs)"
@@ -224,6 +239,14 @@ def _write(path: Path, text: str) -> None:
         path.write_text(text)
     except OSError as e:
         raise CliError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether paths `a` and `b` name one existing file (through links and relative parts)."""
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
 
 
 def _int_or_auto(text: str) -> int | str:
@@ -284,6 +307,11 @@ def _cmd_plan(a: argparse.Namespace) -> int:
     out = Path(a.output)
     if not out.parent.is_dir():
         raise CliError(f"cannot write {out}: folder {out.parent} does not exist")
+    if out.is_dir():  # checked before planning, which can take minutes
+        raise CliError(f"cannot write {out}: it is a folder; give a file name, e.g. -o {out / 'plan.json'}")
+    model_file = Path(a.model.rpartition(":")[0])
+    if _same_file(out, model_file):  # `-o mymodel.py` would replace the user's source with JSON
+        raise CliError(f"-o {out} is the model file itself; write the plan elsewhere, e.g. -o plan.json")
     t0 = time.perf_counter()
     print(f"fxpipe: building the model from {a.model} ...", end="", file=sys.stderr, flush=True)
     model, args, kwargs = load_factory(a.model)
@@ -314,6 +342,9 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     from fxpipe.compiler.plan import Plan
 
     src = Path(a.plan)
+    if a.output and _same_file(Path(a.output), src):  # would replace the plan with its own rendering
+        raise CliError(f"-o {a.output} is the plan file being inspected; write to another file, "
+                       f"e.g. -o {src.with_name(src.stem + '.txt')}")
     try:
         plan = Plan.load(src)
         if a.why:
@@ -335,7 +366,12 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
 
         out = Path(a.output) if a.output else src.with_name(src.stem + ".png")
         names = [f"d{i} {d.name}" for i, d in enumerate(plan.cluster.devices)]
-        plot_timeline(tl, out, names, title=f"{plan.model_name}: {plan.schedule.kind}, {plan.microbatches} microbatches")
+        if out.is_dir():
+            raise CliError(f"cannot write {out}: it is a folder; give a file name, e.g. -o {out / 'plan.png'}")
+        try:
+            plot_timeline(tl, out, names, title=f"{plan.model_name}: {plan.schedule.kind}, {plan.microbatches} microbatches")
+        except OSError as e:  # unwritable folder, disk full, a file where a folder should be
+            raise CliError(f"cannot write {out}: {e.strerror or e}") from None
         print(f"wrote {out} (predicted step {tl.step_time * 1e3:.3f} ms)")
         return 0
     if a.format == "trace":

@@ -391,9 +391,15 @@ class Cluster:
         """Validate and build a cluster from its JSON form; PlanError names the bad field."""
         example = ('{"devices": [{"name": "gpu0", "kind": "cuda", "peak_flops": 6.7e13, "mem_bandwidth": 3.35e12, '
                    '"memory": 8.5e10}], "links": [{"src": 0, "dst": 1, "bandwidth": 4.5e11, "latency": 1e-5}]}')
+        if isinstance(data, dict) and data.get("format") == "fxpipe-plan":  # `--cluster plan.json`
+            raise PlanError(f"{where} is a plan file, not a cluster file; pass it to `fxpipe inspect` or "
+                            "compile(plan=...), or give --devices / a cluster file")
         if not isinstance(data, dict) or "devices" not in data:
+            # a dict without 'devices' was reported as "got dict", which reads as the right type
+            got = (f"an object with fields {sorted(map(str, data))[:8]}" if isinstance(data, dict)
+                   else type(data).__name__)
             raise PlanError(f"{where}: expected an object with a 'devices' list (and optional 'links'), "
-                            f"got {type(data).__name__}; e.g. {example}")
+                            f"got {got}; e.g. {example}")
         extra = sorted(str(k) for k in data if k not in ("devices", "links", "node_links"))
         if extra:
             raise PlanError(f"{where}: unknown field(s) {extra}; a cluster has only 'devices', 'links' "

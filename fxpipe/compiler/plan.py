@@ -239,6 +239,10 @@ class Plan:
     def save(self, path: str | os.PathLike) -> None:
         """Write the plan as JSON atomically: on any failure no file (and no .tmp file) is left."""
         path = Path(path)
+        # a folder ("." or "runs/") has no file name to put the .tmp next to (with_name raises
+        # ValueError on "."); say so instead of a traceback or a "plans/.tmp" file
+        if path.is_dir() or not path.name:
+            raise PlanError(f"cannot write plan file {path}: it is a folder; give a file name, e.g. {path / 'plan.json'}")
         text = json.dumps(self.to_dict(), indent=1)  # before touching the disk: a bad value fails here
         tmp = path.with_name(path.name + ".tmp")
         try:

@@ -87,6 +87,24 @@ def profile_units(gm: fx.GraphModule, model: nn.Module, example_inputs: Sequence
     return fwd, bwd, bi
 
 
+def _existing_device(dev: Device) -> torch.device:
+    """The torch device `dev` is here; PlanError when it is not on this machine (a cluster
+    file's "gpu0", or "cuda:1" on a machine with one GPU), before anything runs on it."""
+    if dev.kind == "cpu":
+        return torch.device("cpu")  # a CPU worker's name is only a label ("cpu-big")
+    fix = ("profile=True times units on this machine's devices; give --devices/devices that exist here "
+           "(e.g. 'cpu,cpu'), or plan with profile=False (roofline costs) for a cluster file")
+    try:
+        tdev = torch.device(dev.name)
+    except RuntimeError:
+        raise PlanError(f"device {dev.name!r} (kind {dev.kind}) is not a device of this machine: {fix}") from None
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if tdev.type != "cuda" or (tdev.index or 0) >= n:
+        raise PlanError(f"device {dev.name!r} (kind {dev.kind}) does not exist here (this machine has {n} CUDA "
+                        f"device(s)): {fix}")
+    return tdev
+
+
 def _profile_devices(graphs: list, gm: fx.GraphModule, model: nn.Module, inputs: dict[str, torch.Tensor],
                      devices: Sequence[Device], train: bool, warmup: int, repeats: int, progress: bool,
                      fwd: dict, bwd: dict, bi: dict) -> None:
@@ -97,7 +115,7 @@ def _profile_devices(graphs: list, gm: fx.GraphModule, model: nn.Module, inputs:
         if dev.kind == "meta":
             raise PlanError(f"profile=True needs devices that exist on this machine; device {dev.name!r} is 'meta': "
                             "plan with profile=False (roofline costs) instead")
-        tdev = torch.device("cpu" if dev.kind == "cpu" else dev.name)
+        tdev = _existing_device(dev)
         prev = torch.get_num_threads()
         if dev.kind == "cpu":
             torch.set_num_threads(dev.threads)  # what the runtime's worker for it uses

@@ -256,7 +256,11 @@ def save_model(model: nn.Module, folder: str | os.PathLike, fingerprint: str, de
     table = tensor_table(model)
     if any(t.is_meta for t in table.tensors.values()):
         raise FxpipeError("the model still has tensors on the meta device; load real values before saving")
-    Path(folder).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # FileExistsError when `folder` is a file (a checkpoint is a folder), or unwritable
+        raise FxpipeError(f"cannot create checkpoint folder {os.fspath(folder)!r}: {e.strerror or e}; a checkpoint "
+                          "is a folder: give a new or existing folder's path") from None
     (Path(folder) / INDEX_NAME).unlink(missing_ok=True)
     owner = {k: 0 for k in table.tensors}
     index = make_index(table, owner, 1, fingerprint, type(model).__name__, devices)
