@@ -363,6 +363,7 @@ class CompiledModel:
     def _step(self, args: tuple, kwargs: dict, target: Any, loss_fn: Callable, trace: str | None,
               measure_memory: bool) -> torch.Tensor:
         per_mb, sizes, b = self._split(args, kwargs)
+        _check_trainable(self.model, per_mb)
         targets = _split_target(target, self.plan.microbatches, b)
         self._sync_replicas()
         state = _StepState(inputs=per_mb, train=True, targets=targets, loss_fn=self._checked_loss(loss_fn),
@@ -422,6 +423,12 @@ class CompiledModel:
                     f"loss_fn {name} returned {got} {where()}; it must return a scalar tensor: reduce it inside "
                     "loss_fn (e.g. .mean() over the microbatch's samples)")
             if torch.is_grad_enabled() and not loss.requires_grad:
+                outs = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
+                if outs and not any(t.requires_grad for t in outs):  # not loss_fn's doing
+                    raise RuntimeMismatchError(
+                        f"the model's output does not require grad {where()}: it depends on no parameter that "
+                        "requires grad (the forward detaches it, computes it under torch.no_grad, or from buffers "
+                        "only), so there is nothing to train through it; use the compiled model for inference")
                 raise RuntimeMismatchError(
                     f"loss_fn {name} returned a tensor that does not require grad {where()}: it was detached "
                     "(.item(), .detach(), torch.no_grad or a new tensor); compute it from the model's output with torch ops")
@@ -531,6 +538,21 @@ def _unflatten(spec: pytree.TreeSpec, flat: list) -> Any:
     if isinstance(out, immutable_list):
         return list(out)
     return out
+
+
+def _check_trainable(model: nn.Module, inputs: list[list[Any]]) -> None:
+    """Refuse a training step with nothing to train before it runs: otherwise the loss is
+    found not to require grad on the last stage and the error blames loss_fn."""
+    if any(q.requires_grad for q in model.parameters()):
+        return
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for mb in inputs for t in mb):
+        return  # gradients of the inputs are wanted
+    n = len(list(model.parameters()))
+    what = "has no parameters" if n == 0 else f"has {n} parameters and none of them requires grad"
+    raise RuntimeMismatchError(
+        f"step: {type(model).__name__} {what}, so a training step has nothing to train (no gradient to compute); "
+        "call the compiled model for inference instead (cm(x)), or set requires_grad=True on the parameters "
+        "you want to train")
 
 
 def _split_target(target: Any, m: int, batch: int) -> list[Any]:

@@ -345,6 +345,9 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     if a.output and _same_file(Path(a.output), src):  # would replace the plan with its own rendering
         raise CliError(f"-o {a.output} is the plan file being inspected; write to another file, "
                        f"e.g. -o {src.with_name(src.stem + '.txt')}")
+    if a.output and not Path(a.output).parent.is_dir():  # as `plan -o`: every format alike, nothing created
+        raise CliError(f"cannot write {a.output}: folder {Path(a.output).parent} does not exist; create it first "
+                       "or write elsewhere")
     try:
         plan = Plan.load(src)
         if a.why:

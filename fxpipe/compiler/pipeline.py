@@ -514,6 +514,15 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
     ms = [c for c in AUTO_MICROBATCHES if c <= cap.batch_size] if auto_m else [m]
     if not auto_m:
         microbatch_sizes(cap.batch_size, m)  # refuses m > batch with the usual message
+    # _front checked only m=1: a model that relates the samples of dim 0 (sequence first)
+    # is exact only unsplit, so auto keeps m=1 for it and says why the others were dropped
+    mixed_rows: list[dict[str, Any]] = []
+    mixed = samples_mixed(model, cap, args, kwargs) if auto_m and any(c > 1 for c in ms) else None
+    if mixed:
+        why = (f"not tried: {type(model).__name__} does not compute the samples along dim 0 independently "
+               f"({mixed}); only microbatches=1 is exact")[:200]
+        mixed_rows = [{"schedule": k, "microbatches": c, "fits": False, "why": why} for k in kinds for c in ms if c > 1]
+        ms = [1]
     analysed: dict[tuple[int, int], tuple[Units, CostTable]] = {}
     analysed[(microbatch_sizes(cap.batch_size, first_m)[0], len(first_devices))] = (units0, costs0)
     last_key = next(iter(analysed))
@@ -576,7 +585,7 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
     best, units, key = min(plans, key=rank)
     if key != last_key:  # the graph's shapes must be those of the chosen microbatch size
         units, _ = _analyse(cap, args, kwargs, key[0], key[1], prog)
-    predicted = dict(best.predicted, auto=rows)
+    predicted = dict(best.predicted, auto=rows + mixed_rows)
     plan = best.with_(predicted=predicted, timings=prog.timings)
     _dump("plan", plan.summary())
     _dump("schedule", plan.schedule.listing())

@@ -53,7 +53,7 @@ from fxpipe.passes.propagate_shapes import VAL, propagate_shapes
 from fxpipe.passes.split_stages import build_stage_module, resolve_attr, split_stages
 from fxpipe.runtime.checkpoint import (INDEX_NAME, check_compatible, copy_into, make_index, read_index,
                                        read_tensors, remove_stale_shards, tensor_table, write_index, write_shard)
-from fxpipe.runtime.distributed import BoundaryLayout, DistRuntime, PipelineFailure, grad_layout
+from fxpipe.runtime.distributed import BoundaryLayout, DistRuntime, PipelineFailure, grad_layout, requires_grad_flow
 from fxpipe.runtime.local import StageRunner, _StepState
 from fxpipe.runtime.offload import keep_weights_on_host
 from fxpipe.runtime.program import compile_program
@@ -206,6 +206,7 @@ class DistributedCompiledModel:
         self._infer_prog = compile_program(self._infer_sched, rank, names)
         self._vals: dict[int, dict[str, Any]] = {}
         self._layouts: dict[tuple[str, int, int], BoundaryLayout] = {}
+        self._grad_flags: dict[tuple[bool, ...], dict[str, bool]] = {}
 
     # ---- checks ------------------------------------------------------------------------
     @staticmethod
@@ -366,6 +367,19 @@ class DistributedCompiledModel:
         chunks = [torch.tensor_split(t, m) if t.dim() else [t] * m for t in flat]
         return [[c[i] for c in chunks] for i in range(m)], sizes, b
 
+    def _boundary_grads(self, args: tuple, kwargs: dict) -> Callable[[int], list[bool]]:
+        """stage -> per received value, whether it requires grad in this call (the same on
+        every rank: it depends on the graph and on which inputs and parameters require grad;
+        a model frozen or unfrozen between steps gets its flags again)."""
+        inputs = tuple(bool(t.requires_grad) for t in self._cap.flat_inputs(args, kwargs))
+        key = inputs + tuple(q.requires_grad for q in self.model.parameters())
+        if key not in self._grad_flags:
+            if len(self._grad_flags) > 8:  # a model toggling many freezes: keep the cache small
+                self._grad_flags.clear()
+            self._grad_flags[key] = requires_grad_flow(self._cap.gm, self.model, inputs, VAL)
+        flags = self._grad_flags[key]
+        return lambda s: [flags.get(x, True) for x in self.stage_graphs[s].recv]
+
     def _last_rank(self) -> int:
         return self.stage_rank[-1]
 
@@ -375,7 +389,7 @@ class DistributedCompiledModel:
         Same contract as `CompiledModel.step` (loss_fn is a per-sample mean over a microbatch;
         gradients accumulate into `.grad` as in eager); a failed step leaves `.grad` as it was.
         """
-        from fxpipe.api import _split_target, _unflatten
+        from fxpipe.api import _check_trainable, _split_target, _unflatten
 
         self._cap.check_modes(self.model)  # on every rank alike, before any message
         if not self.plan.train:
@@ -385,6 +399,8 @@ class DistributedCompiledModel:
             raise RuntimeMismatchError(f"loss_fn must be callable as loss_fn(output, target) -> scalar tensor, "
                                        f"got {type(loss_fn).__name__}")
         per_mb, sizes, b = self._split(args, kwargs)
+        _check_trainable(self.model, per_mb)  # the whole model's flags: every rank decides alike
+        self._rt.needs_grad = self._boundary_grads(args, kwargs)
         targets = _split_target(target, self.plan.microbatches, b)
         state = _StepState(inputs=per_mb, train=True, targets=targets, loss_fn=loss_fn,
                            scales=[x / b for x in sizes], out_unflatten=lambda flat: _unflatten(self._cap.out_spec, flat))

@@ -219,6 +219,88 @@ def grad_layout(values: Sequence[Any], what: str) -> BoundaryLayout:
     return lay
 
 
+def _is_detach(node: Any) -> bool:
+    t = node.target
+    if node.op == "call_method":
+        return t in ("detach", "detach_")
+    if node.op == "call_function":
+        return t in (torch.detach, torch.Tensor.detach) or getattr(t, "__name__", "") in (
+            "detach.default", "detach_.default", "detach", "detach_")
+    return False
+
+
+def _floating(v: Any) -> bool:
+    if isinstance(v, torch.Tensor):
+        return v.is_floating_point() or v.is_complex()
+    if isinstance(v, (tuple, list)):
+        return any(_floating(x) for x in v)
+    return v is None  # no recorded value: assume it may be differentiable
+
+
+def requires_grad_flow(gm: Any, root: Any, inputs_require_grad: Sequence[bool], val_key: str) -> dict[str, bool]:
+    """Node name -> whether its value requires grad when the graph runs with grad enabled.
+
+    Why: a stage's received values travel detached and the receiver makes them leaves; one
+    that the sender computed without grad (`x.detach().mean()` feeding an in-place buffer
+    update) must stay so, or the buffer joins this microbatch's graph and a later
+    microbatch's backward runs through it. The local runtime reads the sender's flag; here it
+    is a property of the graph, the same on every rank: a value requires grad when it depends
+    on a parameter that does or on an input that does, unless a `detach`, a grad-disabled
+    region, or a non-floating dtype cuts it. Unknown ops propagate (True when in doubt: that
+    is the old, safe-for-gradients behaviour); an in-place op taints the tensor it mutates.
+
+    Args:
+        gm: the captured fx GraphModule (node names as in the stage graphs' recv lists).
+        root: the model (for get_attr / call_module targets).
+        inputs_require_grad: per placeholder, in order, whether the caller's tensor requires grad.
+        val_key: the node.meta key holding the node's meta value (dtype check).
+    """
+    from fxpipe.passes.split_stages import resolve_attr
+
+    flags: dict[str, bool] = {}
+    ins = iter(inputs_require_grad)
+    grad_on = True
+    for node in gm.graph.nodes:
+        deps = [flags.get(a.name, True) for a in node.all_input_nodes]
+        if node.op == "placeholder":
+            f = bool(next(ins, True))
+        elif node.op == "get_attr":
+            try:
+                obj = resolve_attr(root, gm, node.target)
+            except Exception:
+                obj = None
+            f = isinstance(obj, torch.Tensor) and obj.requires_grad
+        elif node.op == "call_module":
+            try:
+                mod = resolve_attr(root, gm, node.target)
+                own = any(q.requires_grad for q in mod.parameters())
+            except Exception:
+                own = True
+            f = grad_on and (own or any(deps))
+        elif node.op == "call_function" and node.target is torch._C._set_grad_enabled:
+            grad_on = bool(node.args[0]) if node.args else True
+            f = False
+        elif node.op in ("call_function", "call_method"):
+            if _is_detach(node):
+                f = False
+            elif isinstance(node.target, torch._ops.HigherOrderOperator) and \
+                    getattr(node.target, "__name__", "") == "wrap_with_set_grad_enabled" and node.args and \
+                    node.args[0] is False:
+                f = False
+            else:
+                f = grad_on and any(deps)
+                name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+                name = name.split(".")[0]  # aten overloads: "add_.Tensor"
+                if f and node.all_input_nodes and name.endswith("_") and not name.endswith("__"):
+                    flags[node.all_input_nodes[0].name] = True  # an in-place op makes its target require grad
+        else:  # output
+            f = any(deps)
+        if node.op != "output" and not _floating(node.meta.get(val_key)):
+            f = False
+        flags[node.name] = f
+    return flags
+
+
 def message_order(programs: Sequence[Sequence[Any]], rank: int) -> dict[int, list[tuple[str, int, int]]]:
     """For each peer, the keys of the messages it sends to `rank`, in the order it sends them.
 
@@ -285,6 +367,9 @@ class DistRuntime(LocalRuntime):
         self._sends: list[tuple[Any, torch.Tensor, str, int]] = []
         self._sizes: list[int] = []
         self.current = ["idle"] * world
+        # stage -> per received value, whether it requires grad (requires_grad_flow); set by
+        # the caller for each training step; None: every floating value does
+        self.needs_grad: Callable[[int], list[bool]] | None = None
 
     # ---- driver ------------------------------------------------------------------------
     def run_program(self, program: Callable, programs: Sequence[Sequence[Any]], state: _StepState,
@@ -393,12 +478,24 @@ class DistRuntime(LocalRuntime):
         _, out, _ = state.stash[(s, mb)]
         if not state.train:
             state.stash.pop((s, mb))
+        if state.train and self.needs_grad is not None:
+            # the receiver trusts the graph's flags; a value that requires grad where the graph
+            # says it cannot would lose its gradient silently, so it stops the step here
+            lost = [i for i, (o, f) in enumerate(zip(out, self.needs_grad(s + 1)))
+                    if isinstance(o, torch.Tensor) and o.requires_grad and not f]
+            if lost:
+                raise PipelineFailure(
+                    f"rank {self.rank}: {what}: boundary value(s) {lost} require grad but the graph analysis "
+                    "(runtime/distributed.py requires_grad_flow) says they cannot; their gradients would be lost. "
+                    "This is an fxpipe bug: please report it with the model")
         payload = [o.detach() if isinstance(o, torch.Tensor) else o for o in out]
         self._send(dst, ("act", s + 1, mb), payload, what)
 
     def recv_act(self, s: int, mb: int, src: int) -> None:
         payload = self._receive(src, ("act", s, mb), f"RECV_ACT(s{s},mb{mb}<-d{src})")
         self.state.stash[(s, mb)] = (payload, None, None)
+        if self.state.train and self.needs_grad is not None:  # read by LocalRuntime.forward
+            self.state.needs_grad[(s, mb)] = self.needs_grad(s)
 
     def send_grad(self, s: int, mb: int, dst: int) -> None:
         what = f"SEND_GRAD(s{s},mb{mb}->d{dst})"
