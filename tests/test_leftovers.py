@@ -26,6 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -300,6 +301,22 @@ def test_hand_edited_stage_cuts_get_their_own_numbers(tmp_path, capsys):
     cm = fxpipe.compile(model, plan=str(path), example_inputs=(x,))
     assert [st.units for st in cm.plan.stages] == [(0, new_cut), (new_cut, len(costs.unit_names))]
     torch.testing.assert_close(cm(x), model(x))
+
+
+def test_cost_table_that_overflows_the_recomputed_numbers_is_a_damaged_plan(tmp_path):
+    """Found by test_fuzz in CI: activation bytes of 1e308 pass the field check, but the
+    recomputed stage memory is inf, so the loaded plan could not be saved and loaded again."""
+    import fxpipe
+    from fxpipe.compiler.plan import Plan
+    from fxpipe.errors import PlanError
+
+    plan = fxpipe.plan(_mlp(2), ["cpu"] * 2, (torch.randn(6, 16),), microbatches=3)
+    d = plan.to_dict()
+    d["costs"]["activation_bytes"][0] = 1e308
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(PlanError, match=r"damaged: its cost table gives a non-finite stages\[0\]\.memory_bytes"):
+        Plan.load(path)
 
 
 # ---- inspect -o into a missing folder ---------------------------------------------------------

@@ -335,7 +335,15 @@ def restaged(plan: Plan) -> Plan:
     changed = [st.index for st, f in zip(plan.stages, fresh) if not same(st, f)]
     if not changed:
         return plan
+    # a cost table damaged within each field's range (1e308 bytes) can still overflow here:
+    # the plan would load but not save and load again
+    bad = next((f"stages[{f.index}].{k}" for f in fresh for k in _STAGE_NUMBERS if not math.isfinite(getattr(f, k))),
+               None)
     tl = _simulate(sched, fresh, costs, plan.cluster)
+    if bad is None and not math.isfinite(tl.step_time):
+        bad = "the predicted step"
+    if bad is not None:
+        raise PlanError(f"its cost table gives a non-finite {bad} for the stage cuts it holds")
     predicted = {
         **plan.predicted,
         "step_ms": tl.step_time * 1e3,
