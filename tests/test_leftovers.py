@@ -319,6 +319,20 @@ def test_cost_table_that_overflows_the_recomputed_numbers_is_a_damaged_plan(tmp_
         Plan.load(path)
 
 
+def test_plan_from_before_a_cost_field_round_trips():
+    """A plan written before `transient_bytes` existed loads (the field has a default), and must
+    then save and load again: to_dict writes the absent field as [], which reads as absent."""
+    import fxpipe
+    from fxpipe.compiler.plan import Plan
+
+    plan = fxpipe.plan(_mlp(2), ["cpu"] * 2, (torch.randn(6, 16),), microbatches=3)
+    d = plan.to_dict()
+    del d["costs"]["transient_bytes"]
+    old = Plan.from_dict(d)
+    assert old.costs.transient_bytes == ()
+    assert Plan.from_dict(json.loads(json.dumps(old.to_dict()))) == old
+
+
 # ---- inspect -o into a missing folder ---------------------------------------------------------
 
 

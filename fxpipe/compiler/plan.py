@@ -490,6 +490,8 @@ def _costs_from_dict(r: _Fields, c: Any) -> CostTable:
     for k in fields:
         if k == "unit_names" or k not in c:
             continue
+        if k in optional and c[k] == []:
+            continue  # how to_dict writes a field that a plan from before it lacked: still absent
         if k.startswith("node_"):
             v = c[k]
             if not isinstance(v, (list, tuple)) or len(v) != n:
