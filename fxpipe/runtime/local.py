@@ -28,7 +28,7 @@ import torch.utils._pytree as pytree
 from fxpipe.errors import FxpipeError, PlanError, RuntimeMismatchError
 from fxpipe.runtime.offload import WeightStreamer
 from fxpipe.runtime.transfer import Channel
-from fxpipe.runtime.weight_grad import Consumers, SplitState, backward_input, backward_weight
+from fxpipe.runtime.weight_grad import Consumers, SplitState, backward_input, backward_weight, trainable_consumers
 
 __all__ = ["StageRunner", "LocalRuntime", "PipelineAborted", "measured_timeline"]
 
@@ -143,6 +143,24 @@ class _StepState:
     # (receiving stage, mb) -> per received value, whether the sender's value required grad
     # (the payload itself travels detached); absent: every floating value is differentiable
     needs_grad: dict[tuple[int, int], list[bool]] = field(default_factory=dict)
+    # the caller's torch.autocast state, (device type, dtype, cache) per enabled type: autocast
+    # is thread-local, so the worker threads re-enter it around each forward (`run` sets it)
+    autocast: tuple[tuple[str, torch.dtype, bool], ...] = ()
+
+
+def _caller_autocast() -> tuple[tuple[str, torch.dtype, bool], ...]:
+    """The calling thread's enabled torch.autocast contexts (device type, dtype, cache)."""
+    types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return tuple((t, torch.get_autocast_dtype(t), torch.is_autocast_cache_enabled())
+                 for t in types if torch.is_autocast_enabled(t))
+
+
+def _autocast_scope(states: Sequence[tuple[str, torch.dtype, bool]]) -> contextlib.ExitStack:
+    """Enter the given autocast contexts (see `_caller_autocast`) in this thread."""
+    stack = contextlib.ExitStack()
+    for device_type, dtype, cache in states:
+        stack.enter_context(torch.autocast(device_type, dtype=dtype, cache_enabled=cache))
+    return stack
 
 
 class LocalRuntime:
@@ -193,6 +211,7 @@ class LocalRuntime:
         recording, so the times are the device's, not the host's launch times.
         """
         self.state = state
+        state.autocast = _caller_autocast()
         t0 = time.perf_counter()
         self.aborted.clear()
         for mb in self.mailboxes:
@@ -269,6 +288,13 @@ class LocalRuntime:
         return pytree.tree_map(move, value)
 
     def forward(self, s: int, mb: int) -> None:
+        """F: the stage's forward for one microbatch (and the loss on the last stage), under
+        the caller's torch.autocast as eager would run it. Backward runs outside autocast,
+        as after `with torch.autocast(...): loss = ...` in eager."""
+        with _autocast_scope(self.state.autocast):
+            self._forward(s, mb)
+
+    def _forward(self, s: int, mb: int) -> None:
         st, state = self.stages[s], self.state
         self.current[st.device_index] = f"F(s{s},mb{mb})"
         recv = state.stash.pop((s, mb), ([], None))[0] if s > 0 else []
@@ -340,7 +366,8 @@ class LocalRuntime:
         self.current[st.device_index] = f"BI(s{s},mb{mb})"
         leaves, outs, consumer_out = state.stash.pop((s, mb))
         grads = [None] if st.is_last else state.stash.pop(("grad", s, mb))
-        split = SplitState(list(outs), list(grads), list(consumer_out or []))
+        split = SplitState(list(outs), list(grads), list(consumer_out or []),
+                           keep=trainable_consumers(st.consumers, st.params) if st.consumers else None)
         state.grads_out[(s, mb)] = backward_input(split, leaves)
         state.stash[("W", s, mb)] = split
 

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 
 __all__ = ["Consumers", "expose_weight_consumers", "SplitState", "backward_input", "backward_weight",
-           "with_split_backward", "split_backward_module"]
+           "trainable_consumers", "with_split_backward", "split_backward_module"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,9 @@ class SplitState:
     grads: list
     consumer_out: list
     kept: dict[int, torch.Tensor] = field(default_factory=dict)
+    # consumers whose gradient BI keeps for BW (`trainable_consumers`); None keeps all. A
+    # consumer of frozen parameters only needs none, and keeping it would hold memory to BW
+    keep: frozenset[int] | None = None
 
 
 def _pairs(outs: Sequence[Any], grads: Sequence[Any]) -> tuple[list, list | None]:
@@ -132,7 +135,7 @@ def backward_input(state: SplitState, leaves: Sequence[Any]) -> list[torch.Tenso
     if ts and need:
         handles = []
         for i, c in enumerate(state.consumer_out):
-            if isinstance(c, torch.Tensor) and c.requires_grad:
+            if isinstance(c, torch.Tensor) and c.requires_grad and (state.keep is None or i in state.keep):
                 handles.append(c.register_hook(_keeper(state.kept, i)))
         try:
             res = torch.autograd.grad(ts, need, gs, retain_graph=True, allow_unused=True)
@@ -154,13 +157,23 @@ def _keeper(store: dict[int, torch.Tensor], i: int):
     return keep
 
 
+def trainable_consumers(consumers: Consumers, params: dict[str, torch.Tensor]) -> frozenset[int]:
+    """The consumers that have a parameter requiring grad *now* (frozen and unfrozen
+    parameters change between steps: the split module exposes every parameter's consumer)."""
+    return frozenset(i for i, ps in enumerate(consumers.params)
+                     if any(p in params and params[p].requires_grad for p in ps))
+
+
 def backward_weight(state: SplitState, consumers: Consumers, params: dict[str, torch.Tensor]) -> None:
     """Accumulate the stage's parameter gradients into `.grad` (see module docstring)."""
     ts, gs = _pairs(state.outs, state.grads)
     if not ts:
         return
+    # only consumers with a trainable parameter: a frozen one's gradient would be recomputed
+    # below as "missing" (a second backward through the stage) only to be thrown away
+    live = trainable_consumers(consumers, params)
     todo = [i for i, c in enumerate(state.consumer_out)
-            if isinstance(c, torch.Tensor) and c.requires_grad and c.grad_fn is not None]
+            if isinstance(c, torch.Tensor) and c.requires_grad and c.grad_fn is not None and i in live]
     missing = [i for i in todo if i not in state.kept]
     if missing:
         res = torch.autograd.grad(ts, [state.consumer_out[i] for i in missing], gs, retain_graph=True, allow_unused=True)
@@ -197,17 +210,21 @@ def split_backward_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, int, Cons
     number of its original outputs, and the consumers; the profiler times the same thing."""
     from torch import nn
 
+    # Every parameter, frozen or not: the module is built once, but requires_grad may change
+    # between steps (unfreezing layers mid-training). With only the trainable ones exposed, a
+    # layer unfrozen later had no consumer and silently got no gradient. Which consumers
+    # actually run in BW is decided per step (`trainable_consumers`).
     module_params = {}
     param_targets = set()
     for node in gm.graph.nodes:
         if node.op == "call_module":
             sub = gm.get_submodule(node.target)
-            module_params[node.target] = tuple(f"{node.target}.{n}" for n, p in sub.named_parameters() if p.requires_grad)
+            module_params[node.target] = tuple(f"{node.target}.{n}" for n, _ in sub.named_parameters())
         elif node.op == "get_attr":
             obj = gm
             for part in node.target.split("."):
                 obj = getattr(obj, part)
-            if isinstance(obj, nn.Parameter) and obj.requires_grad:
+            if isinstance(obj, nn.Parameter):
                 param_targets.add(node.target)
     graph, n_out, consumers = expose_weight_consumers(gm.graph, module_params, param_targets)
     return fx.GraphModule(gm, graph, type(gm).__name__), n_out, consumers
