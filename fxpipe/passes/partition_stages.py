@@ -85,6 +85,8 @@ __all__ = [
     "stage_time",
     "stage_memory",
     "evaluate_partition",
+    "bottleneck_upper_bound",
+    "optimal_bottleneck",
     "partition_stages",
     "uniform_partition",
     "params_partition",
@@ -367,24 +369,36 @@ def _check_enough_units(problem: PartitionProblem) -> None:
         )
 
 
-def _transients(transient: np.ndarray, act: np.ndarray, end: int, split: bool) -> np.ndarray:
-    """`stage_transient` of [s, end) for every start s < end, same operations in the same order."""
+def _back(a: np.ndarray, end: int, first: int) -> np.ndarray:
+    """Rows end-1 down to `first` of `a` (the order every segment sum accumulates in)."""
+    return a[end - 1 : first - 1 : -1] if first > 0 else a[end - 1 :: -1]
+
+
+def _transients(transient: np.ndarray, act: np.ndarray, end: int, split: bool, first: int = 0) -> np.ndarray:
+    """`stage_transient` of [s, end) for every start first <= s < end, same operations in the
+    same order (the values do not depend on `first`: it only leaves out earlier starts)."""
     if transient.size == 0:
-        return np.zeros(end, dtype=np.float64)
-    rev = transient[end - 1 :: -1]
+        return np.zeros(end - first, dtype=np.float64)
+    rev = _back(transient, end, first)
     if split:
         return np.maximum.accumulate(rev)[::-1]
-    after = np.zeros(end, dtype=np.float64)  # activations of the units after u, summed from end-1 down
-    after[1:] = np.add.accumulate(act[end - 1 : 0 : -1] if end > 1 else act[:0])
+    after = np.zeros(end - first, dtype=np.float64)  # activations of the units after u, summed from end-1 down
+    after[1:] = np.add.accumulate(act[end - 1 : first : -1])
     return np.maximum(np.maximum.accumulate(rev - after), 0.0)[::-1]
 
 
-def _stage_tables(problem: PartitionProblem) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def _stage_tables(problem: PartitionProblem,
+                  first: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield ``(end, time, memory)`` for end = 1..n; arrays are (end, p), row = start.
 
     Row s, column j holds the time / memory of the stage [s, end) on position j, computed
     with the same operation order as `stage_time` / `stage_memory`; each entry is already
     the variant `_choose` picks (plain, recomputing or offloading).
+
+    With `first` (indexed by end, `_first_starts`), only starts first[end]..end-1 are
+    computed: the arrays are (end - first[end], p), row = start - first[end], and their
+    values are bit-identical to the same rows of the full tables (every sum accumulates
+    from end-1 down, so leaving out earlier starts changes no partial sum).
     """
     n, p = problem.n, problem.p
     unit_time = np.asarray(problem.unit_time, dtype=np.float64).reshape(n, p)
@@ -413,38 +427,39 @@ def _stage_tables(problem: PartitionProblem) -> Iterator[tuple[int, np.ndarray, 
         shared = np.asarray(problem.host_memory_is_device or (False,) * p, dtype=bool)[None, :]
     alternatives = _alternatives(problem)
     for end in range(1, n + 1):
+        f = 0 if first is None else int(first[end])
         # Sums over [s, end) for every s, accumulated from end-1 backwards like the helpers.
-        seg_time = np.add.accumulate(unit_time[end - 1 :: -1], axis=0)[::-1]
-        seg_static = np.add.accumulate(static[end - 1 :: -1])[::-1]
-        seg_act = np.add.accumulate(act[end - 1 :: -1])[::-1]
+        seg_time = np.add.accumulate(_back(unit_time, end, f), axis=0)[::-1]
+        seg_static = np.add.accumulate(_back(static, end, f))[::-1]
+        seg_act = np.add.accumulate(_back(act, end, f))[::-1]
         if end < n:
             time = seg_time + btime[end - 1]
             bytes_out = problem.boundary_bytes[end - 1]
         else:
             time = seg_time  # the model's end: no outgoing boundary on any position
             bytes_out = 0.0
-        per_mb = (seg_act + bytes_in[:end]) + bytes_out
-        tr = _transients(transient, act, end, problem.split_backward)[:, None]
+        per_mb = (seg_act + bytes_in[f:end]) + bytes_out
+        tr = _transients(transient, act, end, problem.split_backward, f)[:, None]
         memory = (seg_static[:, None] + inflight[None, :] * per_mb[:, None]) + tr
         if (mode == "off" and offload == "off") or (mode != "on" and offload != "on" and (memory <= caps).all()):
             yield end, time, memory  # no alternative, or plain fits everywhere (then `_choose` keeps it)
             continue
         variants = [(time, memory), None, None]
         if mode != "off":
-            seg_rc = np.add.accumulate(rc_time[end - 1 :: -1], axis=0)[::-1]
+            seg_rc = np.add.accumulate(_back(rc_time, end, f), axis=0)[::-1]
             time_rc = seg_time + seg_rc
             if end < n:
                 time_rc = time_rc + btime[end - 1]
-            per_mb_rc = bytes_in[:end] + bytes_out
+            per_mb_rc = bytes_in[f:end] + bytes_out
             memory_rc = ((seg_static[:, None] + inflight[None, :] * per_mb_rc[:, None]) + seg_act[:, None]) + tr
             variants[_RECOMPUTE] = (time_rc, memory_rc)
         if offload != "off":
-            time_off = np.add.accumulate(off_time[end - 1 :: -1], axis=0)[::-1]
+            time_off = np.add.accumulate(_back(off_time, end, f), axis=0)[::-1]
             if end < n:
                 time_off = time_off + btime[end - 1]
             # pairs[u]: unit u and the next weighted unit of the stage resident at once
-            follow = nxt[:end]
-            pairs = params[:end] + np.where(follow < end, params[np.minimum(follow, n - 1)], 0.0)
+            follow = nxt[f:end]
+            pairs = params[f:end] + np.where(follow < end, params[np.minimum(follow, n - 1)], 0.0)
             held = np.maximum.accumulate(pairs[::-1])[::-1][:, None]
             held = np.where(shared, seg_static[:, None] + held, held)
             memory_off = (held + inflight[None, :] * per_mb[:, None]) + tr
@@ -477,11 +492,30 @@ def _choose_arrays(variants: list, base: int, alternatives: list[int],
     return time, memory
 
 
+def _first_starts(problem: PartitionProblem, bound: float) -> np.ndarray:
+    """Per end, the earliest start s whose stage [s, end) can take <= `bound` on some position.
+
+    A stage's time is at least the sum over its units of the unit's cheapest time (over
+    positions, plain or offloaded; recomputing only adds time, boundaries only add), and that
+    sum only grows as s moves back, so every earlier start is slower than `bound` everywhere.
+    A small slack keeps rounding (a different summation order) from dropping a start.
+    """
+    n, p = problem.n, problem.p
+    lb = np.asarray(problem.unit_time, dtype=np.float64).reshape(n, p)
+    if problem.offload != "off" and problem.unit_offload_time:
+        lb = np.minimum(lb, np.asarray(problem.unit_offload_time, dtype=np.float64).reshape(n, p))
+    prefix = np.concatenate(([0.0], np.cumsum(lb.min(axis=1))))
+    slack = 1e-9 * (prefix[-1] + bound)
+    first = np.searchsorted(prefix, prefix - bound - slack, side="left")
+    return np.minimum(first, np.maximum(np.arange(n + 1) - 1, 0))  # at least one start per end
+
+
 def _minmax_dp(
     problem: PartitionProblem,
     cost: Callable[[np.ndarray, np.ndarray], np.ndarray],
     start_value: float,
     combine: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    bound: float = math.inf,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generic DP over (end, position): best[end, j] = min_s combine(best[s, j-1], cost).
 
@@ -489,6 +523,13 @@ def _minmax_dp(
     positions are updated at once for a given end: best[., j] only reads ends s < end,
     which are final by then. Returns ``(best, parent)`` with parent[end, j] the argmin
     start (the smallest on ties, so results are deterministic).
+
+    `bound`: no stage slower than this can be part of the answer the caller reads (its cost
+    is inf, or the caller knows a partition whose bottleneck is <= bound). Starts that are
+    surely slower are then never computed (`_first_starts`): O(n w p) instead of O(n^2 p),
+    w the most units a stage within the bound holds (about n / p, not n, on many devices).
+    The entries the caller reads are unchanged; an entry only reachable through a skipped
+    stage stays inf.
     """
     n, p = problem.n, problem.p
     # prev[s, j] = best value of units [0, s) on positions 0..j-1; the empty prefix on no
@@ -497,14 +538,73 @@ def _minmax_dp(
     prev[0, 0] = start_value
     best = np.full((n + 1, p), np.inf)
     parent = np.zeros((n + 1, p), dtype=np.int64)
-    for end, time, memory in _stage_tables(problem):
-        cand = combine(prev[:end], cost(time, memory))
+    first = _first_starts(problem, bound) if math.isfinite(bound) else None
+    for end, time, memory in _stage_tables(problem, first):
+        f = 0 if first is None else int(first[end])
+        cand = combine(prev[f:end], cost(time, memory))
         arg = np.argmin(cand, axis=0)
         best[end] = cand[arg, np.arange(p)]
-        parent[end] = arg
+        parent[end] = arg + f
         if p > 1:
             prev[end, 1:] = best[end, :-1]
     return best, parent
+
+
+def bottleneck_upper_bound(problem: PartitionProblem) -> float:
+    """The bottleneck of a cheap fitting partition (inf when neither tried fits): the optimal
+    one is no slower, so it bounds the min-max DP (`_minmax_dp`'s `bound`).
+
+    Tries the uniform split and a split at equal shares of the cheapest unit times.
+    """
+    n, p = problem.n, problem.p
+    if n < p:
+        return math.inf
+    cheapest = np.asarray(problem.unit_time, dtype=np.float64).reshape(n, p).min(axis=1)
+    prefix = np.concatenate(([0.0], np.cumsum(cheapest)))
+    cuts = [0]
+    for k in range(1, p):  # each stage keeps >= 1 unit and leaves >= 1 for every later one
+        c = int(np.searchsorted(prefix, k * prefix[-1] / p))
+        cuts.append(min(max(c, cuts[-1] + 1), n - p + k))
+    cuts.append(n)
+    ub = math.inf
+    for part in (uniform_partition(problem),
+                 evaluate_partition(problem, tuple(zip(cuts[:-1], cuts[1:])), method="given")):
+        if part.fits:
+            ub = min(ub, part.bottleneck)
+    return ub
+
+
+def optimal_bottleneck(problem: PartitionProblem) -> float:
+    """The optimal bottleneck over fitting partitions (pass 1 of `partition_stages`; inf when
+    nothing fits), computed with a bound on stage times wherever one is known.
+
+    The bound is a cheap fitting split's bottleneck; when neither cheap split fits, a guess
+    from the lower bound (``sum of cheapest unit times / p``), doubled until the DP's answer
+    is within it: an answer <= the bound is exact (every stage of an optimal partition is
+    then within the bound, so none was skipped), and each try costs about its bound's share
+    of the full DP; past total / 8 the full DP runs instead.
+    """
+    n, p = problem.n, problem.p
+    caps = np.asarray(problem.device_memory, dtype=np.float64)[None, :]
+
+    def feasible_time(time: np.ndarray, memory: np.ndarray) -> np.ndarray:
+        return np.where(memory <= caps, time, np.inf)
+
+    ub = bottleneck_upper_bound(problem)
+    if math.isfinite(ub):
+        return float(_minmax_dp(problem, feasible_time, 0.0, np.maximum, bound=ub)[0][n, p - 1])
+    cheapest = np.asarray(problem.unit_time, dtype=np.float64).reshape(n, p).min(axis=1)
+    total = float(cheapest.sum())
+    guess = 1.5 * max(float(cheapest.max(initial=0.0)), total / p)
+    # Guesses only while they skip most of the work: past total / 8 a try costs a large share
+    # of the full DP, and a plan where nothing fits (auto's hopeless candidates) would pay
+    # for every doubling before the full DP finds that out.
+    while 0.0 < guess < total / 8:
+        value = float(_minmax_dp(problem, feasible_time, 0.0, np.maximum, bound=guess)[0][n, p - 1])
+        if value <= guess:
+            return value
+        guess *= 2.0
+    return float(_minmax_dp(problem, feasible_time, 0.0, np.maximum)[0][n, p - 1])
 
 
 def _trace_back(parent: np.ndarray, n: int, p: int) -> tuple[tuple[int, int], ...]:
@@ -545,14 +645,10 @@ def partition_stages(problem: PartitionProblem, *, bottleneck: float | None = No
     n, p = problem.n, problem.p
     caps = np.asarray(problem.device_memory, dtype=np.float64)[None, :]
 
-    def feasible_time(time: np.ndarray, memory: np.ndarray) -> np.ndarray:
-        return np.where(memory <= caps, time, np.inf)
-
     # Pass 1: the optimal bottleneck. max() is monotone, so keeping only the best value per
     # (prefix, position) is exact.
     if bottleneck is None:
-        best, _ = _minmax_dp(problem, feasible_time, 0.0, np.maximum)
-        bottleneck = best[n, p - 1]
+        bottleneck = optimal_bottleneck(problem)
     if not math.isfinite(bottleneck):
         raise PlanError(_infeasible_message(problem))
 
@@ -563,7 +659,7 @@ def partition_stages(problem: PartitionProblem, *, bottleneck: float | None = No
     def within_bottleneck(time: np.ndarray, memory: np.ndarray) -> np.ndarray:
         return np.where((memory <= caps) & (time <= bottleneck), time, np.inf)
 
-    total, parent = _minmax_dp(problem, within_bottleneck, 0.0, np.add)
+    total, parent = _minmax_dp(problem, within_bottleneck, 0.0, np.add, bound=bottleneck)
     if not math.isfinite(total[n, p - 1]):  # pragma: no cover - impossible by construction
         raise AssertionError("partition_stages: the optimal bottleneck has no realisation")
     result = evaluate_partition(problem, _trace_back(parent, n, p), method="optimal")
@@ -577,7 +673,8 @@ def _min_sum_within(problem: PartitionProblem, bound: float) -> Partition | None
     stage takes <= `bound` (None when there is none)."""
     n, p = problem.n, problem.p
     caps = np.asarray(problem.device_memory, dtype=np.float64)[None, :]
-    total, parent = _minmax_dp(problem, lambda t, m: np.where((m <= caps) & (t <= bound), t, np.inf), 0.0, np.add)
+    total, parent = _minmax_dp(problem, lambda t, m: np.where((m <= caps) & (t <= bound), t, np.inf), 0.0, np.add,
+                               bound=bound)
     if not math.isfinite(total[n, p - 1]):
         return None
     return evaluate_partition(problem, _trace_back(parent, n, p), method="optimal")

@@ -54,7 +54,8 @@ import numpy as np
 
 from fxpipe.compiler.cluster import Cluster
 from fxpipe.errors import PlanError
-from fxpipe.passes.partition_stages import Partition, PartitionProblem, _minmax_dp, _stage_tables, partition_stages
+from fxpipe.passes.partition_stages import (Partition, PartitionProblem, _stage_tables,
+                                           optimal_bottleneck, partition_stages)
 
 __all__ = ["Placement", "place_stages", "device_classes", "class_orders", "placement_lower_bound"]
 
@@ -188,9 +189,7 @@ def _bottleneck(problem: PartitionProblem) -> float:
     if problem.n < problem.p:
         raise PlanError(f"the model has {problem.n} units but {problem.p} devices were given; "
                         f"use at most {problem.n} devices, or finer units")
-    caps = np.asarray(problem.device_memory, dtype=np.float64)[None, :]
-    best, _ = _minmax_dp(problem, lambda t, m: np.where(m <= caps, t, np.inf), 0.0, np.maximum)
-    return float(best[problem.n, problem.p - 1])
+    return optimal_bottleneck(problem)  # bounded DP: skips stages that cannot be within the optimum
 
 
 def placement_lower_bound(problem: PartitionProblem) -> float:

@@ -124,6 +124,11 @@ def plot_timeline(
     char_px = 7.5 * _DPI / 72 * 0.62
     seen_ops: set[Op] = set()
     any_comm = False
+    # Boxes are gathered per (row, colour) and drawn with one broken_barh each: one artist per
+    # instruction made a 64-device, 32-microbatch plan take a minute to draw (same picture;
+    # labels, drawn as text, sit above the boxes either way).
+    boxes: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    comm: dict[int, list[tuple[float, float]]] = {}
     for e in tl.events:
         ins = e.instr
         row = D - 1 - e.device  # device 0 at the top
@@ -135,14 +140,18 @@ def plot_timeline(
             shade = stages_on[e.device].index(ins.stage)
             n_shades = len(stages_on[e.device])
             color = _lighten(OP_COLORS[ins.op], 0.5 * shade / max(1, n_shades - 1)) if n_shades > 1 else OP_COLORS[ins.op]
-            ax.broken_barh([(x0, w)], (row - 0.36, 0.72), facecolors=color, edgecolors="white", linewidth=0.4)
+            boxes.setdefault((row, color), []).append((x0, w))
             label = str(ins.mb)
             if w * px_per_x >= char_px * len(label) + 3:
                 ax.text(x0 + w / 2, row, label, ha="center", va="center", fontsize=7.5,
                         color="white" if shade == 0 or n_shades == 1 else "black", clip_on=True)
         elif ins.op in (Op.SEND_ACT, Op.SEND_GRAD) and w > 0:
             any_comm = True
-            ax.broken_barh([(x0, w)], (row - 0.47, 0.08), facecolors=_COMM_COLOR, edgecolors="none")
+            comm.setdefault(row, []).append((x0, w))
+    for (row, color), xr in boxes.items():
+        ax.broken_barh(xr, (row - 0.36, 0.72), facecolors=color, edgecolors="white", linewidth=0.4)
+    for row, xr in comm.items():
+        ax.broken_barh(xr, (row - 0.47, 0.08), facecolors=_COMM_COLOR, edgecolors="none")
     ax.set_yticks(range(D))
     ax.set_yticklabels(list(reversed(names)))
     ax.set_ylim(-0.6, D - 0.4)
