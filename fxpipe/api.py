@@ -85,8 +85,8 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
             when `plan` is given (the plan's devices are used).
         example_inputs: a real call's arguments (tensor, tuple or dict); dim 0 is the batch.
         microbatches: m, the number of microbatches a batch is split into (default 4), or
-            "auto": the candidate (1, 2, 4, .., 32, at most the batch) with the smallest
-            predicted step among those that fit.
+            "auto": the candidate (1, 2, 4, .., max(32, 2 x devices), at most the batch)
+            with the smallest predicted step among those that fit.
         schedule: "1f1b" (default), "gpipe", "interleaved" (v virtual stages per device,
             round-robin), "zb-h1" (zero bubble: backward split into input and weight
             gradients, weight gradients deferred into the bubbles), or "auto": the one

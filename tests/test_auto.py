@@ -44,10 +44,16 @@ def test_auto_picks_the_fastest_fitting_candidate_and_its_rows_are_real_plans():
     assert (plan.schedule.kind, plan.microbatches) == (best["schedule"], best["microbatches"])
     assert plan.predicted["step_ms"] == best["step_ms"]
     assert all(plan.predicted["step_ms"] <= r["step_ms"] for r in rows if r["fits"])
-    # each row is what planning that candidate by hand predicts
-    for r in rows[::5]:
+    # each planned row is what planning that candidate by hand predicts; a skipped one would
+    # have been slower, as its lower bound said
+    assert any(r.get("skipped") for r in rows) and any(r["fits"] for r in rows)
+    for r in rows:
         alone = fxpipe.plan(model, ["cpu"] * 2, (x,), schedule=r["schedule"], microbatches=r["microbatches"])
-        assert alone.predicted["step_ms"] == pytest.approx(r["step_ms"], rel=1e-12)
+        if r.get("skipped"):
+            assert r["lower_bound_ms"] > plan.predicted["step_ms"]
+            assert alone.predicted["step_ms"] >= r["lower_bound_ms"] * (1 - 1e-9)
+        else:
+            assert alone.predicted["step_ms"] == pytest.approx(r["step_ms"], rel=1e-12)
     # the summary names the choice
     assert f"auto: chose schedule {plan.schedule.kind} with {plan.microbatches} microbatches" in plan.summary()
 
@@ -72,8 +78,12 @@ def test_auto_under_memory_pressure_skips_what_does_not_fit():
     plan = fxpipe.plan(model, Cluster.from_devices(["cpu"] * 2, memory=cap), (x,), schedule="auto",
                        microbatches="auto", recompute=False)
     rows = {(r["schedule"], r["microbatches"]): r for r in plan.predicted["auto"]}
-    assert not rows[("gpipe", 32)]["fits"] and "fits in memory" in rows[("gpipe", 32)]["why"]
-    assert rows[("1f1b", 32)]["fits"]
+    g = rows[("gpipe", 32)]  # planned and found too big, or skipped by its lower bound
+    assert not g["fits"] and ("fits in memory" in g["why"] or g["skipped"])
+    with pytest.raises(PlanError, match="fits in memory"):
+        fxpipe.plan(model, Cluster.from_devices(["cpu"] * 2, memory=cap), (x,), schedule="gpipe", microbatches=32,
+                    recompute=False)
+    assert rows[("1f1b", 32)]["fits"] or rows[("1f1b", 32)]["skipped"]
     assert all(s.memory_bytes <= cap for s in plan.stages)
     assert (plan.schedule.kind, plan.microbatches) == (_best(plan.predicted["auto"])["schedule"],
                                                        _best(plan.predicted["auto"])["microbatches"])
@@ -107,7 +117,8 @@ def test_auto_plan_round_trips_and_inspect_why_lists_the_runner_ups(tmp_path: Pa
     assert main(["inspect", str(out), "--why"]) == 0
     why = capsys.readouterr().out
     assert "auto mode: 16 (schedule, microbatches) candidates" in why
-    assert why.count("runner-up") >= 10 and why.count("chosen") >= 1
+    # every other candidate planned (runner-up) or skipped by its lower bound, by name
+    assert why.count("runner-up") + why.count("  skipped  ") == 15 and why.count("chosen") >= 1
     assert explain(plan) in why
     # a damaged candidate list is refused naming the field
     data = json.loads(out.read_text())

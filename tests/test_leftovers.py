@@ -389,7 +389,9 @@ def test_auto_microbatches_keeps_a_sequence_first_model_unsplit():
     cm = fxpipe.compile(mlp, ["cpu"] * 2, example_inputs=(torch.randn(16, 16),), microbatches="auto")
     rows = cm.plan.predicted["auto"]
     assert not any("independently" in r.get("why", "") for r in rows)
-    assert any(r["microbatches"] > 1 and r["fits"] for r in rows)
+    # (planned, or skipped only because their step's lower bound loses to a plan found)
+    assert all(r["fits"] or r.get("skipped") for r in rows if r["microbatches"] > 1)
+    assert any(r["microbatches"] > 1 for r in rows)
 
 
 # ---- batch x batch outputs with an example batch of 2 ------------------------------------------

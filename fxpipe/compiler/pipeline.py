@@ -32,15 +32,16 @@ from fxpipe.passes.partition_stages import (Partition, PartitionProblem, memory_
 from fxpipe.passes.profile_units import profile_units
 from fxpipe.passes.propagate_shapes import propagate_shapes
 from fxpipe.passes.simulate_schedule import Timeline, simulate_schedule
+from fxpipe.passes.step_bound import costs_step_lower_bound
 
 __all__ = ["build_plan", "build_from_plan", "check_options", "Compilation", "normalize_inputs", "microbatch_sizes",
            "SCHEDULES", "simulate_plan", "virtual_stage_count", "custom_schedule", "plan_costs", "MICROBATCHES_UNSET",
-           "AUTO_MICROBATCHES", "recompute_mode", "offload_mode"]
+           "AUTO_MICROBATCHES", "auto_microbatch_counts", "recompute_mode", "offload_mode"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 # auto mode's candidates; the order is also the tie-break (simpler schedules first)
 AUTO_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
-AUTO_MICROBATCHES = (1, 2, 4, 8, 16, 32)
+AUTO_MICROBATCHES = (1, 2, 4, 8, 16, 32)  # and on, doubling, up to 2 per device (`auto_microbatch_counts`)
 
 
 @dataclass
@@ -116,6 +117,17 @@ def _dump(name: str, text: str) -> None:
         except OSError as e:  # a debugging aid must not fail with a traceback after planning
             raise PlanError(f"FXPIPE_DUMP={d!r}: cannot write {name}.txt there ({e.strerror or e}); set FXPIPE_DUMP "
                             "to a folder that can be created, or unset it") from None
+
+
+def auto_microbatch_counts(batch: int, n_devices: int) -> list[int]:
+    """The m auto mode tries: 1, 2, 4, ... up to max(32, 2 x devices), at most the batch (many
+    devices need many microbatches to fill the pipeline; more than 2 per device gains little).
+
+        >>> auto_microbatch_counts(64, 64), auto_microbatch_counts(16, 2)
+        ([1, 2, 4, 8, 16, 32, 64], [1, 2, 4, 8, 16])
+    """
+    top = min(batch, max(AUTO_MICROBATCHES[-1], 2 * n_devices))
+    return [1 << k for k in range(top.bit_length()) if 1 << k <= top]
 
 
 def _stage_devices(schedule: str, p: int, v: int) -> tuple[int, ...]:
@@ -333,9 +345,10 @@ def build_plan(
     `schedule` is a built-in kind or the user's own (a Schedule, or a .json/.csv path): its
     stage_device and num_microbatches then decide the stages and m (4 by default otherwise).
     `schedule="auto"` and/or `microbatches="auto"` plan every candidate (gpipe, 1f1b,
-    interleaved v=2, zb-h1; m in 1, 2, 4, .., 32 up to the batch) and keep the fitting plan
-    with the smallest predicted step (ties: fewer microbatches, then the simpler schedule);
-    the candidates are recorded in ``plan.predicted["auto"]``.
+    interleaved v=2, zb-h1; m in 1, 2, 4, .., max(32, 2 x devices) up to the batch) and keep
+    the fitting plan with the smallest predicted step (ties: fewer microbatches, then the
+    simpler schedule); the candidates are recorded in ``plan.predicted["auto"]``. Candidates
+    are planned in the order of a lower bound on their step and skipped once a plan beats it.
     `recompute`: True (every stage recomputes its activations in backward), False, or
     "auto" (per stage, only where keeping the activations would not fit; the DP decides).
     `offload`: "auto" (a stage keeps its weights, grads and optimizer state in host memory and
@@ -511,7 +524,7 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
     first_devices = _stage_devices(kinds[0], p, virtual_stage_count(kinds[0], v_given if kinds[0] == "interleaved" else None))
     cap, units0, costs0 = _front(model, args, kwargs, len(first_devices), first_m, capture_method, leaf_modules, prog,
                                  fuse=fuse)
-    ms = [c for c in AUTO_MICROBATCHES if c <= cap.batch_size] if auto_m else [m]
+    ms = auto_microbatch_counts(cap.batch_size, p) if auto_m else [m]
     if not auto_m:
         microbatch_sizes(cap.batch_size, m)  # refuses m > batch with the usual message
     # _front checked only m=1: a model that relates the samples of dim 0 (sequence first)
@@ -540,36 +553,59 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
         k0 = next(iter(analysed))
         analysed[k0] = (units0, _profiled(costs0, model, cap, args, kwargs, first_m, cluster, first_devices, train, profile,
                                           progress, prog))
-    rows: list[dict[str, Any]] = []
-    plans: list[tuple[Plan, Units, tuple[int, int]]] = []
-    failures: list[tuple[float, str, PlanError]] = []
-    total = len(kinds) * len(ms)
+    candidates = []  # (kind, m, stage -> device)
     for kind_ in kinds:
         v = virtual_stage_count(kind_, v_given if kind_ == "interleaved" else None)
-        stage_device = _stage_devices(kind_, p, v)
-        for m_ in ms:
-            size = microbatch_sizes(cap.batch_size, m_)[0]
-            prog.note(f"auto candidate {len(rows) + 1}/{total}: schedule {kind_}, {m_} microbatch"
-                      f"{'es' if m_ != 1 else ''}")
-            row: dict[str, Any] = {"schedule": kind_, "microbatches": m_}
-            try:
-                units, costs = analysis(size, len(stage_device), m_, stage_device)
-                plan = _plan_one(kind_, None, m_, stage_device, cap, units, costs, cluster, model, train, optimizer,
-                                 _mode_for(mode, kind_, train), fuse, prog, _offload_for(off, kind_))
-            except (PlanError, ScheduleError) as e:
-                row.update(fits=False, why=str(e).splitlines()[0][:200])
-                err = e if isinstance(e, PlanError) else PlanError(str(e))
-                failures.append((_shortfall(cap, analysed.get((size, len(stage_device))), cluster, kind_, m_,
-                                            stage_device, train, optimizer, _mode_for(mode, kind_, train),
-                                            _offload_for(off, kind_)),
-                                 f"schedule={kind_!r}, microbatches={m_}", err))
-                rows.append(row)
-                continue
-            row.update(schedule=plan.schedule.kind, fits=True, step_ms=plan.predicted["step_ms"],
-                       recompute_stages=sum(1 for st in plan.stages if st.recompute),
-                       offload_stages=sum(1 for st in plan.stages if st.offload))
-            rows.append(row)
-            plans.append((plan, units, (size, len(stage_device))))
+        candidates += [(kind_, m_, _stage_devices(kind_, p, v)) for m_ in ms]
+    # Each candidate's step has a lower bound from its unit costs alone (`step_lower_bound`):
+    # planning the candidates in the order of their bounds, one whose bound exceeds the best
+    # step planned so far cannot win and is skipped (a 64-GPU model: most of the candidates).
+    bounds: list[float] = []
+    for kind_, m_, stage_device in candidates:
+        try:
+            _, costs = analysis(microbatch_sizes(cap.batch_size, m_)[0], len(stage_device), m_, stage_device)
+        except (PlanError, ScheduleError):
+            bounds.append(0.0)  # planned anyway: its own planning says what is wrong
+            continue
+        bounds.append(costs_step_lower_bound(costs, cluster.devices, kind_, m_, train))
+    rows: list[dict[str, Any] | None] = [None] * len(candidates)
+    plans: list[tuple[Plan, Units, tuple[int, int]]] = []
+    failures: list[tuple[float, str, PlanError]] = []
+    best_step = math.inf
+    for done, i in enumerate(sorted(range(len(candidates)), key=lambda i: (bounds[i], i))):
+        kind_, m_, stage_device = candidates[i]
+        size = microbatch_sizes(cap.batch_size, m_)[0]
+        row: dict[str, Any] = {"schedule": kind_, "microbatches": m_}
+        rows[i] = row
+        # a relative margin: the simulator sums the same times in another order
+        if bounds[i] > best_step * (1.0 + 1e-6):
+            row.update(fits=False, skipped=True, lower_bound_ms=bounds[i] * 1e3,
+                       why=f"not planned: its step is at least {bounds[i] * 1e3:.3f} ms (lower bound), slower "
+                           f"than a plan already found ({best_step * 1e3:.3f} ms)")
+            continue
+        prog.note(f"auto candidate {done + 1}/{len(candidates)}: schedule {kind_}, {m_} microbatch"
+                  f"{'es' if m_ != 1 else ''}")
+        try:
+            units, costs = analysis(size, len(stage_device), m_, stage_device)
+            plan = _plan_one(kind_, None, m_, stage_device, cap, units, costs, cluster, model, train, optimizer,
+                             _mode_for(mode, kind_, train), fuse, prog, _offload_for(off, kind_))
+        except (PlanError, ScheduleError) as e:
+            row.update(fits=False, why=str(e).splitlines()[0][:200])
+            err = e if isinstance(e, PlanError) else PlanError(str(e))
+            failures.append((_shortfall(cap, analysed.get((size, len(stage_device))), cluster, kind_, m_,
+                                        stage_device, train, optimizer, _mode_for(mode, kind_, train),
+                                        _offload_for(off, kind_)),
+                             f"schedule={kind_!r}, microbatches={m_}", err))
+            continue
+        row.update(schedule=plan.schedule.kind, fits=True, step_ms=plan.predicted["step_ms"],
+                   recompute_stages=sum(1 for st in plan.stages if st.recompute),
+                   offload_stages=sum(1 for st in plan.stages if st.offload))
+        plans.append((plan, units, (size, len(stage_device))))
+        best_step = min(best_step, plan.predicted["step_ms"] / 1e3)
+    skipped = sum(1 for r in rows if r and r.get("skipped"))
+    if skipped:
+        prog.note(f"auto: {skipped} of {len(candidates)} candidates skipped (their lower bound exceeds a plan found)")
+    rows = [r for r in rows if r is not None]
     if not plans:
         failures.sort(key=lambda f: f[0])
         short, what, err = failures[0]

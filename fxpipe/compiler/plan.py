@@ -519,7 +519,8 @@ def _predicted_from_dict(r: _Fields, p: Any) -> dict[str, Any]:
             raise PlanError(f"field 'predicted.auto' must be a list of candidates, got {_show(p['auto'])}")
         for i, c in enumerate(p["auto"]):
             pre = f"predicted.auto[{i}]."
-            r.keys(c, pre, required=("schedule", "microbatches", "fits"), optional=("step_ms", "recompute_stages", "offload_stages", "why"))
+            r.keys(c, pre, required=("schedule", "microbatches", "fits"), optional=("step_ms", "recompute_stages", "offload_stages", "why",
+                                                                             "skipped", "lower_bound_ms"))
             r.string(c, "schedule", pre)
             r.integer(c, "microbatches", pre, low=1)
             if r.boolean(c, "fits", pre) or "step_ms" in c:
@@ -527,6 +528,10 @@ def _predicted_from_dict(r: _Fields, p: Any) -> dict[str, Any]:
             for k in ("recompute_stages", "offload_stages"):
                 if k in c:
                     r.integer(c, k, pre)
+            if "lower_bound_ms" in c:
+                r.number(c, "lower_bound_ms", pre)
+            if "skipped" in c:
+                r.boolean(c, "skipped", pre)
             if "why" in c and not isinstance(c["why"], str):
                 raise PlanError(f"field '{pre}why' must be a string, got {_show(c['why'])}")
     return out

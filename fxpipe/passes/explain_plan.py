@@ -191,15 +191,23 @@ def explain(plan: Plan) -> str:
     auto = plan.predicted.get("auto")
     if isinstance(auto, list) and auto:
         lines += ["", f"auto mode: {len(auto)} (schedule, microbatches) candidates, the fastest predicted step that "
-                      "fits was chosen (ties: fewer microbatches, simpler schedule):"]
+                      "fits was chosen (ties: fewer microbatches, simpler schedule); 'skipped': not planned, "
+                      "its step's lower bound is slower than a plan found:"]
         rows = [("", "schedule", "microbatches", "step ms", "fits", "recompute stages", "offload stages")]
-        ranked = sorted(auto, key=lambda r: (not r.get("fits"), r.get("step_ms", float("inf")), r.get("microbatches", 0)))
+        # fitting by step, then those skipped by their lower bound, then those that do not fit
+        ranked = sorted(auto, key=lambda r: (not r.get("fits"), not r.get("skipped"),
+                                             r.get("step_ms", r.get("lower_bound_ms", float("inf"))),
+                                             r.get("microbatches", 0)))
         for r in ranked:
             chosen = r.get("schedule") == plan.schedule.kind and r.get("microbatches") == plan.microbatches
-            rows.append(("chosen" if chosen else "runner-up" if r.get("fits") else "no fit", str(r.get("schedule")),
-                         str(r.get("microbatches")), f"{r['step_ms']:.3f}" if "step_ms" in r else "-",
-                         "yes" if r.get("fits") else "NO", str(r.get("recompute_stages", "-")) if r.get("fits")
-                         else str(r.get("why", ""))[:70], str(r.get("offload_stages", "-")) if r.get("fits") else ""))
+            status = ("chosen" if chosen else "runner-up" if r.get("fits") else "skipped" if r.get("skipped")
+                      else "no fit")
+            rows.append((status, str(r.get("schedule")),
+                         str(r.get("microbatches")), f"{r['step_ms']:.3f}" if "step_ms" in r else
+                         f">= {r['lower_bound_ms']:.3f}" if "lower_bound_ms" in r else "-",
+                         "yes" if r.get("fits") else "-" if r.get("skipped") else "NO",
+                         str(r.get("recompute_stages", "-")) if r.get("fits")
+                         else "not planned" if r.get("skipped") else str(r.get("why", ""))[:70], str(r.get("offload_stages", "-")) if r.get("fits") else ""))
         lines += _table(rows, left=(0, 1, 5))
     pl = plan.predicted.get("placement")
     if isinstance(pl, dict) and isinstance(pl.get("order"), list):
