@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import operator
 import re
+import weakref
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Sequence
@@ -630,6 +631,18 @@ def _msg_key(ins: Instr, d: int) -> tuple[str, int, int, int, int]:
     return ("GRAD", ins.peer, d, ins.stage + 1, ins.mb)  # RECV_GRAD
 
 
+def _matching_key(ins: Instr) -> tuple[Op, int, int]:
+    """(op, stage, mb) of `_matching(ins)`, without building the instruction."""
+    s, mb = ins.stage, ins.mb
+    if ins.op is Op.SEND_ACT:
+        return (Op.RECV_ACT, s + 1, mb)
+    if ins.op is Op.RECV_ACT:
+        return (Op.SEND_ACT, s - 1, mb)
+    if ins.op is Op.SEND_GRAD:
+        return (Op.RECV_GRAD, s - 1, mb)
+    return (Op.SEND_GRAD, s + 1, mb)
+
+
 def _matching(ins: Instr, stage_device: tuple[int, ...]) -> Instr:
     """The instruction on the other device that pairs with a SEND/RECV."""
     s, mb = ins.stage, ins.mb
@@ -651,22 +664,23 @@ def _located(msg: str, device: int | None = None, position: int | None = None) -
     return e
 
 
-def _local_deps(ins: Instr, sd: tuple[int, ...], last: int, split: bool = False) -> list[Instr]:
-    """Instructions that must come earlier on the same device than `ins`.
+def _local_deps(ins: Instr, sd: tuple[int, ...], last: int, split: bool = False) -> list[tuple[Op, int, int, int]]:
+    """Instructions that must come earlier on the same device than `ins`, as (op, stage, mb,
+    peer) (`Instr(*t)` for messages: validating a large schedule builds no Instr per check).
 
     `split`: whether (ins.stage, ins.mb) uses BI/BW rather than BWD.
     """
     s, mb = ins.stage, ins.mb
     if ins.op is Op.FWD:
-        return [Instr(Op.RECV_ACT, s, mb, sd[s - 1])] if s > 0 else []
+        return [(Op.RECV_ACT, s, mb, sd[s - 1])] if s > 0 else []
     if ins.op is Op.BWD or ins.op is Op.BWD_INPUT:
-        return [Instr(Op.FWD, s, mb)] + ([Instr(Op.RECV_GRAD, s, mb, sd[s + 1])] if s < last else [])
+        return [(Op.FWD, s, mb, -1)] + ([(Op.RECV_GRAD, s, mb, sd[s + 1])] if s < last else [])
     if ins.op is Op.BWD_WEIGHT:
-        return [Instr(Op.BWD_INPUT, s, mb)]
+        return [(Op.BWD_INPUT, s, mb, -1)]
     if ins.op is Op.SEND_ACT:
-        return [Instr(Op.FWD, s, mb)]
+        return [(Op.FWD, s, mb, -1)]
     if ins.op is Op.SEND_GRAD:
-        return [Instr(Op.BWD_INPUT if split else Op.BWD, s, mb)]
+        return [(Op.BWD_INPUT if split else Op.BWD, s, mb, -1)]
     return []  # a RECV needs nothing local: it waits for its SEND
 
 
@@ -683,7 +697,22 @@ def validate_schedule(s: Schedule) -> None:
 
     The error carries `.device` and `.position` (None where no single instruction is to
     blame, e.g. a missing one).
+
+    A schedule is immutable, so one that passed is remembered (by identity, while it lives)
+    and not checked again: planning simulates the same schedule once per candidate cut.
     """
+    ref = _VALIDATED.get(id(s))
+    if ref is not None and ref() is s:
+        return
+    _validate(s)
+    _VALIDATED[id(s)] = weakref.ref(s, lambda _, k=id(s): _VALIDATED.pop(k, None))
+
+
+# id -> weak reference of the schedules that passed `validate_schedule`
+_VALIDATED: dict[int, weakref.ref] = {}
+
+
+def _validate(s: Schedule) -> None:
     p, m, sd = s.num_stages, s.num_microbatches, s.stage_device
     last = p - 1
     seen: dict[tuple[Op, int, int], tuple[int, int]] = {}
@@ -691,41 +720,40 @@ def validate_schedule(s: Schedule) -> None:
     # 1. each instruction on its own
     for d, prog in enumerate(s.programs):
         for i, ins in enumerate(prog):
-            w = _where(d, i, ins)
             if ins.stage >= p:
-                raise _located(f"{w}: stage {ins.stage} does not exist; the schedule has stages 0..{last}", d, i)
+                raise _located(f"{_where(d, i, ins)}: stage {ins.stage} does not exist; the schedule has stages 0..{last}", d, i)
             if ins.mb >= m:
                 raise _located(
-                    f"{w}: microbatch {ins.mb} does not exist; the schedule has microbatches 0..{m - 1}", d, i
+                    f"{_where(d, i, ins)}: microbatch {ins.mb} does not exist; the schedule has microbatches 0..{m - 1}", d, i
                 )
             owner = sd[ins.stage]
             if owner != d:
                 raise _located(
-                    f"{w}: stage {ins.stage} runs on device {owner}, not device {d}; "
+                    f"{_where(d, i, ins)}: stage {ins.stage} runs on device {owner}, not device {d}; "
                     f"move the instruction into device {owner}'s program", d, i,
                 )
             if not s.train and ins.op in _BACKWARD_OPS:
                 raise _located(
-                    f"{w}: a forward-only schedule (train=False) has no backward; remove it or set train=True", d, i
+                    f"{_where(d, i, ins)}: a forward-only schedule (train=False) has no backward; remove it or set train=True", d, i
                 )
             if ins.op in (Op.SEND_ACT, Op.RECV_GRAD) and ins.stage == last:
                 raise _located(
-                    f"{w}: the last stage ({last}) has no next stage to exchange {ins.op.value} with", d, i
+                    f"{_where(d, i, ins)}: the last stage ({last}) has no next stage to exchange {ins.op.value} with", d, i
                 )
             if ins.op in (Op.RECV_ACT, Op.SEND_GRAD) and ins.stage == 0:
-                raise _located(f"{w}: stage 0 has no previous stage to exchange {ins.op.value} with", d, i)
+                raise _located(f"{_where(d, i, ins)}: stage 0 has no previous stage to exchange {ins.op.value} with", d, i)
             if ins.op in _SENDS or ins.op in _RECVS:
                 other = ins.stage + 1 if ins.op in (Op.SEND_ACT, Op.RECV_GRAD) else ins.stage - 1
                 if ins.peer != sd[other]:
                     raise _located(
-                        f"{w}: peer is device {ins.peer} but stage {other} (the other end) runs on device "
+                        f"{_where(d, i, ins)}: peer is device {ins.peer} but stage {other} (the other end) runs on device "
                         f"{sd[other]}; set peer={sd[other]}", d, i,
                     )
             key = (ins.op, ins.stage, ins.mb)
             if key in seen:
                 d0, i0 = seen[key]
                 raise _located(
-                    f"{w}: duplicate; the same instruction is already at device {d0}, position {i0}", d, i
+                    f"{_where(d, i, ins)}: duplicate; the same instruction is already at device {d0}, position {i0}", d, i
                 )
             seen[key] = (d, i)
 
@@ -747,10 +775,10 @@ def validate_schedule(s: Schedule) -> None:
         done: set[tuple[Op, int, int]] = set()
         for i, ins in enumerate(prog):
             for want in _local_deps(ins, sd, last, (ins.stage, ins.mb) in split):
-                k = (want.op, want.stage, want.mb)
+                k = want[:3]
                 if k not in done:
                     raise _located(
-                        f"{_where(d, i, ins)}: needs {want} earlier on device {d}, "
+                        f"{_where(d, i, ins)}: needs {Instr(*want)} earlier on device {d}, "
                         + ("but it comes later; move it before" if k in seen else "but it is missing; add it before"),
                         d, i,
                     )
@@ -761,8 +789,8 @@ def validate_schedule(s: Schedule) -> None:
         for i, ins in enumerate(prog):
             if ins.op in _COMPUTE:
                 continue
-            mate = _matching(ins, sd)
-            if (mate.op, mate.stage, mate.mb) not in seen:
+            if _matching_key(ins) not in seen:
+                mate = _matching(ins, sd)
                 raise _located(
                     f"{_where(d, i, ins)}: has no matching {mate} on device {sd[mate.stage]}; add it there", d, i
                 )

@@ -46,6 +46,14 @@ def _as_floats(name: str, values: Sequence[float], *, allow_inf: bool = False) -
 def _as_matrix(name: str, rows: Sequence[Sequence[float]], n_rows: int, n_cols: int,
                shape_text: str) -> tuple[tuple[float, ...], ...]:
     """Coerce to an n_rows x n_cols tuple-of-tuples of finite non-negative floats."""
+    # the common case checked at once (a 64-GPU problem has ~10^5 entries); any failure is
+    # reported by the entry-by-entry path below, which names the offending entry
+    try:
+        a = np.asarray(rows, dtype=np.float64)
+    except (TypeError, ValueError):
+        a = None
+    if a is not None and a.shape == (n_rows, n_cols) and bool(np.isfinite(a).all()) and bool((a >= 0).all()):
+        return tuple(map(tuple, a.tolist()))
     rows = tuple(rows)
     if len(rows) != n_rows:
         raise PlanError(
