@@ -476,7 +476,8 @@ def _plan_arguments(pl: argparse.ArgumentParser) -> None:
     """The options `plan` and `profile` share (what to plan and how)."""
     pl.add_argument("model", metavar="FILE.py:FACTORY", help="file and function that return (model, example_args[, example_kwargs])")
     where = pl.add_mutually_exclusive_group(required=True)
-    where.add_argument("--devices", metavar="LIST", help="comma list of devices: 'cpu,cpu', 'cuda:0,cuda:1', 'cpu*4'")
+    where.add_argument("--devices", metavar="LIST", help="comma list of devices: 'cpu,cpu', 'cuda:0,cuda:1', 'cpu*4', or GPU presets "
+                       "for offline planning: 'h100*16', 'h100*8,a100*8' (8 per node)")
     where.add_argument("--cluster", metavar="FILE.json", help="a JSON cluster file instead of --devices")
     pl.add_argument("--microbatches", "-m", type=_int_or_auto, default=4,
                     help="microbatches per batch, or 'auto' (the fastest predicted that fits; default 4)")

@@ -4,6 +4,7 @@ explanation of a plan (`inspect --why`) and the baseline comparison (`plan --bas
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import fxpipe
 from fxpipe.cli import main
 from fxpipe.compiler.cluster import CUDA_PRESETS, Cluster, Device, Link, NodeLink
 from fxpipe.compiler.pipeline import _problem
+from fxpipe.compiler.plan import Plan
 from fxpipe.errors import PlanError
 from fxpipe.passes.emit_schedule import emit_schedule, peak_inflight
 from fxpipe.passes.explain_plan import baseline_stages, compare_baseline, explain, stage_memory_split
@@ -268,3 +270,40 @@ def test_plan_step_is_never_worse_than_the_baselines(widths, m, devices):
             if base["fits"]:
                 stages = baseline_stages(plan, base["bounds"], base.get("recompute"))
                 assert step <= fxpipe.simulate(plan.with_(stages=stages)).step_time * 1e3 * (1 + 1e-12), name
+
+
+# ---- GPU presets named in a device list (offline planning) ------------------------------------
+
+
+def test_preset_names_in_a_device_list_build_the_preset_cluster():
+    c = Cluster.from_devices(["h100"] * 16 + ["a100"] * 8)
+    ref = Cluster.concat(Cluster.preset("h100", 16), Cluster.preset("a100", 8))
+    assert c.to_dict() == ref.to_dict()
+    assert c.link(0, 7).bandwidth == 450e9 and c.link(7, 8).bandwidth == 25e9 and c.link(15, 16).bandwidth == 25e9
+    assert Cluster.from_devices(["H100", "H100"], memory=40e9).devices[1].memory == 40e9
+
+
+@pytest.mark.parametrize("devices, fragment", [
+    (["h100", "cpu"], "mixed with GPU presets"),
+    (["h100:3"], "names a kind of GPU, not one device"),
+    (["b200"], "a GPU preset for offline planning ('h100'"),
+])
+def test_preset_mistakes_are_plan_errors(devices, fragment):
+    with pytest.raises(PlanError, match=re.escape(fragment)):
+        Cluster.from_devices(devices)
+
+
+def test_cli_plans_for_preset_gpus_offline(tmp_path, capsys):
+    from fxpipe.cli import main
+
+    f = tmp_path / "m.py"
+    f.write_text("import torch\n"
+                 "def make():\n"
+                 "    with torch.device('meta'):\n"
+                 "        m = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)])\n"
+                 "    return m, torch.randn(16, 1024, device='meta')\n")
+    out = tmp_path / "plan.json"
+    assert main(["plan", f"{f}:make", "--devices", "h100*4", "-o", str(out)]) == 0
+    plan = Plan.load(out)
+    assert [d.name for d in plan.cluster.devices] == [f"h100:{k}" for k in range(4)]
+    assert plan.cluster.devices[0].memory == Cluster.preset("h100", 1).devices[0].memory

@@ -366,6 +366,8 @@ class Cluster:
             raise PlanError("devices is empty: pass at least one device, e.g. devices=['cpu', 'cpu']")
         if memory is not None and (not _is_number(memory) or not math.isfinite(memory) or memory <= 0):
             raise PlanError(f"memory must be a positive number of bytes per device, got {memory!r}")
+        if any(isinstance(d, str) and d.split(":")[0].lower() in CUDA_PRESETS for d in devices):
+            return _preset_cluster(devices, memory)
         n_cpu = sum(1 for d in devices if isinstance(d, str) and _kind(d) == "cpu")
         out: list[Device] = []
         for d in devices:
@@ -503,8 +505,9 @@ def _device_from_string(name: str, n_cpu: int, memory: float | None) -> Device:
 
     kind = _kind(name)
     if kind not in ("cpu", "cuda", "meta"):
-        raise PlanError(f"unknown device {name!r}: use 'cpu', 'cuda', 'cuda:N', 'meta' (planning only), "
-                        "or a fxpipe.Device for anything else")
+        raise PlanError(f"unknown device {name!r}: use 'cpu', 'cuda', 'cuda:N', 'meta' (planning only), a GPU "
+                        f"preset for offline planning ({', '.join(map(repr, CUDA_PRESETS))}), or a fxpipe.Device "
+                        "for anything else")
     try:
         torch.device(name)
     except RuntimeError:
@@ -533,6 +536,31 @@ def _device_from_string(name: str, n_cpu: int, memory: float | None) -> Device:
     if kind == "meta":
         return Device(name, "meta", 1e12, 1e11, memory or 16 * GiB, 5e-6, 1)
     raise AssertionError(f"unreachable: device kind {kind!r}")
+
+
+def _preset_cluster(devices: Sequence[Any], memory: float | None) -> "Cluster":
+    """GPUs named by preset ('h100' x 64, 'a100', ...) for offline planning: `Cluster.preset`
+    per run of one kind, 8 to a node, runs joined by `Cluster.concat`'s default network."""
+    runs: list[list[str]] = []
+    for d in devices:
+        key = d.lower() if isinstance(d, str) else None
+        if key is not None and key.split(":")[0] in CUDA_PRESETS and key not in CUDA_PRESETS:
+            raise PlanError(f"device {d!r}: a GPU preset names a kind of GPU, not one device; write "
+                            f"{key.split(':')[0]!r} once per GPU (e.g. '{key.split(':')[0]}*8' on the CLI)")
+        if key not in CUDA_PRESETS:
+            what = f"{d!r}" if isinstance(d, str) else f"fxpipe.Device {getattr(d, 'name', d)!r}"
+            raise PlanError(f"device {what} mixed with GPU presets ({', '.join(map(repr, CUDA_PRESETS))}): presets "
+                            "describe GPUs for offline planning and cannot sit beside other devices; list only "
+                            "presets (e.g. 'h100*8,a100*8' on the CLI), or write a cluster file with every device")
+        if runs and runs[-1][0] == key:
+            runs[-1].append(key)
+        else:
+            runs.append([key])
+    cluster = None
+    for run in runs:
+        part = Cluster.preset(run[0], len(run), memory=memory)
+        cluster = part if cluster is None else Cluster.concat(cluster, part)
+    return cluster
 
 
 def _default_link(a: Device, b: Device, i: int, j: int) -> Link:
