@@ -570,7 +570,7 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
         bounds.append(costs_step_lower_bound(costs, cluster.devices, kind_, m_, train))
     rows: list[dict[str, Any] | None] = [None] * len(candidates)
     plans: list[tuple[Plan, Units, tuple[int, int]]] = []
-    failures: list[tuple[float, str, PlanError]] = []
+    failures: list[tuple[float, int, int, str, PlanError]] = []
     best_step = math.inf
     for done, i in enumerate(sorted(range(len(candidates)), key=lambda i: (bounds[i], i))):
         kind_, m_, stage_device = candidates[i]
@@ -594,7 +594,8 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
             err = e if isinstance(e, PlanError) else PlanError(str(e))
             failures.append((_shortfall(cap, analysed.get((size, len(stage_device))), cluster, kind_, m_,
                                         stage_device, train, optimizer, _mode_for(mode, kind_, train),
-                                        _offload_for(off, kind_)),
+                                        _offload_for(off, kind_)), m_, AUTO_SCHEDULES.index(kind_)
+                             if kind_ in AUTO_SCHEDULES else len(AUTO_SCHEDULES),
                              f"schedule={kind_!r}, microbatches={m_}", err))
             continue
         row.update(schedule=plan.schedule.kind, fits=True, step_ms=plan.predicted["step_ms"],
@@ -607,8 +608,8 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
         prog.note(f"auto: {skipped} of {len(candidates)} candidates skipped (their lower bound exceeds a plan found)")
     rows = [r for r in rows if r is not None]
     if not plans:
-        failures.sort(key=lambda f: f[0])
-        short, what, err = failures[0]
+        failures.sort(key=lambda f: f[:3])  # closest first; ties: fewer microbatches, simpler schedule
+        short, _, _, what, err = failures[0]
         raise PlanError(f"no candidate of auto mode fits ({len(rows)} tried: schedules "
                         f"{', '.join(kinds)}; microbatches {', '.join(map(str, ms))}); the closest is {what}: {err}")
     order = {k: i for i, k in enumerate(AUTO_SCHEDULES)}
@@ -630,15 +631,16 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
 
 def _shortfall(cap: Captured, analysed: tuple[Units, CostTable] | None, cluster: Cluster, kind: str, m: int,
                stage_device: Sequence[int], train: bool, optimizer: str, mode: str, off: str = "off") -> float:
-    """How far a failed auto candidate is from fitting (bytes short on its worst device in the
-    given device order); inf when it failed for another reason than memory."""
+    """How far a failed auto candidate is from fitting (what its worst stage lacks, as a fraction
+    of that stage's memory, in the given device order: an interleaved stage has half a device,
+    so bytes would favour it); inf when it failed for another reason than memory."""
     if analysed is None:
         return math.inf
     try:
         sched = emit_schedule(kind, len(stage_device), m, stage_device=stage_device, train=train)
         prob = _problem(analysed[1], cluster, stage_device, peak_inflight(sched), train, optimizer, mode,
                         split_backward=_splits_backward(sched), offload=off)
-        return memory_shortfall(prob)
+        return memory_shortfall(prob, relative=True)
     except (PlanError, ScheduleError):
         return math.inf
 

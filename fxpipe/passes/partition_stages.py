@@ -738,11 +738,15 @@ def _closest_partition(problem: PartitionProblem) -> Partition:
     return evaluate_partition(problem, _trace_back(parent, problem.n, problem.p), method="given")
 
 
-def memory_shortfall(problem: PartitionProblem) -> float:
+def memory_shortfall(problem: PartitionProblem, relative: bool = False) -> float:
     """Bytes the closest partition (smallest worst overshoot) lacks on its worst device;
-    <= 0 when some partition fits (then minus the headroom of the roomiest-fitting one)."""
+    <= 0 when some partition fits (then minus the headroom of the roomiest-fitting one).
+    `relative`: as a fraction of that device's memory instead (comparable across problems
+    whose positions have other capacities, e.g. interleaved stages sharing a device)."""
     _check_enough_units(problem)
     closest = _closest_partition(problem)
+    if relative:
+        return max((m - c) / max(c, 1.0) for m, c in zip(closest.stage_memory, problem.device_memory))
     return max(m - c for m, c in zip(closest.stage_memory, problem.device_memory))
 
 
