@@ -18,6 +18,11 @@
     "export"`) and checks both plans have the same graph fingerprint. Also the built-in
     hand-written `TinyGPT` at the same size (fx path). The machine is shared: each row records
     the 1-minute load average and the process CPU time beside the wall time.
+(a3) **Auto mode at scale.** `fxpipe.plan(schedule="auto", microbatches="auto")` of
+    transformers' `LlamaForCausalLM` with the Llama-2-7B config on meta, batch 64 x seq 2048,
+    onto 64 H100s: every candidate planned (`AUTO_PRUNE = False`) against candidates planned in
+    the order of their step's lower bound, skipping those that cannot win (the default); the
+    choice must be the same.
 (b) **Exactness.** Random small instances (<= 12 units, <= 4 devices, unequal speeds,
     memory and links in two nodes): `place_stages`' bottleneck equals brute force over all
     device orders x all contiguous partitions.
@@ -84,7 +89,15 @@ class Config:
     e2e_batch: int = 8
     e2e_seq: int = 2048
     e2e_full_capture: bool = True  # the reference row that captures every layer (~35 s)
+    # (a3) auto mode, Llama-2-7B shape
+    auto_layers: int = 32
+    auto_hidden: int = 4096
+    auto_ffn: int = 11008
+    auto_heads: int = 32
+    auto_batch: int = 64
+    auto_seq: int = 2048
     # (b) exactness
+
     instances: int = 200
     seed: int = 0
     # (c) quality
@@ -223,6 +236,42 @@ def bench_end_to_end(c: Config) -> list[dict]:
         ph = row["phases_s"]
         print(f"(a2) {name} [{method}]: {row['wall_s']:.2f}s wall ({row['cpu_s']:.2f}s cpu, load "
               f"{row['load_1min']:.1f}): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()), file=sys.stderr)
+    return rows
+
+
+def bench_auto(c: Config) -> list[dict]:
+    """Auto mode on 64 H100s with and without skipping candidates by their lower bound."""
+    import os
+
+    import transformers as tf
+
+    import fxpipe.compiler.pipeline as pipeline
+
+    cfg = tf.LlamaConfig(hidden_size=c.auto_hidden, intermediate_size=c.auto_ffn, num_hidden_layers=c.auto_layers,
+                         num_attention_heads=c.auto_heads, num_key_value_heads=c.auto_heads, vocab_size=c.vocab)
+    with torch.device("meta"):
+        model = tf.LlamaForCausalLM(cfg)
+    x = torch.zeros(c.auto_batch, c.auto_seq, dtype=torch.long, device="meta")
+    cl = Cluster.preset("h100", c.gpus, per_node=c.per_node)
+    rows = []
+    for prune in (False, True):
+        pipeline.AUTO_PRUNE = prune
+        try:
+            load = os.getloadavg()[0]
+            t0, c0 = time.perf_counter(), time.process_time()
+            plan = fxpipe.plan(model, cl, (x,), schedule="auto", microbatches="auto")
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        finally:
+            pipeline.AUTO_PRUNE = True
+        cands = plan.predicted["auto"]
+        rows.append({"prune": prune, "wall_s": wall, "cpu_s": cpu, "load_1min": load,
+                     "candidates": len(cands), "planned": sum(1 for r in cands if not r.get("skipped")),
+                     "skipped": sum(1 for r in cands if r.get("skipped")),
+                     "fitting": sum(1 for r in cands if r["fits"]), "schedule": plan.schedule.kind,
+                     "microbatches": plan.microbatches, "step_ms": plan.predicted["step_ms"],
+                     "phases_s": dict(plan.timings)})
+        print(f"(a3) prune={prune}: {wall:.1f}s wall, {rows[-1]['planned']} of {len(cands)} planned, chose "
+              f"{plan.schedule.kind} m={plan.microbatches} ({plan.predicted['step_ms']:.1f} ms)", file=sys.stderr)
     return rows
 
 
@@ -488,6 +537,17 @@ def markdown(res: dict) -> str:
                                                                   "partition", "simulate"))
             L.append(f"| {r['model']} | {r['capture_method']} | {r['capture_path']} | {cols} | {r['wall_s']:.2f} | "
                      f"{r['cpu_s']:.2f} | {r['load_1min']:.1f} | {r['units']} | `{r['fingerprint']}` |")
+    if res.get("auto"):
+        L += ["", f"## (a3) Auto mode: Llama-2-7B config on meta, batch {c['auto_batch']} x seq {c['auto_seq']}, "
+                  f"onto h100 x{c['gpus']} ({c['per_node']}/node), schedule=auto, microbatches=auto", "",
+              "Every candidate planned against candidates planned in the order of their step's lower bound "
+              "(`passes/step_bound.py`), skipping those whose bound loses to a plan found (the default).", "",
+              "| candidates | planned | skipped | fitting (of planned) | chosen | predicted step ms | wall s | cpu s | "
+              "load (1 min) |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in res["auto"]:
+            L.append(f"| {r['candidates']} | {r['planned']} | {r['skipped']} | {r['fitting']} | {r['schedule']}, "
+                     f"m={r['microbatches']} | {r['step_ms']:.2f} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
+                     f"{r['load_1min']:.1f} |")
     e = res["exactness"]
     L += ["", "## (b) Exactness against brute force (orders x contiguous partitions)", "",
           "| instances | equal to brute force | of which infeasible for both | orders brute force | "
@@ -548,23 +608,43 @@ def markdown(res: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sections", default="a,a2,a3,b,c,d",
+                    help="comma list of sections to run; the others are kept from the last results file")
     a = ap.parse_args()
+    want = set(a.sections.split(","))
     c = Config()
     if a.quick:
         c = Config(instances=30, models=("gpt2",), device_counts=(2, 4), repeats=1, e2e_full_capture=False)
     import transformers
 
     torch.set_num_threads(1)
-    res = {"config": asdict(c),
-           "meta": {"platform": platform.platform(), "torch": torch.__version__, "transformers": transformers.__version__,
-                    "cores": __import__("os").cpu_count()}}
-    res["speed"] = bench_speed(c)
-    res["end_to_end"] = bench_end_to_end(c)
-    res["exactness"] = bench_exactness(c)
-    print(f"(b) {res['exactness']}", file=sys.stderr)
-    res["quality"], res["hetero"] = bench_quality(c)
-    res["memory"] = bench_memory(c)
     out = ROOT / c.out
+    res = {}
+    every = {"a", "a2", "a3", "b", "c", "d"}
+    if want - every:
+        ap.error(f"--sections: unknown {sorted(want - every)}; use a comma list of {', '.join(sorted(every))}")
+    if want != every:
+        if out.with_suffix(".json").exists():
+            res = json.loads(out.with_suffix(".json").read_text())
+        else:
+            print(f"no {out.with_suffix('.json')} to keep the other sections from: running all", file=sys.stderr)
+            want = every
+    res.update({"config": asdict(c),
+                "meta": {"platform": platform.platform(), "torch": torch.__version__,
+                         "transformers": transformers.__version__, "cores": __import__("os").cpu_count()}})
+    if "a" in want:
+        res["speed"] = bench_speed(c)
+    if "a2" in want:
+        res["end_to_end"] = bench_end_to_end(c)
+    if "a3" in want:
+        res["auto"] = bench_auto(c)
+    if "b" in want:
+        res["exactness"] = bench_exactness(c)
+        print(f"(b) {res['exactness']}", file=sys.stderr)
+    if "c" in want:
+        res["quality"], res["hetero"] = bench_quality(c)
+    if "d" in want:
+        res["memory"] = bench_memory(c)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     md = markdown(res)
@@ -575,6 +655,8 @@ def main() -> int:
     ok = res["exactness"]["equal"] == res["exactness"]["instances"] and not bad
     # the meta-device plans must be of the graph a full capture gives
     ok = ok and len({r["fingerprint"] for r in res["end_to_end"] if "Llama" in r["model"]}) == 1
+    # skipping candidates by their lower bound must not change auto mode's choice
+    ok = ok and len({(r["schedule"], r["microbatches"], r["step_ms"]) for r in res.get("auto", [])}) <= 1
     return 0 if ok else 1
 
 

@@ -41,6 +41,9 @@ __all__ = ["build_plan", "build_from_plan", "check_options", "Compilation", "nor
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 # auto mode's candidates; the order is also the tie-break (simpler schedules first)
 AUTO_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+# Auto mode skips candidates whose step's lower bound loses to a plan found; benchmarks set
+# it False to plan every candidate and check the choice is the same.
+AUTO_PRUNE = True
 AUTO_MICROBATCHES = (1, 2, 4, 8, 16, 32)  # and on, doubling, up to 2 per device (`auto_microbatch_counts`)
 
 
@@ -578,7 +581,7 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
         row: dict[str, Any] = {"schedule": kind_, "microbatches": m_}
         rows[i] = row
         # a relative margin: the simulator sums the same times in another order
-        if bounds[i] > best_step * (1.0 + 1e-6):
+        if AUTO_PRUNE and bounds[i] > best_step * (1.0 + 1e-6):
             row.update(fits=False, skipped=True, lower_bound_ms=bounds[i] * 1e3,
                        why=f"not planned: its step is at least {bounds[i] * 1e3:.3f} ms (lower bound), slower "
                            f"than a plan already found ({best_step * 1e3:.3f} ms)")

@@ -113,8 +113,11 @@ class Plan:
         p = self.predicted
         if isinstance(p.get("auto"), list):
             fit = sum(1 for c in p["auto"] if c.get("fits"))
+            skipped = sum(1 for c in p["auto"] if isinstance(c, dict) and c.get("skipped"))
+            tried = f"{len(p['auto']) - skipped} planned, {skipped} skipped by a lower bound" if skipped else \
+                f"{len(p['auto'])} tried"
             lines.append(f"auto: chose schedule {self.schedule.kind} with {self.microbatches} microbatches, the fastest "
-                         f"predicted of {fit} fitting candidates ({len(p['auto'])} tried; `fxpipe inspect --why` lists them)")
+                         f"predicted of {fit} fitting candidates ({tried}; `fxpipe inspect --why` lists them)")
         if any(st.offload for st in self.stages):
             lines.append("offload: those stages keep params, grads and optimizer state in host memory and stream "
                          "each unit's weights in for every microbatch's forward and backward (times include it)")
