@@ -315,7 +315,7 @@ class CompiledModel:
         for k in range(len(state.results[0])):
             vals = [state.results[mb][k] for mb in range(len(per_mb))]
             flat.append(_concat(vals, sizes))
-        return _unflatten(self._cap.out_spec, flat)
+        return _unflatten(self._cap.out_spec, _inference_outputs(flat, self.model, args, kwargs))
 
     def step(self, *args: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor], trace: str | None = None,
              measure_memory: bool = False, **kwargs: Any) -> torch.Tensor:
@@ -343,6 +343,7 @@ class CompiledModel:
         if not self.plan.train:
             raise PlanError("this model was compiled from an inference plan (train=False), which has no backward; "
                             "call it for inference, or re-plan with train=True to train")
+        _check_grad_enabled()
         self._cap.check_modes(self.model)
         if not callable(loss_fn):
             raise RuntimeMismatchError(f"loss_fn must be callable as loss_fn(output, target) -> scalar tensor, "
@@ -437,14 +438,38 @@ class CompiledModel:
         return checked
 
     # ---- the nn.Module-like surface ----------------------------------------------------
-    def parameters(self) -> Iterator[nn.Parameter]:
-        return self.model.parameters()
+    # The model's own methods, with their arguments (recurse=, prefix=, keep_vars=), so code
+    # written for an nn.Module runs unchanged on the compiled one.
+    def parameters(self, *args: Any, **kwargs: Any) -> Iterator[nn.Parameter]:
+        return self.model.parameters(*args, **kwargs)
 
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        return self.model.named_parameters()
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Parameter]]:
+        return self.model.named_parameters(*args, **kwargs)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
+    def buffers(self, *args: Any, **kwargs: Any) -> Iterator[torch.Tensor]:
+        """The model's buffers (BatchNorm statistics live on their stage's device)."""
+        return self.model.buffers(*args, **kwargs)
+
+    def named_buffers(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        return self.model.named_buffers(*args, **kwargs)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return self.model.state_dict(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "CompiledModel":
+        """`model.train(mode)`: fx captures follow the mode per call; export captures refuse a
+        call in another mode than the one compiled (`Captured.check_modes`)."""
+        self.model.train(mode)
+        return self
+
+    def eval(self) -> "CompiledModel":
+        """`model.eval()`; see `train`."""
+        return self.train(False)
+
+    @property
+    def training(self) -> bool:
+        """The model's train/eval mode."""
+        return self.model.training
 
     def load_state_dict(self, sd: dict[str, torch.Tensor], strict: bool = True) -> Any:
         res = self.model.load_state_dict(sd, strict=strict)
@@ -489,6 +514,17 @@ class CompiledModel:
     def __repr__(self) -> str:
         return f"CompiledModel({type(self.model).__name__}, {self.plan.num_stages} stages, {self.plan.microbatches} microbatches)"
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # pickle and copy.copy come here (copy.deepcopy via __deepcopy__); the default fails deep inside on a lock
+        raise FxpipeError(
+            "a CompiledModel cannot be pickled or copied: it holds worker threads, locks and stage modules "
+            "bound to devices. Copy or save the model instead: copy.deepcopy(cm.model) (then fxpipe.compile(copy, "
+            "plan=cm.plan, example_inputs=...) for a second pipeline), torch.save(cm.state_dict(), path) or "
+            "cm.save_checkpoint(folder)")
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        self.__reduce_ex__(4)
+
 
 def _runnable_device(d: Device, i: int) -> torch.device:
     """The torch device a plan's device runs on here; PlanError when it cannot run on this machine."""
@@ -509,6 +545,47 @@ def _runnable_device(d: Device, i: int) -> torch.device:
         if (dev.index or 0) >= n:
             raise PlanError(f"plan device {i} ({d.name!r}) does not exist: this machine has {n} CUDA device(s); {offline}")
     return dev
+
+
+class _NoBackward(torch.autograd.Function):
+    """Gives an output of `cm(x)` the grad_fn eager's output would have, whose backward says
+    how to train instead of torch's "element 0 of tensors does not require grad". The output
+    is marked dirty, not viewed or copied: no memory, and in-place use of it stays legal."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise RuntimeMismatchError(
+            "backward through the output of cm(x): a compiled model's call is pipelined inference and keeps no "
+            "autograd graph (the activations live in the pipeline's stages); train with "
+            "cm.step(x, target=t, loss_fn=...), which runs forward and backward through the pipeline and puts the "
+            "gradients in .grad as loss_fn(model(x), t).backward() would")
+
+
+def _inference_outputs(flat: list[Any], model: nn.Module, args: tuple, kwargs: dict) -> list[Any]:
+    """The call's outputs; where eager's would require grad (grad mode on, a trainable
+    parameter or input), floating outputs get `_NoBackward` so that `.backward()` on them
+    fails clearly instead of silently or with torch's generic message."""
+    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        return flat
+    inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    if not (any(p.requires_grad for p in model.parameters()) or any(t.requires_grad for t in inputs)):
+        return flat
+    anchor = torch.zeros((), requires_grad=True)
+    mine = {id(t) for t in inputs} | {id(t) for t in model.buffers()}  # a buffer returned as is stays one
+
+    def mark(t: Any) -> Any:
+        # only tensors the pipeline made: not a user's input, a view of one, or a parameter
+        if (isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and not t.requires_grad
+                and t._base is None and id(t) not in mine and not isinstance(t, nn.Parameter)):
+            return _NoBackward.apply(t, anchor)
+        return t
+
+    return [pytree.tree_map(mark, v) for v in flat]
 
 
 def _concat(vals: list[Any], sizes: list[int]) -> Any:
@@ -538,6 +615,22 @@ def _unflatten(spec: pytree.TreeSpec, flat: list) -> Any:
     if isinstance(out, immutable_list):
         return list(out)
     return out
+
+
+def _check_grad_enabled() -> None:
+    """Refuse a training step under torch.no_grad / inference_mode before any work. Grad mode
+    is thread-local, so the workers would otherwise compute and accumulate gradients anyway,
+    where eager's `loss.backward()` in the same place raises."""
+    if torch.is_inference_mode_enabled():
+        ctx = "torch.inference_mode()"
+    elif not torch.is_grad_enabled():
+        ctx = "torch.no_grad() (or torch.set_grad_enabled(False))"
+    else:
+        return
+    raise RuntimeMismatchError(
+        f"step is a training step (forward and backward), but it was called under {ctx}, where gradients are "
+        "disabled (eager's loss.backward() fails there too); call step outside that context, or for an evaluation "
+        "loss without gradients call the model instead: loss_fn(cm(x), target)")
 
 
 def _check_trainable(model: nn.Module, inputs: list[list[Any]]) -> None:

@@ -36,7 +36,7 @@ from fxpipe.compiler.cluster import Device
 from fxpipe.errors import PlanError
 from fxpipe.passes.annotate_costs import device_key
 from fxpipe.passes.split_stages import build_stage_module, resolve_attr, split_stages
-from fxpipe.runtime.weight_grad import SplitState, backward_input, backward_weight, split_backward_module
+from fxpipe.runtime.weight_grad import SplitState, backward_input, backward_weight, split_backward_module, trainable_consumers
 
 __all__ = ["profile_units"]
 
@@ -224,6 +224,8 @@ def _time_split_backward(mod: fx.GraphModule, leaves: list, model_in: list, dev:
     split, n_out, consumers = split_backward_module(mod)
     params = dict(split.named_parameters())
     kept = {name: p.grad for name, p in params.items()}
+    # BI keeps only the gradients BW will use, as the runtime does (frozen consumers' are not kept)
+    keep = trainable_consumers(consumers, params)
     bi_t, bw_t = [], []
     try:
         for p in params.values():
@@ -235,7 +237,7 @@ def _time_split_backward(mod: fx.GraphModule, leaves: list, model_in: list, dev:
             grads = [torch.ones_like(o) if isinstance(o, torch.Tensor) and o.requires_grad else None for o in outs]
             if not any(g is not None for g in grads):
                 return 0.0, 0.0
-            state = SplitState(outs, grads, consumer_out)
+            state = SplitState(outs, grads, consumer_out, keep=keep)
             t_bi = _clock(lambda: backward_input(state, leaves), dev)
             t_bw = _clock(lambda: backward_weight(state, consumers, params), dev)
             if i >= warmup:

@@ -389,8 +389,9 @@ class DistributedCompiledModel:
         Same contract as `CompiledModel.step` (loss_fn is a per-sample mean over a microbatch;
         gradients accumulate into `.grad` as in eager); a failed step leaves `.grad` as it was.
         """
-        from fxpipe.api import _check_trainable, _split_target, _unflatten
+        from fxpipe.api import _check_grad_enabled, _check_trainable, _split_target, _unflatten
 
+        _check_grad_enabled()
         self._cap.check_modes(self.model)  # on every rank alike, before any message
         if not self.plan.train:
             raise PlanError("this model was compiled from an inference plan (train=False), which has no backward")
@@ -459,7 +460,7 @@ class DistributedCompiledModel:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Pipelined inference on every rank: equals `model(*args, **kwargs)` on every rank."""
-        from fxpipe.api import _concat, _unflatten
+        from fxpipe.api import _concat, _inference_outputs, _unflatten
 
         self._check_loaded("run inference")
         self._cap.check_modes(self.model)
@@ -479,7 +480,7 @@ class DistributedCompiledModel:
                 self._collective(lambda: dist.broadcast(buf, src=last), f"receiving the outputs from rank {last}")
             results.append(state.results[mb] if self.rank == last else lay.unpack(buf))
         flat = [_concat([results[mb][k] for mb in range(len(sizes))], sizes) for k in range(len(results[0]))]
-        return _unflatten(self._cap.out_spec, flat)
+        return _unflatten(self._cap.out_spec, _inference_outputs(flat, self.model, args, kwargs))
 
     # ---- the nn.Module-like surface ----------------------------------------------------
     def _mine(self, t: torch.Tensor) -> bool:
@@ -491,6 +492,20 @@ class DistributedCompiledModel:
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((k, q) for k, q in self.model.named_parameters() if self._mine(q))
+
+    def train(self, mode: bool = True) -> "DistributedCompiledModel":
+        """`model.train(mode)` on this rank (call it on every rank alike, as every step)."""
+        self.model.train(mode)
+        return self
+
+    def eval(self) -> "DistributedCompiledModel":
+        """`model.eval()`; see `train`."""
+        return self.train(False)
+
+    @property
+    def training(self) -> bool:
+        """The model's train/eval mode."""
+        return self.model.training
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for q in self.parameters():

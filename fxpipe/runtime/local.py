@@ -27,6 +27,7 @@ import torch.utils._pytree as pytree
 
 from fxpipe.errors import FxpipeError, PlanError, RuntimeMismatchError
 from fxpipe.runtime.offload import WeightStreamer
+from fxpipe.runtime.seeded_rng import generator_scope, microbatch_seed, seed_random_ops
 from fxpipe.runtime.transfer import Channel
 from fxpipe.runtime.weight_grad import Consumers, SplitState, backward_input, backward_weight, trainable_consumers
 
@@ -146,6 +147,9 @@ class _StepState:
     # the caller's torch.autocast state, (device type, dtype, cache) per enabled type: autocast
     # is thread-local, so the worker threads re-enter it around each forward (`run` sets it)
     autocast: tuple[tuple[str, torch.dtype, bool], ...] = ()
+    # base seed of the (stage, mb) generators of random-drawing CPU stages (runtime/seeded_rng.py),
+    # drawn from the caller's generator per call; None: they draw from torch's default generator
+    rng_base: int | None = None
 
 
 def _caller_autocast() -> tuple[tuple[str, torch.dtype, bool], ...]:
@@ -186,6 +190,15 @@ class LocalRuntime:
         self._rng_lock: threading.Lock | None = None
         if any(st.recompute and st.device.type == "cpu" and st.uses_rng for st in self.stages):
             self._rng_lock = threading.Lock()
+        # Random-drawing stages on two or more CPU workers would draw from that one generator
+        # concurrently, in an order set by thread timing: a seeded run would not repeat. Their
+        # random ops draw from a generator per (stage, microbatch) instead (runtime/seeded_rng.py).
+        # Before the streamers below, which copy the stage graphs.
+        self._seeded = False
+        if len({st.device_index for st in self.stages if st.device.type == "cpu" and st.uses_rng}) > 1:
+            for st in self.stages:
+                if st.device.type == "cpu" and st.uses_rng and seed_random_ops(st.module):
+                    self._seeded = True
         for st in self.stages:
             if st.device.type == "cuda" and st.device_index not in self.streams:
                 self.streams[st.device_index] = torch.cuda.Stream(device=st.device)
@@ -212,6 +225,11 @@ class LocalRuntime:
         """
         self.state = state
         state.autocast = _caller_autocast()
+        # One microbatch runs the stages one after another, drawing in eager's order (equal to
+        # eager); with more, draw the call's base seed here, in the caller's thread, so that
+        # torch.manual_seed before the call decides every mask
+        if self._seeded and len(state.inputs) > 1:
+            state.rng_base = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         t0 = time.perf_counter()
         self.aborted.clear()
         for mb in self.mailboxes:
@@ -256,8 +274,8 @@ class LocalRuntime:
             real = [(d, e) for d, e in errors if not isinstance(e, PipelineAborted)]
             if real:
                 d, e = real[0]
-                if isinstance(e, FxpipeError):
-                    raise e
+                if isinstance(e, FxpipeError) or not isinstance(e, Exception):
+                    raise e  # KeyboardInterrupt / SystemExit from a worker stay what they are, as in eager
                 raise RuntimeMismatchError(
                     f"device {d} failed while running {self.current[d]}: {type(e).__name__}: {e}") from e
             ok = True
@@ -309,7 +327,7 @@ class LocalRuntime:
             leaves.append(v)
         model_in = [self._to(state.inputs[mb][i], st.device) for i in st.input_positions]
         streamer = self.streamers.get(s)
-        with torch.set_grad_enabled(state.train), self._rng_guard(st):
+        with torch.set_grad_enabled(state.train), self._rng_guard(st), self._generator(st, mb):
             if streamer is not None:
                 with streamer.forward_scope(state.train) as module:
                     out = list(module(*leaves, *model_in))
@@ -356,7 +374,7 @@ class LocalRuntime:
         if tensors:
             streamer = self.streamers.get(s)
             scope = streamer.backward_scope() if streamer is not None else contextlib.nullcontext()
-            with self._rng_guard(st, recomputing=True), scope:
+            with self._rng_guard(st, recomputing=True), scope, self._generator(st, mb, recomputing=True):
                 torch.autograd.backward(tensors, grads)
         state.grads_out[(s, mb)] = [(v.grad if isinstance(v, torch.Tensor) and v.requires_grad else None) for v in leaves]
 
@@ -411,6 +429,14 @@ class LocalRuntime:
         if self._rng_lock is None or st.device.type != "cpu" or not st.uses_rng or (recomputing and not st.recompute):
             return contextlib.nullcontext()
         return self._rng_lock
+
+    def _generator(self, st: StageRunner, mb: int, recomputing: bool = False) -> Any:
+        """The (stage, mb) generator scope of a seeded CPU stage's forward (again in its
+        recomputation, so that it draws the same masks), else nothing."""
+        base = self.state.rng_base
+        if base is None or st.device.type != "cpu" or (recomputing and not st.recompute):
+            return contextlib.nullcontext()
+        return generator_scope(microbatch_seed(base, st.index, mb))
 
     def _ship(self, st: StageRunner, dst: int, payload: list) -> tuple[list, Any]:
         """(payload, event) for the mailbox: moved on the channel's copy stream when enabled
