@@ -27,7 +27,11 @@ def test_uniform_stages_one_f_one_b_is_above_the_bound_and_m_1_is_exact():
     assert step_lower_bound("gpipe", 1, 4, fwd, tot) == 24.0
     # zero bubble may leave weight gradients off the chain: a lower bound, still above m T / p
     assert 4 * 24 / 4 <= step_lower_bound("zb-h1", 4, 4, fwd, tot) < step_lower_bound("1f1b", 4, 4, fwd, tot)
-    assert step_lower_bound("interleaved", 4, 4, fwd, tot) == 24.0
+    # interleaved: the same argument over its 2p stages (weaker than over p), never below m T / p
+    il = step_lower_bound("interleaved", 4, 4, fwd, tot, n_stages=8)
+    assert 24.0 <= il < step_lower_bound("1f1b", 4, 4, fwd, tot)
+    assert il == pytest.approx(24 / (1 - (1 - 1 / 4) ** 8))
+    assert step_lower_bound("from-a-file", 4, 4, fwd, tot) == 24.0  # busiest device only
     assert step_lower_bound("forward", 8, 4, fwd, fwd) == pytest.approx(8 / (1 - (1 - 1 / 8) ** 4))
     assert step_lower_bound("1f1b", 4, 4, [], []) == 0.0
 
@@ -59,7 +63,7 @@ def test_no_plan_beats_the_bound(widths, speeds, kind, m, batch, train, recomput
     except PlanError as e:  # interleaved: 2 stages per device need twice the units
         assert "units" in str(e)
         return
-    lb = costs_step_lower_bound(plan.costs, cluster.devices, kind, m, train)
+    lb = costs_step_lower_bound(plan.costs, cluster.devices, kind, m, train, plan.num_stages)
     assert 0.0 < lb and math.isfinite(lb)
     assert plan.predicted["step_ms"] >= lb * 1e3 * (1 - 1e-9)
 

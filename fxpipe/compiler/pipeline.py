@@ -570,7 +570,7 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
         except (PlanError, ScheduleError):
             bounds.append(0.0)  # planned anyway: its own planning says what is wrong
             continue
-        bounds.append(costs_step_lower_bound(costs, cluster.devices, kind_, m_, train))
+        bounds.append(costs_step_lower_bound(costs, cluster.devices, kind_, m_, train, len(stage_device)))
     rows: list[dict[str, Any] | None] = [None] * len(candidates)
     plans: list[tuple[Plan, Units, tuple[int, int]]] = []
     failures: list[tuple[float, int, int, str, PlanError]] = []
