@@ -18,17 +18,19 @@ the second is copied for the others, which gives the same graph in a fraction of
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 import traceback
 from dataclasses import dataclass, field, is_dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
+from fxpipe.compiler.grad_check import gradient_problem, keep_autograd_functions
 from fxpipe.compiler.repeat_capture import KEEP, RepeatUnsupported, find_block_list, replicate_blocks, truncated_model
 from fxpipe.errors import TraceError
 
@@ -289,7 +291,8 @@ class _LeafTracer(fx.Tracer):
 
 def _trace_fx(model, tensors, constants, leaf_modules):
     tracer = _LeafTracer(tuple(leaf_modules))
-    graph = tracer.trace(model, concrete_args=dict(constants) or None)
+    with keep_autograd_functions(tracer):  # a custom Function's backward is not its forward's
+        graph = tracer.trace(model, concrete_args=dict(constants) or None)
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     g = gm.graph
     for node in list(g.nodes):
@@ -354,7 +357,10 @@ def _trace_export(model, tensors, constants):
 
     kwargs = {**tensors, **constants}
     dyn = {k: ({0: Dim.AUTO} if k in tensors and tensors[k].dim() > 0 else None) for k in kwargs}
-    ep = torch.export.export(model, (), kwargs, dynamic_shapes=dyn, strict=False)
+    params = inspect.signature(model.forward).parameters
+    named = {n for n, q in params.items() if q.kind not in (q.VAR_KEYWORD, q.VAR_POSITIONAL)}
+    with _named_forward(model, list(kwargs)) if set(kwargs) - named else contextlib.nullcontext():
+        ep = torch.export.export(model, (), kwargs, dynamic_shapes=dyn, strict=False)
     gm = ep.module()
     g = gm.graph
     out_spec = gm._out_spec if hasattr(gm, "_out_spec") else g._codegen.pytree_info.out_spec
@@ -375,6 +381,32 @@ def _trace_export(model, tensors, constants):
     return fx.GraphModule(gm, g, type(model).__name__), out_spec
 
 
+@contextlib.contextmanager
+def _named_forward(model: nn.Module, names: list[str]) -> Iterator[None]:
+    """`model.forward` seen by export with one named parameter per argument given.
+
+    Arguments that land in a `**kwargs` (transformers 5: output_hidden_states, return_dict)
+    need dynamic_shapes nested under that name, which torch.export (2.13) then fails to match
+    ("Must provide a tree_name"); an instance attribute with a flat signature sidesteps it and
+    keeps every parameter's name (the module itself is what export traces)."""
+    had = "forward" in model.__dict__
+    orig = model.forward
+
+    def forward(**kw: Any) -> Any:
+        return orig(**kw)
+
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            model.forward = orig
+        else:
+            del model.forward
+
+
 def _reorder_placeholders(g: fx.Graph, order: list[str]) -> None:
     ph = {n.target: n for n in g.nodes if n.op == "placeholder"}
     anchor = None
@@ -388,6 +420,12 @@ def _reorder_placeholders(g: fx.Graph, order: list[str]) -> None:
 
 
 # ---- checks and messages ----------------------------------------------------------------
+
+def _rows(t: torch.Tensor, rows: Any) -> torch.Tensor:
+    """Samples `rows` of a batch input; a 0-d tensor (a temperature) is not batched, so whole,
+    as the runtime passes it to every microbatch."""
+    return t if t.dim() == 0 else t[rows]
+
 
 def _batch_size(tensors: dict[str, torch.Tensor]) -> int:
     sizes = {k: t.shape[0] for k, t in tensors.items() if t.dim() > 0}
@@ -414,7 +452,7 @@ def _check_second_size(model, cap: Captured, tensors, constants) -> str | None:
     the check is skipped when eager accepts none of them.
     """
     for size in (s for s in (1, 2) if s < cap.batch_size):
-        small = {k: v[:size] for k, v in tensors.items()}
+        small = {k: _rows(v, slice(size)) for k, v in tensors.items()}
         # Both runs update buffers a training-mode model mutates (BatchNorm running stats and
         # num_batches_tracked); a check must leave the user's model as it found it.
         saved = _snapshot_buffers(model, cap.gm)
@@ -444,14 +482,59 @@ def _check_second_size(model, cap: Captured, tensors, constants) -> str | None:
             return f"the {cap.path} graph returns {len(got)} tensors where the model returns {len(want)}"
         for i, (a, b) in enumerate(zip(got, want)):
             if a.shape != b.shape or not torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4):
+                if _same_with_grad(model, small, constants, got):
+                    return (f"{type(model).__name__} computes its output {i} differently under torch.no_grad than "
+                            f"with gradients on (nn.TransformerEncoder's fast path in eval mode zeroes padded "
+                            f"positions), and the {cap.path} graph follows the gradient path, so pipelined "
+                            "inference would differ from eager's; switch the fast path off before compiling "
+                            "(torch.backends.mha.set_fastpath_enabled(False): eager then computes the same "
+                            "either way), or use capture_method='fx', which runs torch.nn modules as they are")
                 return (f"the {cap.path} graph's output {i} differs from eager at batch size {size} (shape "
                         f"{tuple(a.shape)} vs {tuple(b.shape)}): the trace specialised on the example batch")
         # one size more, up to the example batch itself (which the graph was made at): a batch
         # of 2 compares 1 with 2 like a larger batch does
         if size + 1 <= cap.batch_size:
-            _refuse_batch_mixing_outputs(model, cap, {k: v[:size + 1] for k, v in tensors.items()}, got)
-        return None
+            _refuse_batch_mixing_outputs(model, cap, {k: _rows(v, slice(size + 1)) for k, v in tensors.items()}, got)
+        # equal values can still differentiate differently (grad-mode regions, custom Functions)
+        return _check_gradients(model, cap, small, constants)
     return None
+
+
+def _check_gradients(model: nn.Module, cap: Captured, small: dict[str, torch.Tensor],
+                     constants: dict[str, Any]) -> str | None:
+    saved = _snapshot_buffers(model, cap.gm)
+
+    def seeded(f: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:  # each run from the same buffers and RNG state, as the value check
+            _restore_buffers(saved)
+            torch.manual_seed(0)
+            return f()
+        return run
+
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return gradient_problem(model, cap.gm, cap.path, seeded(lambda: model(**small, **constants)),
+                                    seeded(lambda: _call_quietly(cap.gm, *small.values())))
+    finally:
+        _restore_buffers(saved)
+
+
+def _same_with_grad(model: nn.Module, small: dict[str, torch.Tensor], constants: dict[str, Any],
+                    got: list[torch.Tensor]) -> bool:
+    """Whether eager run with gradients on gives the graph's outputs `got`: then a mismatch
+    under no_grad is the model's own grad-mode branch (a fused inference fast path), not a
+    shape the trace baked in."""
+    saved = _snapshot_buffers(model)
+    try:
+        with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            want = [w.detach() for w in pytree.tree_leaves(model(**small, **constants)) if isinstance(w, torch.Tensor)]
+    except Exception:
+        return False
+    finally:
+        _restore_buffers(saved)
+    return len(want) == len(got) and all(
+        a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4) for a, b in zip(got, want))
 
 
 def _refuse_batch_mixing_outputs(model: nn.Module, cap: Captured, bigger: dict[str, torch.Tensor],
@@ -471,7 +554,7 @@ def _refuse_batch_mixing_outputs(model: nn.Module, cap: Captured, bigger: dict[s
         return
     finally:
         _restore_buffers(saved)
-    n = next(iter(bigger.values())).shape[0]
+    n = next(v.shape[0] for v in bigger.values() if v.dim() > 0)
     for i, (a, b) in enumerate(zip(got, more)):
         if a.dim() == b.dim() and a.dim() > 1 and a.shape[1:] != b.shape[1:]:
             raise TraceError(
@@ -506,7 +589,7 @@ def samples_mixed(model: nn.Module, cap: Captured, args: tuple, kwargs: dict) ->
     try:
         model.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            runs = [pytree.tree_flatten_with_path(model(**{k: v[list(rows)] for k, v in tensors.items()},
+            runs = [pytree.tree_flatten_with_path(model(**{k: _rows(v, list(rows)) for k, v in tensors.items()},
                                                         **cap.constants))[0]
                     for rows in ((0, 1), (1, 0), (0,), (1,))]
     except Exception:  # noqa: BLE001 - a size the model refuses says nothing either way
@@ -516,6 +599,18 @@ def samples_mixed(model: nn.Module, cap: Captured, args: tuple, kwargs: dict) ->
             m.training = training
         _restore_buffers(saved)
     for (path, both), (_, swapped), (_, a), (_, b) in zip(*runs):
+        if isinstance(both, torch.Tensor) and both.dim() == 0 and both.is_floating_point() and a.dim() == 0:
+            # a 0-d output the model reduced itself is combined as a mean weighted by each
+            # microbatch's share; one outside the range of the per-sample values is no weighted
+            # mean (a sum, a max-minus-min) and would come out silently scaled
+            lo, hi = torch.minimum(a, b).float(), torch.maximum(a, b).float()
+            tol = 1e-4 + 1e-3 * torch.maximum(a.abs(), b.abs()).float()
+            if both.float() < lo - tol or both.float() > hi + tol:
+                return (f"its 0-d output {pytree.keystr(path) or '(the tensor)'} for samples 0 and 1 together "
+                        f"({both.item():.4g}) is not a mean of their values alone ({a.item():.4g}, {b.item():.4g}), "
+                        "and fxpipe combines microbatches' 0-d outputs as means weighted by their share of the "
+                        "batch; return it per sample (shape (batch,)) or as a mean over the batch")
+            continue
         if not (isinstance(both, torch.Tensor) and both.dim() > 0 and both.is_floating_point()
                 and both.shape[0] == 2 and swapped.shape == both.shape and a.shape[0] == b.shape[0] == 1):
             continue
@@ -566,7 +661,9 @@ def _explain(model: nn.Module, errors: dict[str, BaseException]) -> str:
     lines = [f"could not capture {type(model).__name__} as a graph."]
     for path, e in errors.items():
         where = _user_frame(e)
-        lines.append(f"  {path}: {_first_line(e)}" + (f"\n      at {where}" if where else ""))
+        # fxpipe's own diagnosis is one line with its fix: keep it whole
+        why = f"TraceError: {e}" if type(e) is TraceError and "\n" not in str(e) else _first_line(e)
+        lines.append(f"  {path}: {why}" + (f"\n      at {where}" if where else ""))
     lines.append(
         "What to try: make control flow independent of tensor values (use torch.where / torch.cond), "
         "mark the offending submodule as a leaf (leaf_modules=(MyBlock,)) so fx does not look inside it, "

@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 from fxpipe.compiler.cluster import Device
 from fxpipe.compiler.repeat_capture import TEMPLATE
 from fxpipe.passes.group_units import COMPUTE_OPS, UNIT, Units
-from fxpipe.passes.propagate_shapes import FLOPS, VAL, same_inputs, template_of
+from fxpipe.passes.propagate_shapes import FLOPS, VAL, mha_fastpath_off, same_inputs, template_of
 
 __all__ = ["NodeCost", "CostTable", "annotate_costs", "backward_transients", "split_kept_gradients", "stage_transient",
            "COST", "BWD_FACTOR", "value_bytes", "device_key", "device_unit_times", "device_offload_unit_times"]
@@ -378,7 +378,7 @@ def _saved_by(gm: fx.GraphModule, node: fx.Node) -> tuple[list[fx.Node], bool, f
             seen.append(t)
             return t
 
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.enable_grad(), mha_fastpath_off(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             if node.op == "call_module":
                 mod = gm.get_submodule(node.target)
                 state = {k: _meta_like(v, isinstance(v, torch.nn.Parameter) and v.requires_grad)
@@ -519,7 +519,7 @@ def split_kept_gradients(gm: fx.GraphModule, n_units: int) -> tuple[float, ...]:
         else:
             consumer = any(a in param_only for a in ins)
         val = nd.meta.get(VAL)
-        if consumer and isinstance(val, torch.Tensor) and val.is_floating_point():
+        if consumer and isinstance(val, torch.Tensor) and (val.is_floating_point() or val.is_complex()):
             out[nd.meta[UNIT]] += value_bytes(val)
     return tuple(out)
 

@@ -151,7 +151,7 @@ def _profile_device(graphs: list, gm: fx.GraphModule, model: nn.Module, inputs: 
         # a training forward records autograd's graph and saves tensors for backward (the
         # runtime's received values are leaves that require grad): time that, not a no_grad
         # forward, which is measurably cheaper (MLP blocks on CPU: ~25%)
-        grad_in = [r.detach().requires_grad_(True) if train and isinstance(r, torch.Tensor) and r.is_floating_point()
+        grad_in = [r.detach().requires_grad_(True) if train and isinstance(r, torch.Tensor) and (r.is_floating_point() or r.is_complex())
                    else r for r in recv]
 
         def forward_of(i: int) -> Callable[[], None]:
@@ -163,7 +163,7 @@ def _profile_device(graphs: list, gm: fx.GraphModule, model: nn.Module, inputs: 
         tf = _concurrently(lambda i: _time(forward_of(i), dev, warmup, repeats), copies, threads)
         tb, tbi, tbw = 0.0, 0.0, 0.0
         if train:
-            leaves = [r.detach().requires_grad_(True) if isinstance(r, torch.Tensor) and r.is_floating_point() else r
+            leaves = [r.detach().requires_grad_(True) if isinstance(r, torch.Tensor) and (r.is_floating_point() or r.is_complex()) else r
                       for r in recv]
             inputs_wrt = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
             if inputs_wrt or params:

@@ -8,7 +8,8 @@ matmul, convolution and attention exactly.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -19,10 +20,28 @@ from torch.utils.flop_counter import FlopCounterMode
 from fxpipe.compiler.repeat_capture import TEMPLATE
 from fxpipe.errors import TraceError
 
-__all__ = ["propagate_shapes", "VAL", "FLOPS", "template_of", "same_inputs"]
+__all__ = ["propagate_shapes", "VAL", "FLOPS", "template_of", "same_inputs", "mha_fastpath_off"]
 
 VAL = "fxpipe.val"  # meta tensor (or Python value) a node produces
 FLOPS = "fxpipe.flops"  # floating-point operations of the node's forward
+
+
+@contextlib.contextmanager
+def mha_fastpath_off() -> Iterator[None]:
+    """torch's fused fast path of nn.TransformerEncoder / nn.MultiheadAttention switched off.
+
+    In eval mode without grad, TransformerEncoder first asks `_nested_tensor_from_mask_left_aligned`
+    whether a src_key_padding_mask is left aligned: that op reads mask values and has no meta
+    kernel, so a leaf TransformerEncoder could not be run on meta at all. The slow path gives
+    the same shapes (the fast path pads its nested result back to the input's size) and the
+    FLOPs the counter can see. Process-wide flag, so restored right after.
+    """
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def _to_meta(x: Any) -> Any:
@@ -187,6 +206,6 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
         [(3, 2)]
     """
     interp = _MetaInterpreter(gm)
-    with torch.no_grad(), interp.counter:
+    with torch.no_grad(), mha_fastpath_off(), interp.counter:
         interp.run(*[_to_meta(x) for x in example_inputs])
     return gm

@@ -213,7 +213,7 @@ class BoundaryLayout:
 def grad_layout(values: Sequence[Any], what: str) -> BoundaryLayout:
     """The layout of the gradients of boundary `values`: one slot per floating tensor (the
     values the receiver made leaves that require grad); `refs` says which, in order."""
-    refs = [v if isinstance(v, torch.Tensor) and v.is_floating_point() else None for v in values]
+    refs = [v if isinstance(v, torch.Tensor) and _floating(v) else None for v in values]
     lay = BoundaryLayout([r for r in refs if r is not None], what)
     lay.refs = refs
     return lay

@@ -322,7 +322,8 @@ class LocalRuntime:
         needs = state.needs_grad.pop((s, mb), None)
         leaves = []
         for i, v in enumerate(recv):
-            if state.train and isinstance(v, torch.Tensor) and v.is_floating_point():
+            # complex too: a rotary product (view_as_complex) cut between stages carries gradient
+            if state.train and isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()):
                 v = v.detach().requires_grad_(needs is None or needs[i])
             leaves.append(v)
         model_in = [self._to(state.inputs[mb][i], st.device) for i in st.input_positions]
