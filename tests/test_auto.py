@@ -52,8 +52,10 @@ def test_auto_picks_the_fastest_fitting_candidate_and_its_rows_are_real_plans():
         if r.get("skipped"):
             assert r["lower_bound_ms"] > plan.predicted["step_ms"]
             assert alone.predicted["step_ms"] >= r["lower_bound_ms"] * (1 - 1e-9)
-        else:
+        elif (r["schedule"], r["microbatches"]) == (plan.schedule.kind, plan.microbatches):
             assert alone.predicted["step_ms"] == pytest.approx(r["step_ms"], rel=1e-12)
+        else:  # auto refines only its best few cuts (AUTO_REFINE); by hand every cut is refined
+            assert alone.predicted["step_ms"] <= r["step_ms"] * (1 + 1e-12)
     # the summary names the choice
     assert f"auto: chose schedule {plan.schedule.kind} with {plan.microbatches} microbatches" in plan.summary()
 

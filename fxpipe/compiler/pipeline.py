@@ -27,8 +27,8 @@ from fxpipe.passes.group_units import Units, group_units
 from fxpipe.passes.load_schedule import load_schedule
 from fxpipe.passes.fuse_elementwise import fuse_elementwise
 from fxpipe.passes.place_stages import place_stages
-from fxpipe.passes.partition_stages import (Partition, PartitionProblem, memory_shortfall, params_partition,
-                                            step_candidates, uniform_partition)
+from fxpipe.passes.partition_stages import (Partition, PartitionProblem, evaluate_partition, memory_shortfall,
+                                            params_partition, step_candidates, uniform_partition)
 from fxpipe.passes.profile_units import profile_units
 from fxpipe.passes.propagate_shapes import propagate_shapes
 from fxpipe.passes.simulate_schedule import Timeline, simulate_schedule
@@ -44,6 +44,7 @@ AUTO_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 # Auto mode skips candidates whose step's lower bound loses to a plan found; benchmarks set
 # it False to plan every candidate and check the choice is the same.
 AUTO_PRUNE = True
+AUTO_REFINE = 3  # auto mode refines the cut (`_refine_cut`) of this many of its fastest candidates
 AUTO_MICROBATCHES = (1, 2, 4, 8, 16, 32)  # and on, doubling, up to 2 per device (`auto_microbatch_counts`)
 
 
@@ -207,7 +208,7 @@ def check_options(*, microbatches: Any, schedule: Any, optimizer: Any, train: An
 
 def _front(model: nn.Module, args: tuple, kwargs: dict, p: int, m: int, capture_method: str,
            leaf_modules: tuple[type, ...], prog: "_Progress", plan: Plan | None = None,
-           fuse: bool = False) -> tuple[Captured, Units, CostTable]:
+           fuse: bool = False, fused_dropout: bool = False) -> tuple[Captured, Units, CostTable]:
     """capture -> shapes -> (fuse) -> units -> costs: what planning and re-using a saved `plan` share."""
     if not isinstance(model, nn.Module):
         raise PlanError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -233,14 +234,15 @@ def _front(model: nn.Module, args: tuple, kwargs: dict, p: int, m: int, capture_
             "(batch, seq, ...)); if it relates samples on purpose (in-batch statistics or negatives), use "
             "microbatches=1")
     _dump("capture", cap.gm.code)
-    units, costs = _analyse(cap, args, kwargs, sizes[0], p, prog, fuse=fuse)
+    units, costs = _analyse(cap, args, kwargs, sizes[0], p, prog, fuse=fuse, fused_dropout=fused_dropout)
     return cap, units, costs
 
 
 def _analyse(cap: Captured, args: tuple, kwargs: dict, size: int, p: int, prog: "_Progress",
-             fuse: bool = False) -> tuple[Units, CostTable]:
+             fuse: bool = False, fused_dropout: bool = False) -> tuple[Units, CostTable]:
     """shapes -> (fuse) -> units -> costs of the captured graph for microbatches of `size`
-    samples and p stages; auto mode re-runs it per distinct (size, p), the capture once."""
+    samples and p stages; auto mode re-runs it per distinct (size, p), the capture once.
+    `fused_dropout`: attention with dropout runs fused on every device (`_fused_dropout`)."""
     # shapes at the largest microbatch: what each stage really sees per step
     prog.start("shapes")
     flat = cap.flat_inputs(args, kwargs)
@@ -257,10 +259,16 @@ def _analyse(cap: Captured, args: tuple, kwargs: dict, size: int, p: int, prog: 
     # units before costs: costs are aggregated per unit, the partitioner's atoms
     prog.start("units+costs")
     units = group_units(cap.gm, min_units=max(8, 4 * p))
-    costs = annotate_costs(cap.gm, units)
+    costs = annotate_costs(cap.gm, units, fused_attention_dropout=fused_dropout)
     prog.done("costs", f"({len(units)} units)")
     _dump("units", "\n".join(f"{i}: {n} ({len(units.nodes[i])} nodes)" for i, n in enumerate(units.names)))
     return units, costs
+
+
+def _fused_dropout(cluster: Cluster) -> bool:
+    """Whether every device runs attention with dropout fused (CUDA's flash / memory-efficient
+    SDPA; a CPU runs it by the math path, which keeps the score matrix)."""
+    return all(d.kind != "cpu" for d in cluster.devices)
 
 
 def _too_few_units(cap: Captured, units: Units, p: int) -> str:
@@ -385,7 +393,7 @@ def build_plan(
     if not (auto_s or auto_m):
         stage_device = user.stage_device if user is not None else _stage_devices(kind, p, virtual_stage_count(kind, virtual_stages))
         cap, units, costs = _front(model, args, kwargs, len(stage_device), m, capture_method, leaf_modules, prog,
-                                   fuse=fuse)
+                                   fuse=fuse, fused_dropout=_fused_dropout(cluster))
         costs = _profiled(costs, model, cap, args, kwargs, m, cluster, stage_device, train, profile, progress, prog)
         if user is not None and _splits_backward(user) and off == "on":
             raise PlanError("offload='on' cannot be combined with a schedule that splits the backward (BI/BW): "
@@ -428,8 +436,10 @@ def _profiled(costs: CostTable, model: nn.Module, cap: Captured, args: tuple, kw
 
 def _plan_one(kind: str, user: Schedule | None, m: int, stage_device: Sequence[int], cap: Captured, units: Units,
               costs: CostTable, cluster: Cluster, model: nn.Module, train: bool, optimizer: str, mode: str, fuse: bool,
-              prog: _Progress, offload: str = "off") -> Plan:
-    """schedule -> placement + partition -> simulate -> Plan, for one schedule kind and m."""
+              prog: _Progress, offload: str = "off", refine: bool = True) -> Plan:
+    """schedule -> placement + partition -> simulate -> Plan, for one schedule kind and m.
+    `refine`: improve the chosen cut by moving single cuts (`_refine_cut`); auto mode does it
+    only for its best candidates."""
     n_units, n_devs = len(costs.unit_names), len(cluster)
     if len(stage_device) > n_devs and n_units < len(stage_device):
         # the partitioner would say "N devices were given" of the virtual stages, which misleads
@@ -483,7 +493,18 @@ def _plan_one(kind: str, user: Schedule | None, m: int, stage_device: Sequence[i
         if best_key is None or key < best_key:
             best_key, chosen = key, (c, st_c, tl_c)
     part, stages, tl = chosen
-    prog.done("simulate", f"({len(cands)} cut(s) simulated)")
+    # the stage times alone do not fix the step: among cuts with one bottleneck and one sum,
+    # where the light stages sit changes the fill and drain (GPT-2 XL on 8 H100s, 1F1B, m=8:
+    # the left-packed cut leaves the last stage nearly empty at 807 ms, moving a few cuts
+    # right gives 779 ms), so the best cut is improved by moving one cut at a time
+    tried = len(cands)
+    if limit and refine:
+        # a few dozen simulations, fewer for long ones (a simulation's work ~ stages x m)
+        budget = min(96, 8 * max(1, n_stages - 1), max(8, 40_000 // (n_stages * m)))
+        (part, stages, tl), extra = _refine_cut(problem, (part, stages, tl), sched, costs, cluster, stage_device,
+                                                train, inflight, budget=budget)
+        tried += extra
+    prog.done("simulate", f"({tried} cut(s) simulated)")
     predicted = {
         "step_ms": tl.step_time * 1e3,
         "bottleneck_ms": part.bottleneck * 1e3,
@@ -506,6 +527,40 @@ def _plan_one(kind: str, user: Schedule | None, m: int, stage_device: Sequence[i
         baselines=baselines, timings=prog.timings)
 
 
+def _refine_cut(problem: PartitionProblem, best: tuple, sched: Schedule, costs: CostTable, cluster: Cluster,
+                stage_device: Sequence[int], train: bool, inflight: Sequence[int], budget: int) -> tuple[tuple, int]:
+    """Hill-climb from the best simulated cut: move one cut by one unit (by 2 or 3 only when
+    no one-unit move helps: units without work make plateaus), keep the first move that fits
+    and predicts a shorter step, until no move helps or `budget` simulations are spent.
+    Returns ((partition, stages, timeline), simulations)."""
+    part, stages, tl = best
+    p, n, spent = len(part.bounds), problem.n, 0
+    size = 1
+    while size <= 3 and spent < budget:
+        improved = False
+        for k in range(p - 2, -1, -1):  # cut after stage k, from the last one back
+            for delta in (size, -size):
+                cuts = [e for _, e in part.bounds[:-1]]
+                cuts[k] += delta
+                lo = cuts[k - 1] if k else 0
+                hi = cuts[k + 1] if k + 1 < len(cuts) else n
+                if not lo < cuts[k] < hi or spent >= budget:
+                    continue
+                c = evaluate_partition(problem, tuple(zip([0] + cuts, cuts + [n])), method=part.method)
+                if not c.fits:
+                    continue
+                spent += 1
+                st_c = _stage_plans(c, costs, cluster, stage_device, train, inflight)
+                tl_c = _simulate(sched, st_c, costs, cluster)
+                if tl_c.step_time < tl.step_time * (1 - 1e-9):
+                    part, stages, tl, improved = c, st_c, tl_c, True
+                    break
+            if improved:
+                break
+        size = 1 if improved else size + 1
+    return (part, stages, tl), spent
+
+
 def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, kind: Any, m: Any, auto_s: bool,
                auto_m: bool, train: bool, optimizer: str, capture_method: str, leaf_modules: tuple[type, ...],
                virtual_stages: Any, profile: bool, progress: bool, fuse: bool, mode: str,
@@ -525,8 +580,9 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
     # capture once, analysed first for the smallest candidate (m=1 always fits a batch)
     first_m = 1 if auto_m else m
     first_devices = _stage_devices(kinds[0], p, virtual_stage_count(kinds[0], v_given if kinds[0] == "interleaved" else None))
+    fused_dropout = _fused_dropout(cluster)
     cap, units0, costs0 = _front(model, args, kwargs, len(first_devices), first_m, capture_method, leaf_modules, prog,
-                                 fuse=fuse)
+                                 fuse=fuse, fused_dropout=fused_dropout)
     ms = auto_microbatch_counts(cap.batch_size, p) if auto_m else [m]
     if not auto_m:
         microbatch_sizes(cap.batch_size, m)  # refuses m > batch with the usual message
@@ -547,7 +603,7 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
         nonlocal last_key
         key = (size, n_stages)
         if key not in analysed:
-            u, c = _analyse(cap, args, kwargs, size, n_stages, prog)
+            u, c = _analyse(cap, args, kwargs, size, n_stages, prog, fused_dropout=fused_dropout)
             analysed[key] = (u, _profiled(c, model, cap, args, kwargs, m_, cluster, stage_device, train, profile, progress, prog))
             last_key = key
         return analysed[key]
@@ -573,6 +629,7 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
         bounds.append(costs_step_lower_bound(costs, cluster.devices, kind_, m_, train, len(stage_device)))
     rows: list[dict[str, Any] | None] = [None] * len(candidates)
     plans: list[tuple[Plan, Units, tuple[int, int]]] = []
+    planned: list[int] = []  # the candidate of each plan
     failures: list[tuple[float, int, int, str, PlanError]] = []
     best_step = math.inf
     for done, i in enumerate(sorted(range(len(candidates)), key=lambda i: (bounds[i], i))):
@@ -591,7 +648,7 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
         try:
             units, costs = analysis(size, len(stage_device), m_, stage_device)
             plan = _plan_one(kind_, None, m_, stage_device, cap, units, costs, cluster, model, train, optimizer,
-                             _mode_for(mode, kind_, train), fuse, prog, _offload_for(off, kind_))
+                             _mode_for(mode, kind_, train), fuse, prog, _offload_for(off, kind_), refine=False)
         except (PlanError, ScheduleError) as e:
             row.update(fits=False, why=str(e).splitlines()[0][:200])
             err = e if isinstance(e, PlanError) else PlanError(str(e))
@@ -605,7 +662,19 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
                    recompute_stages=sum(1 for st in plan.stages if st.recompute),
                    offload_stages=sum(1 for st in plan.stages if st.offload))
         plans.append((plan, units, (size, len(stage_device))))
+        planned.append(i)
         best_step = min(best_step, plan.predicted["step_ms"] / 1e3)
+    # the cut refinement (`_refine_cut`, a few dozen simulations) only for the best few: it
+    # improves a step by a few percent, so a candidate far behind would not win with it
+    for j in sorted(range(len(plans)), key=lambda j: plans[j][0].predicted["step_ms"])[:AUTO_REFINE]:
+        i = planned[j]
+        kind_, m_, stage_device = candidates[i]
+        units, costs = analysis(plans[j][2][0], len(stage_device), m_, stage_device)
+        plan = _plan_one(kind_, None, m_, stage_device, cap, units, costs, cluster, model, train, optimizer,
+                         _mode_for(mode, kind_, train), fuse, prog, _offload_for(off, kind_))
+        if plan.predicted["step_ms"] < plans[j][0].predicted["step_ms"]:
+            plans[j] = (plan, units, plans[j][2])
+            rows[i]["step_ms"] = plan.predicted["step_ms"]
     skipped = sum(1 for r in rows if r and r.get("skipped"))
     if skipped:
         prog.note(f"auto: {skipped} of {len(candidates)} candidates skipped (their lower bound exceeds a plan found)")
@@ -624,7 +693,7 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
 
     best, units, key = min(plans, key=rank)
     if key != last_key:  # the graph's shapes must be those of the chosen microbatch size
-        units, _ = _analyse(cap, args, kwargs, key[0], key[1], prog)
+        units, _ = _analyse(cap, args, kwargs, key[0], key[1], prog, fused_dropout=fused_dropout)
     predicted = dict(best.predicted, auto=rows + mixed_rows)
     plan = best.with_(predicted=predicted, timings=prog.timings)
     _dump("plan", plan.summary())

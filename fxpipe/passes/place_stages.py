@@ -91,6 +91,7 @@ class Placement:
     def to_dict(self) -> dict:
         """JSON form for ``plan.predicted["placement"]`` (what `explain` shows)."""
         return {"order": list(self.order), "method": self.method, "candidates": self.candidates,
+                "bottleneck_ms": self.partition.bottleneck * 1e3,  # the order's min; the plan's cut may trade it for step
                 "runner_ups": [{"order": list(o), "bottleneck_ms": b * 1e3} for o, b in self.runner_ups],
                 "lower_bound_ms": None if self.lower_bound is None else self.lower_bound * 1e3}
 
