@@ -32,7 +32,8 @@ def make_model_and_data(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.T
 
 
 def main(steps: int = 3, checkpoint: str | None = None) -> None:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # torchrun sets WORLD_SIZE; run without it, compile says how to launch (for 2 ranks)
+    world = int(os.environ.get("WORLD_SIZE", "2"))
     model, x, y = make_model_and_data()
     cm = fxpipe.compile(model, ["cpu"] * world, (x,), microbatches=4, backend="distributed", timeout=60)
     opt = torch.optim.SGD(cm.parameters(), lr=0.1)

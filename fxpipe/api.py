@@ -125,6 +125,13 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
         if devices is None:
             raise PlanError("compile needs devices (e.g. devices=['cpu', 'cpu']) or a plan "
                             "(plan=fxpipe.plan(...) or plan='plan.json'); neither was given")
+        if backend == "distributed":  # not launched as one rank per device: say so before planning
+            n = len(devices.devices) if isinstance(devices, Cluster) else \
+                len(devices) if isinstance(devices, (list, tuple)) else None
+            if n:
+                from fxpipe.runtime.dist_model import check_launch
+
+                check_launch(n)
         comp = build_plan(model, devices, example_inputs, example_kwargs,
                           microbatches=MICROBATCHES_UNSET if microbatches is None else microbatches,
                           schedule="1f1b" if schedule is None else schedule, train=True,
@@ -132,12 +139,21 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
                           leaf_modules=leaf_modules, virtual_stages=virtual_stages, progress=progress,
                           profile=profile, fuse=fuse, recompute="auto" if recompute is None else recompute,
                           offload="auto" if offload is None else offload)
-        return _make_compiled(model, comp, timeout, backend)
+        # distributed: ranks whose planning came out otherwise (each rank measures its CPU, or
+        # profiles, itself) adopt rank 0's plan through this, instead of refusing to run
+        rebuild = lambda p: build_from_plan(model, p, example_inputs, example_kwargs,  # noqa: E731
+                                            capture_method=capture_method, leaf_modules=leaf_modules,
+                                            progress=progress)
+        return _make_compiled(model, comp, timeout, backend, rebuild)
     if isinstance(plan, (str, os.PathLike)):
         plan = Plan.load(plan)
     elif not isinstance(plan, Plan):
         raise PlanError(f"plan must be a fxpipe.Plan or the path of a plan file, got {type(plan).__name__}")
     _require_same_as_plan(plan, devices, microbatches, schedule, optimizer)
+    if backend == "distributed":
+        from fxpipe.runtime.dist_model import check_launch
+
+        check_launch(len(plan.cluster.devices))
     planned_v = plan.num_stages // max(1, len(plan.cluster.devices))
     if virtual_stages is not None and virtual_stages != planned_v:  # else silently ignored: the plan decides
         raise PlanError(f"the plan was made with {planned_v} stage(s) per device (schedule {plan.schedule.kind!r}) but "
@@ -157,11 +173,12 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
     return _make_compiled(model, comp, timeout, backend)
 
 
-def _make_compiled(model: nn.Module, comp: Compilation, timeout: float, backend: str) -> Any:
+def _make_compiled(model: nn.Module, comp: Compilation, timeout: float, backend: str,
+                   rebuild: Callable[[Plan], Compilation] | None = None) -> Any:
     if backend == "distributed":
         from fxpipe.runtime.dist_model import DistributedCompiledModel
 
-        return DistributedCompiledModel(model, comp, timeout=timeout)
+        return DistributedCompiledModel(model, comp, timeout=timeout, rebuild=rebuild)
     return CompiledModel(model, comp, timeout=timeout)
 
 

@@ -29,8 +29,13 @@ Contracts:
   each rank allocates only its own stages' tensors (uninitialized) and `load_checkpoint` /
   `load_state_dict` fills them, so no rank ever holds the whole model. Non-persistent meta
   buffers (not in any state dict) are refused at compile time with their names.
-* After a PipelineFailure (dead or hung peer) the process group is unusable: exit the
-  process (torchrun restarts the job).
+* Ranks must agree: compile compares the traced model, example input shapes, plan and a
+  sample of the weights (differing weights block step/call until a load); every step/call
+  compares the call (kind, input shapes, train mode), so a mismatch is an error on every
+  rank, and a rank that never calls fails the others within `timeout`.
+* After a PipelineFailure (dead or hung peer, or any failure midway through a step) the
+  process group is unusable: later calls on this rank are refused; exit the process
+  (torchrun restarts the job).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -59,7 +65,7 @@ from fxpipe.runtime.offload import keep_weights_on_host
 from fxpipe.runtime.program import compile_program
 from fxpipe.runtime.weight_grad import with_split_backward
 
-__all__ = ["DistributedCompiledModel", "PipelineFailure"]
+__all__ = ["DistributedCompiledModel", "PipelineFailure", "check_launch"]
 
 
 def _runnable(name: str, kind: str) -> torch.device:
@@ -68,15 +74,42 @@ def _runnable(name: str, kind: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise PlanError(f"plan device {name!r} (kind {kind}) is not a torch device this rank can run on") from None
+        if kind != "cuda":
+            raise PlanError(f"plan device {name!r} (kind {kind}) is not a torch device this rank can run on") from None
+        # a described cluster's GPU (Cluster.preset names them 'h100:3'): under torchrun a rank
+        # runs on its node's GPU number LOCAL_RANK, the usual one-rank-per-GPU mapping
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (dev.index or 0) >= n:
-            raise PlanError(f"plan device {name!r} does not exist on this rank's machine ({n} CUDA devices)")
+            run_as = f" (run as {dev})" if n else ""
+            raise PlanError(f"plan device {name!r}{run_as} does not exist on this rank's machine ({n} CUDA "
+                            "devices): run the plan on the cluster it was made for, one rank per GPU, or plan for "
+                            "this machine's devices (e.g. devices=['cpu'] * nproc_per_node)")
     elif dev.type == "meta":
         raise PlanError(f"plan device {name!r} is a 'meta' device: such a plan can be inspected, not run")
     return dev
 
+
+
+def check_launch(n: int) -> tuple[int, int]:
+    """(world size, rank) for a plan of n devices, or a clear error when this process was not
+    launched as one of n ranks. `compile(backend="distributed")` calls it before planning, so
+    `python script.py` without torchrun fails at once instead of after planning the model."""
+    if dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    else:
+        env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        missing = [k for k, v in env.items() if v is None]
+        if missing:
+            script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "script.py"
+            raise RuntimeMismatchError(
+                f"the distributed backend needs torch.distributed: no process group is initialized and "
+                f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set; launch with "
+                f"`torchrun --nproc_per_node={n} {script}` or call torch.distributed.init_process_group first")
+        world, rank = int(env["WORLD_SIZE"]), int(env["RANK"])
+    DistributedCompiledModel._check_world(world, n)
+    return world, rank
 
 
 def _params_of(obj: Any) -> list[torch.Tensor]:
@@ -97,10 +130,13 @@ class DistributedCompiledModel:
         prefetch: receives posted ahead per peer (default 4 on gloo, 0 on NCCL).
         threads: intra-op threads this rank computes with during a step (default: the plan
             device's `threads`, i.e. the machine's cores shared among the plan's CPU devices).
+        rebuild: plan -> Compilation of this model under that plan (`compile` passes it when
+            it planned): a rank whose own planning differs from rank 0's adopts rank 0's plan.
     """
 
     def __init__(self, model: nn.Module, comp: Compilation, timeout: float = 300.0, backend: str | None = None,
-                 prefetch: int | None = None, threads: int | None = None):
+                 prefetch: int | None = None, threads: int | None = None,
+                 rebuild: Callable[[Any], Compilation] | None = None):
         if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0):
             raise PlanError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.model = model
@@ -112,19 +148,8 @@ class DistributedCompiledModel:
         cuda = any(_runnable(d.name, d.kind).type == "cuda" for d in devs if d.kind != "cpu")
         backend = backend or ("nccl" if cuda else "gloo")
         # ---- the world: refused before any rendezvous when it cannot fit the plan -------
-        if dist.is_initialized():
-            world, rank = dist.get_world_size(), dist.get_rank()
-            self._check_world(world, n)
-        else:
-            env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-            missing = [k for k, v in env.items() if v is None]
-            if missing:
-                raise RuntimeMismatchError(
-                    f"the distributed backend needs torch.distributed: no process group is initialized and "
-                    f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set; launch with "
-                    f"`torchrun --nproc_per_node={n} script.py` or call torch.distributed.init_process_group first")
-            world, rank = int(env["WORLD_SIZE"]), int(env["RANK"])
-            self._check_world(world, n)
+        world, rank = check_launch(n)
+        if not dist.is_initialized():
             if cuda:
                 torch.cuda.set_device(_runnable(devs[rank].name, devs[rank].kind))
             dist.init_process_group(backend, rank=rank, world_size=world,
@@ -133,10 +158,22 @@ class DistributedCompiledModel:
         self.device = _runnable(devs[rank].name, devs[rank].kind)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        # control messages (plan check, loss) go over gloo on the host
-        self._ctrl = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.timeout))
-        self._check_same_plan()
+        # control messages (plan check, call check, loss) go over gloo on the host, on a group of
+        # fxpipe's own: a process group the user initialized keeps its own timeout (30 min by
+        # default), and every fxpipe collective must fail within `timeout` instead
+        self._ctrl = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.timeout))
+        # host-side data collectives (outputs, state gather) use it too on gloo; NCCL needs device buffers
+        self._data = self._ctrl if dist.get_backend() == "gloo" else None
+        self._values_differ: str | None = None  # set by _check_same_plan, cleared by a load
+        self._broken: str | None = None  # why a step/call/collective failed midway (see _check_usable)
         self._table = tensor_table(model)
+        self._rebuild = rebuild
+        self._check_same_plan()  # may replace self.plan and self._cap by rank 0's
+        p, devs = self.plan, self.plan.cluster.devices
+        if _runnable(devs[rank].name, devs[rank].kind) != self.device:  # rank 0's plan placed devices otherwise
+            self.device = _runnable(devs[rank].name, devs[rank].kind)
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
 
         # ---- stages of this rank --------------------------------------------------------
         self.stage_graphs = split_stages(self._cap.gm, [s.units for s in p.stages])
@@ -216,31 +253,135 @@ class DistributedCompiledModel:
                             f"the distributed backend runs one rank per plan device; launch with "
                             f"--nproc_per_node={n} (or plan for {world} devices)")
 
+    @staticmethod
+    def _digest(obj: Any) -> int:
+        return int.from_bytes(hashlib.sha256(repr(obj).encode()).digest()[:7], "little")
+
     def _plan_digest(self) -> int:
         p = self.plan
-        text = repr(([s.units for s in p.stages], [s.device for s in p.stages], p.microbatches, p.schedule.kind,
-                     [[str(i) for i in prog] for prog in p.schedule.programs], p.fingerprint))
-        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+        return self._digest(([s.units for s in p.stages], [s.device for s in p.stages], p.microbatches, p.schedule.kind,
+                             [[str(i) for i in prog] for prog in p.schedule.programs], p.fingerprint))
+
+    def _input_shapes(self) -> list[str]:
+        # the graph's shapes are a microbatch's; the batch size tells 30 from 32 samples in 4 microbatches
+        return [f"batch {self._cap.batch_size}", f"devices {sorted(d.name for d in self.plan.cluster.devices)}"] + [
+            f"{n.name}: {tuple(v.shape)} {v.dtype}" if isinstance(v := n.meta.get(VAL), torch.Tensor)
+            else f"{n.name}: {v!r}"
+            for n in self._cap.gm.graph.nodes if n.op == "placeholder"]
+
+    def _values_digest(self) -> int:
+        """A cheap digest of the model's parameters (a few strided samples each): ranks that
+        built the model from different seeds hold different weights, which the plan check
+        cannot see (the plan depends on shapes only). Meta tensors count by shape only.
+        Buffers are left out: one made with torch.empty and filled by forward differs
+        between processes harmlessly."""
+        parts = []
+        for k, t in self.model.named_parameters():
+            if t.is_meta or t.numel() == 0:
+                parts.append((k, tuple(t.shape)))
+                continue
+            flat = t.detach().reshape(-1)
+            idx = torch.linspace(0, flat.numel() - 1, min(16, flat.numel()), device=flat.device).long()
+            parts.append((k, bytes(flat[idx].cpu().contiguous().view(torch.uint8).numpy())))  # any dtype, exact
+        return self._digest(parts)
 
     def _check_same_plan(self) -> None:
-        mine = torch.tensor([self._plan_digest()], dtype=torch.int64)
-        allv = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        """Every rank must trace the same model with the same example inputs and plan alike;
+        compare the three (and the model's values) so the error names what differs."""
+        mine = torch.tensor([self._digest(self.plan.fingerprint), self._digest(self._input_shapes()),
+                             self._plan_digest(), self._values_digest()], dtype=torch.int64)
+        allv = [torch.zeros(4, dtype=torch.int64) for _ in range(self.world)]
         self._collective(lambda: dist.all_gather(allv, mine, group=self._ctrl), "checking that every rank has the same plan")
-        digests = [int(v.item()) for v in allv]
-        if len(set(digests)) != 1:
-            groups: dict[int, list[int]] = {}
-            for r, d in enumerate(digests):
-                groups.setdefault(d, []).append(r)
-            raise PlanError(f"the ranks planned differently (ranks grouped by plan: {sorted(groups.values())}); "
+        if self._rebuild is not None and len({int(v[2].item()) for v in allv}) > 1 and \
+                len({(int(v[0].item()), int(v[1].item())) for v in allv}) == 1:
+            # the same model, inputs and devices planned otherwise (each rank measured its own
+            # CPU or profiled itself): every rank runs rank 0's plan
+            self._adopt_plan_of_rank0(int(allv[0][2].item()))
+            mine[2] = self._plan_digest()
+            self._collective(lambda: dist.all_gather(allv, mine, group=self._ctrl),
+                             "checking that every rank has the same plan")
+
+        def groups(i: int) -> list[list[int]] | None:
+            by: dict[int, list[int]] = {}
+            for r, v in enumerate(allv):
+                by.setdefault(int(v[i].item()), []).append(r)
+            return sorted(by.values()) if len(by) > 1 else None
+
+        if (g := groups(0)) is not None:
+            raise PlanError(f"the ranks traced different models (graph fingerprints differ; ranks grouped by model: "
+                            f"{g}): every rank must build the same model (same code, config and constructor arguments)")
+        if (g := groups(1)) is not None:
+            raise PlanError(f"the ranks compiled with different example inputs or devices (ranks grouped by them: {g}; "
+                            f"rank {self.rank}'s: {self._input_shapes()[:5]}): give every rank the same example_inputs "
+                            "and devices (the boundary messages are laid out from the inputs' shapes)")
+        if (g := groups(2)) is not None:
+            raise PlanError(f"the ranks planned differently (ranks grouped by plan: {g}); "
                             "planning must be the same on every rank: plan once (fxpipe.plan(...).save('plan.json')) "
                             "and give every rank that plan file")
+        if (g := groups(3)) is not None:
+            # not an error yet: loading a checkpoint or state dict next makes them agree
+            self._values_differ = (
+                f"the ranks built the model with different values (ranks grouped by weights: {g}), so its stages "
+                "would not form one model; call torch.manual_seed(same seed) before building the model on every "
+                "rank, or call cm.load_checkpoint(folder) / cm.load_state_dict(sd) on every rank first")
+
+    def _adopt_plan_of_rank0(self, digest0: int) -> None:
+        from fxpipe.compiler.plan import Plan
+
+        obj = [self.plan.to_dict() if self.rank == 0 else None]
+        self._collective(lambda: dist.broadcast_object_list(obj, src=0, group=self._ctrl), "receiving rank 0's plan")
+        err: BaseException | None = None
+        if self._plan_digest() != digest0:
+            try:
+                comp = self._rebuild(Plan.from_dict(obj[0], "rank 0's plan"))
+                self.plan, self._cap = comp.plan, comp.captured
+            except FxpipeError as e:
+                err = e
+        self._agree(err, "adopting rank 0's plan")
+
+    def _check_same_call(self, kind: str, args: tuple, kwargs: dict) -> None:
+        """Every rank must make the same call (step or inference) with inputs of the same
+        shapes in the same mode: a rank that calls differently would otherwise post other
+        messages than its peers (gloo aborts the process on a size mismatch) or none at all.
+        One tiny all_gather on the host per call; a rank that never calls times out on it."""
+        if self._values_differ is not None:
+            raise PlanError(self._values_differ)
+        flat = self._cap.flat_inputs(args, kwargs)
+        sig = (kind, [(tuple(t.shape), str(t.dtype), bool(t.requires_grad)) for t in flat], self.model.training)
+        mine = torch.tensor([self._digest(sig)], dtype=torch.int64)
+        allv = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        self._collective(lambda: dist.all_gather(allv, mine, group=self._ctrl),
+                         f"checking that every rank makes the same call ({kind}); every rank must call it together")
+        by: dict[int, list[int]] = {}
+        for r, v in enumerate(allv):
+            by.setdefault(int(v.item()), []).append(r)
+        if len(by) > 1:
+            raise RuntimeMismatchError(
+                f"the ranks made different calls (ranks grouped by call: {sorted(by.values())}; rank {self.rank}: "
+                f"{kind} with inputs {[s for s, _, _ in sig[1]]}, {'train' if sig[2] else 'eval'} mode): every rank "
+                "must call step / cm(...) together, with inputs of the same shapes, in the same train/eval mode")
+
+    def _check_usable(self) -> None:
+        """After a step, call or collective failed midway, peers may still be blocked in it or
+        have its messages in flight, which the next step's receives (same tags) would take as
+        its own: refuse every later collective on this rank rather than hang or mix steps."""
+        if self._broken is not None:
+            raise PipelineFailure(f"rank {self.rank}: an earlier step or collective failed midway ({self._broken}); "
+                                  "the process group is no longer in step across ranks: exit the process on every "
+                                  "rank and restart (torchrun restarts the job; resume from a checkpoint)")
+
+    def _mark_broken(self, e: BaseException) -> None:
+        if self._broken is None:
+            self._broken = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
     def _collective(self, fn: Callable[[], Any], what: str) -> Any:
         try:
             return fn()
-        except FxpipeError:
+        except FxpipeError as e:
+            self._mark_broken(e)
             raise
         except Exception as e:
+            self._mark_broken(e)
             raise PipelineFailure(f"rank {self.rank} failed while {what}: {type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:300] if str(e) else ''} (a peer died or is stuck)") from None
 
@@ -392,6 +533,7 @@ class DistributedCompiledModel:
         from fxpipe.api import _check_grad_enabled, _check_trainable, _split_target, _unflatten
 
         _check_grad_enabled()
+        self._check_usable()
         self._cap.check_modes(self.model)  # on every rank alike, before any message
         if not self.plan.train:
             raise PlanError("this model was compiled from an inference plan (train=False), which has no backward")
@@ -400,6 +542,7 @@ class DistributedCompiledModel:
             raise RuntimeMismatchError(f"loss_fn must be callable as loss_fn(output, target) -> scalar tensor, "
                                        f"got {type(loss_fn).__name__}")
         per_mb, sizes, b = self._split(args, kwargs)
+        self._check_same_call("step", args, kwargs)
         _check_trainable(self.model, per_mb)  # the whole model's flags: every rank decides alike
         self._rt.needs_grad = self._boundary_grads(args, kwargs)
         targets = _split_target(target, self.plan.microbatches, b)
@@ -413,7 +556,8 @@ class DistributedCompiledModel:
             self._rt.run_program(self._train_prog[1], self._train_sched.programs, state, sizes)
             self._reduce_tied()
             loss = self._broadcast_loss(state)
-        except BaseException:
+        except BaseException as e:
+            self._mark_broken(e)
             for q, g in zip(params, before):
                 q.grad = g
             raise
@@ -460,11 +604,20 @@ class DistributedCompiledModel:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Pipelined inference on every rank: equals `model(*args, **kwargs)` on every rank."""
-        from fxpipe.api import _concat, _inference_outputs, _unflatten
-
+        self._check_usable()
         self._check_loaded("run inference")
         self._cap.check_modes(self.model)
         per_mb, sizes, _ = self._split(args, kwargs)
+        self._check_same_call("inference", args, kwargs)
+        try:
+            return self._infer(args, kwargs, per_mb, sizes)
+        except BaseException as e:
+            self._mark_broken(e)
+            raise
+
+    def _infer(self, args: tuple, kwargs: dict, per_mb: list, sizes: list[int]) -> Any:
+        from fxpipe.api import _concat, _inference_outputs, _unflatten
+
         state = _StepState(inputs=per_mb, train=False)
         with torch.no_grad():
             self._rt.run_program(self._infer_prog[1], self._infer_sched.programs, state, sizes)
@@ -477,7 +630,8 @@ class DistributedCompiledModel:
             else:
                 buf = lay.empty(self.device)
             if buf.numel():
-                self._collective(lambda: dist.broadcast(buf, src=last), f"receiving the outputs from rank {last}")
+                self._collective(lambda: dist.broadcast(buf, src=last, group=self._data),
+                                 f"receiving the outputs from rank {last}")
             results.append(state.results[mb] if self.rank == last else lay.unpack(buf))
         flat = [_concat([results[mb][k] for mb in range(len(sizes))], sizes) for k in range(len(results[0]))]
         return _unflatten(self._cap.out_spec, _inference_outputs(flat, self.model, args, kwargs))
@@ -539,6 +693,7 @@ class DistributedCompiledModel:
         """The original model's state dict on rank 0 (each tensor from its owner rank); {} elsewhere.
 
         Every rank must call it (it is a collective)."""
+        self._check_usable()
         self._check_loaded("gather the state dict")
         objs = self._table.tensors
         sd = self.model.state_dict()
@@ -554,10 +709,10 @@ class DistributedCompiledModel:
             lay = BoundaryLayout([objs[k].detach() for k in ks], f"state of rank {r}")
             if self.rank == r:
                 buf = lay.pack([objs[k].detach() for k in ks], self.device).clone()
-                self._collective(lambda: dist.send(buf, dst=0), "sending its state to rank 0")
+                self._collective(lambda: dist.send(buf, dst=0, group=self._data), "sending its state to rank 0")
             elif self.rank == 0:
                 buf = lay.empty(self.device)
-                self._collective(lambda: dist.recv(buf, src=r), f"receiving the state of rank {r}")
+                self._collective(lambda: dist.recv(buf, src=r, group=self._data), f"receiving the state of rank {r}")
                 for k, v in zip(ks, lay.unpack(buf)):
                     gathered[k] = v.clone()
         if self.rank != 0:
@@ -581,6 +736,7 @@ class DistributedCompiledModel:
             if k in sd:
                 copy_into(objs[k], sd[k])
                 self._unloaded.discard(id(objs[k]))
+        self._values_differ = None  # every rank loads the same state dict (the contract above)
         return _IncompatibleKeys(missing, unexpected)
 
     def save_checkpoint(self, folder: str | os.PathLike) -> None:
@@ -589,6 +745,7 @@ class DistributedCompiledModel:
         their original keys to its own file, then rank 0 writes the index. A collective: call
         it on every rank; `folder` must be one every rank sees. When it returns, on any rank,
         the checkpoint is complete."""
+        self._check_usable()
         self._check_loaded("save a checkpoint")
         folder = Path(folder)
         n = self.world
@@ -622,6 +779,7 @@ class DistributedCompiledModel:
         memory-mapped, from whichever files hold them. A checkpoint of another model (graph
         fingerprint, keys, shapes, dtypes) is refused on every rank before anything changes.
         A collective: call it on every rank."""
+        self._check_usable()
         err: BaseException | None = None
         values: dict[str, torch.Tensor] = {}
         try:
@@ -631,6 +789,7 @@ class DistributedCompiledModel:
         except FxpipeError as e:
             err = e
         self._agree(err, f"loading checkpoint {os.fspath(folder)!r}")
+        self._values_differ = None
         for k, v in values.items():
             t = self._table.tensors[k]
             copy_into(t, v)

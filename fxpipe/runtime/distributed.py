@@ -431,8 +431,10 @@ class DistRuntime(LocalRuntime):
         except Exception as e:  # gloo: timeout or closed connection; NCCL: watchdog/abort
             msg = str(e)
             if "imed out" in msg or "imeout" in msg:
-                why = (f"waited {self.timeout:g}s and nothing arrived: rank {peer} is stuck, slower than the "
-                       "timeout, or died (raise timeout= for very slow stages)")
+                done = "nothing arrived" if action == "waiting for" else "it did not take the message"
+                why = (f"waited {self.timeout:g}s and {done}: rank {peer} is stuck, slower than the "
+                       "timeout, died, or is not in this call (every rank must call step / cm(...) together; "
+                       "raise timeout= for very slow stages)")
             else:
                 why = f"rank {peer} is gone ({msg.splitlines()[0][:200]}): it probably crashed; see its log"
             raise PipelineFailure(f"rank {self.rank} failed on {what} ({action} rank {peer}): {why}") from None
