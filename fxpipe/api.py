@@ -132,6 +132,12 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
                 from fxpipe.runtime.dist_model import check_launch
 
                 check_launch(n)
+        elif isinstance(devices, (Cluster, list, tuple)):
+            # devices this process cannot run on (GPU presets, a cluster file's, 'meta') are for
+            # fxpipe.plan: refuse before planning, which can take minutes on a large model
+            cluster = devices if isinstance(devices, Cluster) else Cluster.from_devices(list(devices))
+            for i, d in enumerate(cluster.devices):
+                _runnable_device(d, i)
         comp = build_plan(model, devices, example_inputs, example_kwargs,
                           microbatches=MICROBATCHES_UNSET if microbatches is None else microbatches,
                           schedule="1f1b" if schedule is None else schedule, train=True,

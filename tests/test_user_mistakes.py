@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -333,3 +334,19 @@ def test_fxpipe_dump_pointing_at_a_file(factory: Path, tmp_path: Path, monkeypat
     msg = _clean_error(["plan", f"{factory}:make", "--devices", "cpu,cpu", "-o", str(tmp_path / "p.json")], capsys)
     assert "FXPIPE_DUMP=" in msg and "unset it" in msg
     assert factory.read_text() == FACTORY
+
+
+def test_compile_on_devices_of_no_machine_is_refused_before_planning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPU presets and 'meta' are for fxpipe.plan: compile refuses them before the (possibly
+    minutes-long) planning, not after."""
+    import fxpipe.compiler.pipeline as pipeline
+
+    def no_planning(*a, **k):
+        raise AssertionError("planned before refusing")
+
+    monkeypatch.setattr(pipeline, "capture", no_planning)
+    m = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
+    for devices, fragment in ((["h100"] * 2, "'h100:0', kind cuda) is not a torch device"),
+                              (["meta", "meta"], "is a 'meta' device")):
+        with pytest.raises(PlanError, match=re.escape(fragment)):
+            fxpipe.compile(m, devices, torch.randn(4, 8))
