@@ -194,15 +194,10 @@ def _big_problem(n: int, p: int, seed: int, memory_factor: float, offload: str =
     )
 
 
-@pytest.mark.parametrize("seed,offload", [(0, "off"), (1, "auto"), (2, "off")])
-def test_partition_dp_skips_hopeless_stages_and_keeps_the_exact_answer(monkeypatch, seed: int, offload: str) -> None:
-    """On many devices the min-max DP only computes stages that could be within the
-    bottleneck (before: every start for every end, O(n^2 p), 350 s for a 7B Llama on 64
-    H100s with schedule and microbatches "auto"). Same partition, same predicted times,
-    and far fewer rows of stage tables computed."""
+def _count_table_rows(monkeypatch) -> dict:
+    """Make the partitioner count the stage-table rows it computes (into the returned "n")."""
     import fxpipe.passes.partition_stages as ps
 
-    problem = _big_problem(400, 32, seed, memory_factor=0.8, offload=offload)
     rows = {"n": 0}
     tables = ps._stage_tables
 
@@ -212,6 +207,19 @@ def test_partition_dp_skips_hopeless_stages_and_keeps_the_exact_answer(monkeypat
             yield end, time, memory
 
     monkeypatch.setattr(ps, "_stage_tables", counting)
+    return rows
+
+
+@pytest.mark.parametrize("seed,offload", [(0, "off"), (1, "auto"), (2, "off")])
+def test_partition_dp_skips_hopeless_stages_and_keeps_the_exact_answer(monkeypatch, seed: int, offload: str) -> None:
+    """On many devices the min-max DP only computes stages that could be within the
+    bottleneck (before: every start for every end, O(n^2 p), 350 s for a 7B Llama on 64
+    H100s with schedule and microbatches "auto"). Same partition, same predicted times,
+    and far fewer rows of stage tables computed."""
+    import fxpipe.passes.partition_stages as ps
+
+    problem = _big_problem(400, 32, seed, memory_factor=0.8, offload=offload)
+    rows = _count_table_rows(monkeypatch)
     fast = ps.partition_stages(problem)
     fast_rows = rows["n"]
     rows["n"] = 0
@@ -243,15 +251,7 @@ def test_optimal_bottleneck_without_a_fitting_cheap_split(monkeypatch) -> None:
 
     problem = _big_problem(400, 32, 2, memory_factor=0.4)
     assert ps.bottleneck_upper_bound(problem) == float("inf")
-    rows = {"n": 0}
-    tables = ps._stage_tables
-
-    def counting(prob, first=None):
-        for end, time, memory in tables(prob, first):
-            rows["n"] += time.shape[0]
-            yield end, time, memory
-
-    monkeypatch.setattr(ps, "_stage_tables", counting)
+    rows = _count_table_rows(monkeypatch)
     fast = ps.optimal_bottleneck(problem)
     fast_rows = rows["n"]
     caps = np.asarray(problem.device_memory)[None, :]
