@@ -172,3 +172,28 @@ def test_listing_order_of_unequal_devices_does_not_change_the_plan():
     assert b.predicted["step_ms"] == pytest.approx(a.predicted["step_ms"], rel=1e-9)
     assert a.predicted["step_ms"] < 6000
     assert [d.name.split(":")[0] for d in b.cluster.devices] == [d.name.split(":")[0] for d in a.cluster.devices]
+
+
+def test_summary_compares_baselines_by_predicted_step(gpt2_xl_plan):
+    """The summary's baseline lines compare predicted steps, which the plan minimises. With
+    two microbatches nn.Transformer's uniform cut has the smaller bottleneck (the chosen cut
+    trades it for a shorter fill and drain), and the summary used to read "0.83x fxpipe's"."""
+    m = nn.Transformer(d_model=64, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=128,
+                       batch_first=True, dropout=0.0)
+    src, tgt = torch.randn(8, 10, 64), torch.randn(8, 7, 64)
+    small = fxpipe.plan(m, ["h100"] * 2, (src, tgt), microbatches=2)
+    for plan in (small, gpt2_xl_plan):
+        fitting = {k: b for k, b in plan.baselines.items() if b["fits"]}
+        assert fitting
+        for name, b in fitting.items():
+            assert b["step_ms"] >= plan.predicted["step_ms"] * (1 - 1e-9), (name, b)
+            # the recorded step is the baseline's simulated step
+            sim = fxpipe.simulate(plan.with_(stages=baseline_stages(plan, b["bounds"], b.get("recompute"),
+                                                                    b.get("offload")))).step_time
+            assert sim * 1e3 == pytest.approx(b["step_ms"], rel=1e-9)
+            line = next(ln for ln in plan.summary().splitlines() if ln.startswith(f"baseline {name}:"))
+            ratio = float(line.split("(")[1].split("x")[0])
+            assert ratio >= 1.0 and f"predicted step {b['step_ms']:.2f} ms" in line
+        again = fxpipe.Plan.from_dict(plan.to_dict())
+        assert again.baselines == plan.baselines and again.summary() == plan.summary()
+    assert any(b["bottleneck_ms"] < small.predicted["bottleneck_ms"] for b in small.baselines.values())
