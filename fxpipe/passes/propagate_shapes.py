@@ -4,6 +4,12 @@ Everything runs on `meta` tensors (inputs, parameters and buffers are replaced b
 stand-ins), so a model built on the meta device, too big for this machine, propagates the
 same way as a small real one. FLOPs come from torch's own FlopCounterMode, which counts
 matmul, convolution and attention exactly.
+
+One exception: a leaf module (`leaf_modules=`) whose output shape depends on its inputs'
+values (an LSTM over `pack_padded_sequence(x, lengths)`) cannot run on meta. When the model
+and the example inputs are real, such a node runs for real once, after the graph's prefix
+(the model's buffers and RNG state are restored); on a meta model it is a TraceError that
+says so.
 """
 
 from __future__ import annotations
@@ -120,9 +126,60 @@ class _MetaBody:
         return _MetaRunner(self.gm).run(*args)
 
 
+class _StopAt(Exception):
+    pass
+
+
+class _RealPrefix(fx.Interpreter):
+    """Runs a graph on its real tensors up to (not including) one node, keeping every value."""
+
+    def __init__(self, gm: fx.GraphModule, stop: fx.Node):
+        super().__init__(gm, garbage_collect_values=False)
+        self.stop = stop
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n is self.stop:
+            raise _StopAt
+        return super().run_node(n)
+
+
+def _real_leaf_call(gm: fx.GraphModule, n: fx.Node, real_inputs: Sequence[Any],
+                    counter: FlopCounterMode) -> tuple[Any, int]:
+    """(output, FLOPs) of leaf module node `n` run on real values: the graph's prefix runs on
+    the real example inputs first. For leaf modules whose output shape depends on input values
+    (pack_padded_sequence reads its lengths), which meta tensors do not have. The caller's
+    model is left as it was: buffers a training-mode forward updates are restored and the
+    random number generators rewound."""
+    buffers = [(b, b.detach().clone()) for b in gm.buffers()]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            prefix = _RealPrefix(gm, n)
+            try:
+                prefix.run(*real_inputs)
+            except _StopAt:
+                pass
+            args, kwargs = prefix.fetch_args_kwargs_from_env(n)
+            mod = gm.get_submodule(n.target)
+            before = counter.get_total_flops()
+            out = mod(*args, **kwargs)
+            return out, counter.get_total_flops() - before
+    finally:
+        for b, saved in buffers:
+            b.copy_(saved)
+
+
+def _all_real(gm: fx.GraphModule, inputs: Sequence[Any]) -> bool:
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    tensors += list(gm.parameters()) + list(gm.buffers())
+    return all(not t.is_meta for t in tensors)
+
+
 class _MetaInterpreter(_MetaRunner):
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, real_inputs: Sequence[Any] | None = None):
         super().__init__(gm)
+        # the example inputs as given, when they and the model hold real values: the fallback
+        # for leaf modules meta cannot run (`_real_leaf_call`)
+        self.real_inputs = real_inputs if real_inputs is not None and _all_real(gm, real_inputs) else None
         self.counter = FlopCounterMode(display=False)
         # copies of a repeated block (compiler/repeat_capture.py) name their template node
         self.by_name = {n.name: n for n in gm.graph.nodes} if any(
@@ -139,15 +196,31 @@ class _MetaInterpreter(_MetaRunner):
         before = self.counter.get_total_flops()
         try:
             out = super().run_node(n)
+            flops = self.counter.get_total_flops() - before
         except Exception as e:
-            where = f"\n  from {n.stack_trace.strip().splitlines()[-1]}" if n.stack_trace else ""
-            raise TraceError(
-                f"shape propagation failed at node {n.format_node()}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                f"{where}\n  Ops whose output shape depends on tensor values (nonzero, item, boolean masks) cannot be "
-                "planned ahead; rewrite them with static shapes or keep them outside the pipelined model.") from e
+            if n.op == "call_module" and self.real_inputs is not None:
+                # a leaf module reading its input values: run it (and what feeds it) for real
+                try:
+                    real, flops = _real_leaf_call(self.module, n, self.real_inputs, self.counter)
+                except Exception:
+                    raise self._failed(n, e, leaf=True) from e
+                out = pytree.tree_map(_to_meta, real)
+            else:
+                raise self._failed(n, e, leaf=n.op == "call_module") from e
         n.meta[VAL] = pytree.tree_map(lambda v: v if not isinstance(v, torch.Tensor) else _to_meta(v), out)
-        n.meta[FLOPS] = self.counter.get_total_flops() - before
+        n.meta[FLOPS] = flops
         return out
+
+    def _failed(self, n: fx.Node, e: Exception, leaf: bool) -> TraceError:
+        where = f"\n  from {n.stack_trace.strip().splitlines()[-1]}" if n.stack_trace else ""
+        why = (f"\n  {n.target!r} is a leaf module: shape propagation runs it on meta tensors, which have no "
+               "values; if it reads its inputs' values (pack_padded_sequence lengths, .item(), .tolist()), plan "
+               "with a real model and real example inputs (then it runs for real once), or do not make it a leaf "
+               "module" if leaf and self.real_inputs is None else "")
+        return TraceError(
+            f"shape propagation failed at node {n.format_node()}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            f"{where}{why}\n  Ops whose output shape depends on tensor values (nonzero, item, boolean masks) cannot be "
+            "planned ahead; rewrite them with static shapes or keep them outside the pipelined model.")
 
 
 def template_of(n: fx.Node, by_name: dict[str, fx.Node]) -> fx.Node | None:
@@ -205,7 +278,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
         >>> [tuple(n.meta[VAL].shape) for n in gm.graph.nodes if n.op == "call_module"]
         [(3, 2)]
     """
-    interp = _MetaInterpreter(gm)
+    interp = _MetaInterpreter(gm, example_inputs)
     with torch.no_grad(), mha_fastpath_off(), interp.counter:
         interp.run(*[_to_meta(x) for x in example_inputs])
     return gm

@@ -174,3 +174,66 @@ def test_tuple_outputs_and_python_values():
     assert isinstance(parts, tuple) and [tuple(p.shape) for p in parts] == [(5, 3), (5, 3)]
     assert tuple(by["mul"].meta[VAL].shape) == (5, 3)
     assert by["size"].meta[VAL] == 5
+
+
+class _PackedLSTM(nn.Module):
+    """An LSTM over a packed sequence: the packing reads the lengths' values."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(16, 16, batch_first=True)
+
+    def forward(self, x, lengths):
+        p = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, (h, _) = self.rnn(p)
+        return h[-1]
+
+
+class _Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.BatchNorm1d(5)  # before the leaf: buffers the real prefix must leave alone
+        self.emb = nn.Linear(8, 16)
+        self.enc = _PackedLSTM()
+        self.head = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x, lengths):
+        return self.head(self.enc(self.emb(self.pre(x)), lengths))
+
+
+def test_leaf_module_reading_input_values_runs_for_real_once():
+    import fxpipe
+    from fxpipe.compiler.pipeline import build_plan
+
+    torch.manual_seed(0)
+    model = _Classifier()
+    x, lengths = torch.randn(6, 5, 8), torch.tensor([5, 3, 2, 5, 1, 4])
+    t = torch.randn(6, 4)
+    ref = _Classifier()
+    ref.load_state_dict(model.state_dict())
+    rng = torch.get_rng_state()
+    comp = build_plan(model, ["cpu", "cpu"], (x, lengths), microbatches=3, leaf_modules=(_PackedLSTM,))
+    # the shape fallback ran the prefix for real, but left the model and the RNG untouched
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(model.pre.running_var, ref.pre.running_var) and model.pre.num_batches_tracked == 0
+    enc = next(n for n in comp.captured.gm.graph.nodes if n.op == "call_module" and n.target == "enc")
+    assert tuple(enc.meta[VAL].shape) == (2, 16) and enc.meta[VAL].is_meta  # one microbatch of 2
+    assert enc.meta[FLOPS] > 0
+    cm = fxpipe.compile(model, ["cpu", "cpu"], (x, lengths), microbatches=3, leaf_modules=(_PackedLSTM,))
+    # training equals eager (microbatches of 2: BatchNorm statistics per microbatch, as eager on each)
+    loss = cm.step(x, lengths, target=t, loss_fn=nn.functional.mse_loss)
+    want = sum(nn.functional.mse_loss(ref(x[i:i + 2], lengths[i:i + 2]), t[i:i + 2]) for i in (0, 2, 4)) / 3
+    want.backward()
+    assert torch.allclose(loss, want.detach(), atol=1e-6)
+    for (k, a), b in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5), k
+
+
+def test_leaf_module_reading_input_values_on_meta_says_what_to_do():
+    import fxpipe
+
+    with torch.device("meta"):
+        model = _Classifier()
+    x, lengths = torch.randn(6, 5, 8, device="meta"), torch.tensor([5, 3, 2, 5, 1, 4])
+    with pytest.raises(TraceError, match="'enc' is a leaf module.*real model and real example inputs"):
+        fxpipe.plan(model, ["h100"] * 2, (x, lengths), microbatches=2, leaf_modules=(_PackedLSTM,))
