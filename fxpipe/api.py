@@ -348,6 +348,8 @@ class CompiledModel:
         and must return a scalar mean over that microbatch's samples; fxpipe weights each
         microbatch by its share of the batch, so the gradients equal those of
         `loss_fn(model(x), target).backward()` on the whole batch. Returns that loss (detached).
+        `target` is split along dim 0 like the inputs; `target=None` (or None entries in a
+        structure) reaches every microbatch's `loss_fn` as None.
 
         `trace="run.json"` records every instruction's real start and end and writes a
         Chrome/Perfetto trace with the same event names as the predicted one
@@ -439,7 +441,8 @@ class CompiledModel:
             except Exception as e:
                 raise RuntimeMismatchError(
                     f"loss_fn {name} raised {type(e).__name__}: {e} {where()}; it is called once per microbatch "
-                    "with the model's output for that microbatch and its slice of target. The step was undone "
+                    f"with the model's output for that microbatch and its slice of target"
+                    f"{' (target is None: step(..., target=None))' if target is None else ''}. The step was undone "
                     "(.grad is as before): fix loss_fn and call step again") from e
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -672,14 +675,21 @@ def _check_trainable(model: nn.Module, inputs: list[list[Any]]) -> None:
 
 
 def _split_target(target: Any, m: int, batch: int) -> list[Any]:
+    """Per microbatch, `target` split along dim 0 like the inputs. None (the whole target or
+    an entry of a structure) reaches every microbatch's loss_fn as None: a loss that needs no
+    target (a language model predicting its own inputs) passes target=None."""
     leaves, spec = pytree.tree_flatten(target)
     parts = []
     for t in leaves:
+        if t is None:
+            parts.append([None] * m)
+            continue
         if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != batch:
             got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise RuntimeMismatchError(
                 f"target must be a tensor (or a structure of tensors) with the batch size {batch} as dim 0, "
-                f"got {got}; give one target per input sample, split along dim 0 like the inputs")
+                f"got {got}; give one target per input sample, split along dim 0 like the inputs (or None where "
+                "loss_fn needs no target)")
         parts.append(torch.tensor_split(t, m))
     return [pytree.tree_unflatten([p[i] for p in parts], spec) for i in range(m)]
 

@@ -271,7 +271,10 @@ def test_bad_calls_leave_the_compiled_model_working(cm, x):
 def test_target_with_the_wrong_batch_size(cm, x):
     with raises(RuntimeMismatchError, "batch size 8", "shape (7, 8)", "one target per input sample"):
         cm.step(x, target=torch.randn(7, 8), loss_fn=F.mse_loss)
-    with raises(RuntimeMismatchError, "batch size 8", "NoneType"):
+    with raises(RuntimeMismatchError, "batch size 8", "got float"):
+        cm.step(x, target=[1.0] * 8, loss_fn=F.mse_loss)  # Python numbers are not split
+    # None is passed on (a loss without target); a loss_fn that needs one says target is None
+    with raises(RuntimeMismatchError, "loss_fn mse_loss raised", "target is None"):
         cm.step(x, target=None, loss_fn=F.mse_loss)
 
 
@@ -544,3 +547,53 @@ def test_cluster_file_that_is_not_a_cluster(tmp_path):
     (tmp_path / "cut.json").write_text(json.dumps({"devices": [GPU]})[:30])
     with raises(PlanError, "cut.json", "not valid JSON"):
         Cluster.load(tmp_path / "cut.json")
+
+
+def test_example_inputs_that_do_not_fit_the_model_say_so():
+    # was: the hint about value-dependent shapes (nonzero, item), which has nothing to do with it
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(TraceError) as info:
+        fxpipe.compile(model, ["cpu", "cpu"], torch.randn(8, 7), microbatches=2)
+    msg = str(info.value)
+    assert "model(*example_inputs)" in msg and "nonzero" not in msg and "7] X [8, 16]" in msg and "While executing" not in msg
+
+
+def test_value_dependent_shapes_keep_their_hint():
+    class Select(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.b(self.a(x)[x[:, 0] > 0])  # how many rows survive depends on the values
+
+    with pytest.raises(TraceError, match="depends on tensor values"):
+        fxpipe.plan(Select(), ["cpu", "cpu"], torch.randn(8, 4), microbatches=2, capture_method="fx")
+
+
+def test_target_none_reaches_loss_fn_of_every_microbatch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    ref = copy.deepcopy(model)
+    x = torch.randn(7, 8)  # 3 microbatches of 3, 2, 2
+    seen = []
+
+    def loss_fn(out, target):
+        seen.append(target)
+        return out.pow(2).mean()
+
+    cm = fxpipe.compile(model, ["cpu", "cpu"], x, microbatches=3)
+    loss = cm.step(x, target=None, loss_fn=loss_fn)
+    ref(x).pow(2).mean().backward()
+    assert seen == [None, None, None]
+    assert torch.allclose(loss, ref(x).pow(2).mean().detach(), **TOL)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.allclose(a.grad, b.grad, **TOL)
+    # None inside a structure too, next to a split tensor
+    t = torch.randn(7, 4)
+    model.zero_grad()
+    cm.step(x, target={"y": t, "mask": None}, loss_fn=lambda o, tt: F.mse_loss(o, tt["y"]) + (tt["mask"] is not None))
+    ref.zero_grad()
+    F.mse_loss(ref(x), t).backward()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.allclose(a.grad, b.grad, **TOL)

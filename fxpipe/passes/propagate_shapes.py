@@ -203,13 +203,18 @@ class _MetaInterpreter(_MetaRunner):
                 try:
                     real, flops = _real_leaf_call(self.module, n, self.real_inputs, self.counter)
                 except Exception:
-                    raise self._failed(n, e, leaf=True) from e
+                    raise _Clean(self._with_cause(self._failed(n, e, leaf=True), e)) from e
                 out = pytree.tree_map(_to_meta, real)
             else:
-                raise self._failed(n, e, leaf=n.op == "call_module") from e
+                raise _Clean(self._with_cause(self._failed(n, e, leaf=n.op == "call_module"), e)) from e
         n.meta[VAL] = pytree.tree_map(lambda v: v if not isinstance(v, torch.Tensor) else _to_meta(v), out)
         n.meta[FLOPS] = flops
         return out
+
+    @staticmethod
+    def _with_cause(err: TraceError, cause: Exception) -> TraceError:
+        err.__cause__ = cause
+        return err
 
     def _failed(self, n: fx.Node, e: Exception, leaf: bool) -> TraceError:
         where = f"\n  from {n.stack_trace.strip().splitlines()[-1]}" if n.stack_trace else ""
@@ -217,10 +222,32 @@ class _MetaInterpreter(_MetaRunner):
                "values; if it reads its inputs' values (pack_padded_sequence lengths, .item(), .tolist()), plan "
                "with a real model and real example inputs (then it runs for real once), or do not make it a leaf "
                "module" if leaf and self.real_inputs is None else "")
-        return TraceError(
-            f"shape propagation failed at node {n.format_node()}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            f"{where}{why}\n  Ops whose output shape depends on tensor values (nonzero, item, boolean masks) cannot be "
-            "planned ahead; rewrite them with static shapes or keep them outside the pipelined model.")
+        msg = str(e).splitlines()[0] if str(e) else ""
+        if _reads_values(e):
+            hint = ("\n  Ops whose output shape depends on tensor values (nonzero, item, boolean masks) cannot be "
+                    "planned ahead; rewrite them with static shapes or keep them outside the pipelined model.")
+        else:  # most often the example inputs do not fit the model (eager fails the same way)
+            hint = ("\n  Check that the model runs on example_inputs as given (model(*example_inputs) in eager): "
+                    "shapes and dtypes are taken from them, with dim 0 as the batch.")
+        return TraceError(f"shape propagation failed at node {n.format_node()}: {type(e).__name__}: {msg}"
+                          f"{where}{why}{hint}")
+
+
+class _Clean(Exception):
+    """Carries a TraceError out of the interpreter, whose run() appends its own notes
+    ("While executing ...", "Use tlparse ...") to the exception text."""
+
+    def __init__(self, error: TraceError):
+        super().__init__()
+        self.error = error
+
+
+def _reads_values(e: BaseException) -> bool:
+    """Whether an error on meta tensors came from reading values they do not have."""
+    text = f"{type(e).__name__} {e}".lower()
+    return isinstance(e, NotImplementedError) or any(k in text for k in (
+        "meta tensor", "data-dependent", "data dependent", "no data", ".item()", "item()", "nonzero",
+        "unbacked", "guardondatadependent", "cannot copy out of meta"))
 
 
 def template_of(n: fx.Node, by_name: dict[str, fx.Node]) -> fx.Node | None:
@@ -280,5 +307,8 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
     """
     interp = _MetaInterpreter(gm, example_inputs)
     with torch.no_grad(), mha_fastpath_off(), interp.counter:
-        interp.run(*[_to_meta(x) for x in example_inputs])
+        try:
+            interp.run(*[_to_meta(x) for x in example_inputs])
+        except _Clean as c:
+            raise c.error from c.error.__cause__
     return gm
