@@ -480,8 +480,9 @@ class CompiledModel:
         return self.model.state_dict(*args, **kwargs)
 
     def train(self, mode: bool = True) -> "CompiledModel":
-        """`model.train(mode)`: fx captures follow the mode per call; export captures refuse a
-        call in another mode than the one compiled (`Captured.check_modes`)."""
+        """`model.train(mode)`: nn.Dropout / BatchNorm that fx calls as modules follow the mode
+        per call; where the graph fixed a mode (export captures, an fx-traced forward reading
+        `self.training`, fused dropout) a call in another mode is refused (`Captured.check_modes`)."""
         self.model.train(mode)
         return self
 

@@ -1,0 +1,148 @@
+"""train()/eval() after compiling: a compiled model follows the mode like eager, or refuses.
+
+Regression tests of fixes:
+
+* fx bakes a forward's `self.training` branch into the graph: compiled in train mode, a
+  block computing `x * 2 if self.training else x` kept doubling after `cm.eval()` (max
+  difference to eager 0.67 on the model below). Capture now traces once more with every mode
+  flipped; a different graph makes the traced-through modules' modes checked per call.
+* `fuse=True` folded nn.Dropout's mode into the fused dropout+add: after `cm.eval()` the
+  output still dropped (max difference 10.5 on 4 residual blocks). The fused modules' modes
+  are now checked per call as well.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxpipe
+from fxpipe.errors import RuntimeMismatchError
+
+__all__: list[str] = []
+
+RTOL, ATOL = 1e-4, 1e-6
+
+
+class _Doubling(nn.Module):
+    """Reads `self.training` itself: the branch is Python, so fx keeps only the one taken."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.lin(x))
+        return x * 2 if self.training else x
+
+
+class _FunctionalDropout(nn.Module):
+    """Passes its mode on to F.dropout, which fx records with the flag as a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(torch.tanh(self.lin(x)), 0.5, self.training)
+
+
+def _data(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g)
+
+
+def _compile(model: nn.Module, **kw) -> fxpipe.CompiledModel:
+    x, _ = _data()
+    cm = fxpipe.compile(model, ["cpu"] * 2, (x,), microbatches=2, capture_method="fx", **kw)
+    assert cm.plan.capture_path == "fx"
+    return cm
+
+
+def test_forward_reading_training_is_refused_in_the_other_mode_fx() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[_Doubling() for _ in range(4)]).train()
+    ref = copy.deepcopy(model)
+    x, t = _data()
+    cm = _compile(model)
+    assert cm._cap.mode_dependent
+    cm.eval()
+    with pytest.raises(RuntimeMismatchError, match=r"eval mode but was in train mode.*self\.training.*model\.train\(\)"):
+        cm(x)
+    with pytest.raises(RuntimeMismatchError, match="self.training"):
+        cm.step(x, target=t, loss_fn=F.mse_loss)
+    cm.train()  # the compiled mode: equal to eager again
+    torch.testing.assert_close(cm(x), ref(x), rtol=RTOL, atol=ATOL)
+
+    # compiled in eval mode: a training step in train mode is refused the same way
+    model = copy.deepcopy(ref).eval()
+    cm = _compile(model)
+    torch.testing.assert_close(cm(x), ref.eval()(x), rtol=RTOL, atol=ATOL)
+    cm.train()
+    with pytest.raises(RuntimeMismatchError, match="train mode but was in eval mode"):
+        cm.step(x, target=t, loss_fn=F.mse_loss)
+
+
+def test_training_flag_passed_to_functional_dropout_is_noticed_fx() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), _FunctionalDropout(), nn.Linear(8, 8), _FunctionalDropout()).eval()
+    ref = copy.deepcopy(model)
+    x, _ = _data()
+    cm = _compile(model)
+    assert cm._cap.mode_dependent
+    torch.testing.assert_close(cm(x), ref(x), rtol=RTOL, atol=ATOL)
+    model.train()  # the user's model, not cm: the same check
+    with pytest.raises(RuntimeMismatchError, match="train mode but was in eval mode"):
+        cm(x)
+
+
+def test_leaf_modules_follow_the_mode_without_refusal_fx() -> None:
+    # nn.Dropout / nn.BatchNorm1d are call_module nodes: they read their mode when called
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Linear(16, 8),
+                          nn.Dropout(0.5), nn.Linear(8, 8)).train()
+    ref = copy.deepcopy(model)
+    x, _ = _data()
+    cm = _compile(model)
+    assert not cm._cap.mode_dependent and cm._cap.modes == {}
+    cm.eval()
+    ref.eval()
+    torch.testing.assert_close(cm(x), ref(x), rtol=RTOL, atol=ATOL)
+
+
+def test_only_traced_through_modules_are_checked_fx() -> None:
+    # a mode-dependent model whose leaf dropout alone is switched off: allowed, and equal
+    torch.manual_seed(0)
+    model = nn.Sequential(_Doubling(), nn.Dropout(0.5), _Doubling(), _Doubling()).train()
+    x, _ = _data()
+    cm = _compile(model)
+    assert cm._cap.mode_dependent and "1" not in cm._cap.modes and "0" in cm._cap.modes
+    model[1].eval()
+    torch.testing.assert_close(cm(x), model(x), rtol=RTOL, atol=ATOL)
+
+
+class _ResidualDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.lin(x))
+
+
+def test_fused_dropout_takes_its_mode_and_other_modes_are_refused() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[_ResidualDropout() for _ in range(4)]).eval()
+    ref = copy.deepcopy(model)
+    x, _ = _data()
+    cm = _compile(model, fuse=True)
+    assert "dropout_add" in cm._cap.gm.code and not cm._cap.mode_dependent
+    torch.testing.assert_close(cm(x), ref(x), rtol=RTOL, atol=ATOL)
+    cm.train()
+    with pytest.raises(RuntimeMismatchError, match=r"module '0\.drop' is in train mode.*fuse=True"):
+        cm(x)
