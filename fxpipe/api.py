@@ -21,6 +21,7 @@ from fxpipe.compiler.capture import Captured
 from fxpipe.compiler.cluster import Cluster, Device
 from fxpipe.compiler.pipeline import MICROBATCHES_UNSET, simulate_plan, Compilation, build_from_plan, build_plan, microbatch_sizes
 from fxpipe.compiler.plan import Plan
+from fxpipe.compiler.stateful import warn_per_microbatch_state
 from fxpipe.errors import FxpipeError, PlanError, RuntimeMismatchError
 from fxpipe.passes.emit_schedule import Schedule, emit_schedule
 from fxpipe.passes.simulate_schedule import Timeline, _device_peak_inflight
@@ -181,6 +182,7 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
 
 def _make_compiled(model: nn.Module, comp: Compilation, timeout: float, backend: str,
                    rebuild: Callable[[Plan], Compilation] | None = None) -> Any:
+    warn_per_microbatch_state(model, comp.captured.gm, comp.plan.microbatches)
     if backend == "distributed":
         from fxpipe.runtime.dist_model import DistributedCompiledModel
 

@@ -100,6 +100,7 @@ def test_training_flag_passed_to_functional_dropout_is_noticed_fx() -> None:
         cm(x)
 
 
+@pytest.mark.filterwarnings("ignore::fxpipe.errors.MicrobatchStatisticsWarning")
 def test_leaf_modules_follow_the_mode_without_refusal_fx() -> None:
     # nn.Dropout / nn.BatchNorm1d are call_module nodes: they read their mode when called
     torch.manual_seed(0)
@@ -146,3 +147,85 @@ def test_fused_dropout_takes_its_mode_and_other_modes_are_refused() -> None:
     cm.train()
     with pytest.raises(RuntimeMismatchError, match=r"module '0\.drop' is in train mode.*fuse=True"):
         cm(x)
+
+
+# ---- BatchNorm and buffers updated in forward, with several microbatches ---------------------
+def _bn_net(cumulative: bool = True) -> nn.Sequential:
+    # a BatchNorm in each half, so that with 2 stages each is owned by another worker;
+    # momentum=None (a cumulative mean) divides by num_batches_tracked, so the count matters too
+    # (torch.export cannot trace that division: float() of a tensor)
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                         nn.Linear(16, 16), nn.BatchNorm1d(16, momentum=None if cumulative else 0.3), nn.ReLU(),
+                         nn.Linear(16, 3)).train()
+
+
+def _bn_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(16, 6, generator=g) * 3 + 1, torch.randn(16, 3, generator=g)
+
+
+def _stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+M = 4
+
+
+@pytest.mark.parametrize("schedule, recompute, method", [
+    ("1f1b", False, "fx"), ("gpipe", False, "fx"), ("1f1b", True, "fx"), ("1f1b", True, "export")])
+def test_batchnorm_step_equals_eager_on_the_microbatches_in_order(schedule: str, recompute: bool, method: str) -> None:
+    """The reference: eager on each microbatch in order, loss scaled by its share. Before the
+    fix, a recomputing stage updated its running statistics again in the recomputation
+    (num_batches_tracked 8 instead of 4, running_var off by up to 0.19)."""
+    model = _bn_net(cumulative=method == "fx")
+    ref, whole = copy.deepcopy(model), copy.deepcopy(model)
+    x, t = _bn_data()
+    with pytest.warns(fxpipe.errors.MicrobatchStatisticsWarning, match=r"'1', '6'.*4 microbatches"):
+        cm = fxpipe.compile(model, ["cpu"] * 2, (x,), microbatches=M, schedule=schedule, recompute=recompute,
+                            capture_method=method)
+    assert [s.recompute for s in cm.plan.stages] == [recompute] * 2
+    owners = [[m for m in sg.modules + sg.attrs if m.startswith(("1", "6"))] for sg in cm.stage_graphs]
+    assert all(owners), owners  # each stage owns one of the BatchNorms
+    for _ in range(2):  # the second step starts from the statistics the first one left
+        loss = cm.step(x, target=t, loss_fn=F.mse_loss)
+        ref_loss = sum(F.mse_loss(ref(xc), tc) / M for xc, tc in zip(x.tensor_split(M), t.tensor_split(M)))
+        ref_loss.backward()
+        torch.testing.assert_close(loss, ref_loss.detach(), rtol=RTOL, atol=1e-5)
+    got, want = _stats(cm), _stats(ref)  # cm.state_dict() holds the updated buffers
+    assert int(got["1.num_batches_tracked"]) == int(got["6.num_batches_tracked"]) == 2 * M
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=RTOL, atol=ATOL, msg=lambda m: f"{k}: {m}")
+    for (k, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=RTOL, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    # and not eager on the whole batch: that is what the warning says
+    F.mse_loss(whole(x), t).backward()
+    assert not torch.allclose(got["1.running_var"], _stats(whole)["1.running_var"], rtol=1e-3)
+
+
+def test_call_in_train_mode_updates_statistics_per_microbatch_like_eager() -> None:
+    model = _bn_net()
+    ref = copy.deepcopy(model)
+    x, _ = _bn_data()
+    with pytest.warns(fxpipe.errors.MicrobatchStatisticsWarning):
+        cm = fxpipe.compile(model, ["cpu"] * 2, (x,), microbatches=M)
+    with torch.no_grad():
+        y = cm(x)
+        want = torch.cat([ref(xc) for xc in x.tensor_split(M)])
+    torch.testing.assert_close(y, want, rtol=RTOL, atol=ATOL)
+    for k, v in _stats(ref).items():
+        torch.testing.assert_close(cm.state_dict()[k], v, rtol=RTOL, atol=ATOL, msg=lambda m: f"{k}: {m}")
+    cm.eval()  # running statistics now: the whole batch's result whatever the split, no update
+    before = {k: v.clone() for k, v in _stats(cm).items()}
+    torch.testing.assert_close(cm(x), ref.eval()(x), rtol=RTOL, atol=ATOL)
+    assert all(torch.equal(v, before[k]) for k, v in _stats(cm).items())
+
+
+def test_no_warning_with_one_microbatch_or_in_eval_mode() -> None:
+    import warnings
+
+    x, _ = _bn_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxpipe.errors.MicrobatchStatisticsWarning)
+        fxpipe.compile(_bn_net(), ["cpu"] * 2, (x,), microbatches=1)
+        fxpipe.compile(_bn_net().eval(), ["cpu"] * 2, (x,), microbatches=M)
