@@ -226,6 +226,7 @@ class CompiledModel:
                             "before compiling, or use fxpipe.plan for offline planning")
         self.stage_graphs: list[StageGraph] = split_stages(self._cap.gm, [s.units for s in p.stages])
         self._replicas: list[tuple[torch.Tensor, torch.Tensor]] = []  # (canonical, replica)
+        self._module_replicas: list[tuple[nn.Module, nn.Module]] = []  # (user's module, another stage's copy)
         self.last_timeline: Timeline | None = None  # the last recorded step (step(trace=...) / measure_memory)
         self.last_memory: tuple[float, ...] | None = None  # its measured peak activation bytes per device
         runners = self._build_runners()
@@ -272,6 +273,7 @@ class CompiledModel:
             rep = copy.deepcopy(obj).to(dev)
             for a, b in zip(tensors, list(rep.parameters()) + list(rep.buffers())):
                 self._replicas.append((a, b))
+            self._module_replicas.append((obj, rep))
             return rep
         if not isinstance(obj, torch.Tensor):
             return obj
@@ -319,6 +321,23 @@ class CompiledModel:
         with torch.no_grad():
             for canon, rep in self._replicas:
                 rep.copy_(canon.to(rep.device))
+        for canon, rep in self._module_replicas:  # cm.eval() reaches the copies too
+            for a, b in zip(canon.modules(), rep.modules()):
+                b.training = a.training
+
+    def _check_replicated_statistics(self) -> None:
+        """Refuse a call in which a module that several stages use would update running
+        statistics: each stage updates its own copy, so all updates but the owner's would be
+        lost (eager updates the one module once per use)."""
+        for canon, _ in self._module_replicas:
+            for mod in canon.modules():
+                if mod.training and getattr(mod, "track_running_stats", False) is True:
+                    name = next((k for k, v in self.model.named_modules() if v is mod), type(mod).__name__)
+                    raise RuntimeMismatchError(
+                        f"module {name!r} ({type(mod).__name__}) is used by more than one stage and updates its "
+                        "running statistics in training mode; each stage runs its own copy, so the updates of all "
+                        f"but one would be lost. Put it in eval mode (model.{name}.eval(): statistics frozen), or "
+                        "give each use its own module")
 
     def _reduce_replica_grads(self) -> None:
         with torch.no_grad():
@@ -332,6 +351,7 @@ class CompiledModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Pipelined inference: equals `model(*args, **kwargs)` (outputs concatenated over microbatches)."""
         self._cap.check_modes(self.model)
+        self._check_replicated_statistics()
         per_mb, sizes, _ = self._split(args, kwargs)
         self._sync_replicas()
         state = _StepState(inputs=per_mb, train=False)
@@ -370,6 +390,7 @@ class CompiledModel:
                             "call it for inference, or re-plan with train=True to train")
         _check_grad_enabled()
         self._cap.check_modes(self.model)
+        self._check_replicated_statistics()
         if not callable(loss_fn):
             raise RuntimeMismatchError(f"loss_fn must be callable as loss_fn(output, target) -> scalar tensor, "
                                        f"got {type(loss_fn).__name__} {loss_fn!r}; e.g. loss_fn=torch.nn.functional.mse_loss")
