@@ -21,6 +21,7 @@ from fxpipe.compiler.capture import Captured
 from fxpipe.compiler.cluster import Cluster, Device
 from fxpipe.compiler.pipeline import MICROBATCHES_UNSET, simulate_plan, Compilation, build_from_plan, build_plan, microbatch_sizes
 from fxpipe.compiler.plan import Plan
+from fxpipe.compiler.stateful import warn_per_microbatch_state
 from fxpipe.errors import FxpipeError, PlanError, RuntimeMismatchError
 from fxpipe.passes.emit_schedule import Schedule, emit_schedule
 from fxpipe.passes.simulate_schedule import Timeline, _device_peak_inflight
@@ -181,6 +182,7 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
 
 def _make_compiled(model: nn.Module, comp: Compilation, timeout: float, backend: str,
                    rebuild: Callable[[Plan], Compilation] | None = None) -> Any:
+    warn_per_microbatch_state(model, comp.captured.gm, comp.plan.microbatches)
     if backend == "distributed":
         from fxpipe.runtime.dist_model import DistributedCompiledModel
 
@@ -224,6 +226,7 @@ class CompiledModel:
                             "before compiling, or use fxpipe.plan for offline planning")
         self.stage_graphs: list[StageGraph] = split_stages(self._cap.gm, [s.units for s in p.stages])
         self._replicas: list[tuple[torch.Tensor, torch.Tensor]] = []  # (canonical, replica)
+        self._module_replicas: list[tuple[nn.Module, nn.Module]] = []  # (user's module, another stage's copy)
         self.last_timeline: Timeline | None = None  # the last recorded step (step(trace=...) / measure_memory)
         self.last_memory: tuple[float, ...] | None = None  # its measured peak activation bytes per device
         runners = self._build_runners()
@@ -270,6 +273,7 @@ class CompiledModel:
             rep = copy.deepcopy(obj).to(dev)
             for a, b in zip(tensors, list(rep.parameters()) + list(rep.buffers())):
                 self._replicas.append((a, b))
+            self._module_replicas.append((obj, rep))
             return rep
         if not isinstance(obj, torch.Tensor):
             return obj
@@ -317,6 +321,23 @@ class CompiledModel:
         with torch.no_grad():
             for canon, rep in self._replicas:
                 rep.copy_(canon.to(rep.device))
+        for canon, rep in self._module_replicas:  # cm.eval() reaches the copies too
+            for a, b in zip(canon.modules(), rep.modules()):
+                b.training = a.training
+
+    def _check_replicated_statistics(self) -> None:
+        """Refuse a call in which a module that several stages use would update running
+        statistics: each stage updates its own copy, so all updates but the owner's would be
+        lost (eager updates the one module once per use)."""
+        for canon, _ in self._module_replicas:
+            for mod in canon.modules():
+                if mod.training and getattr(mod, "track_running_stats", False) is True:
+                    name = next((k for k, v in self.model.named_modules() if v is mod), type(mod).__name__)
+                    raise RuntimeMismatchError(
+                        f"module {name!r} ({type(mod).__name__}) is used by more than one stage and updates its "
+                        "running statistics in training mode; each stage runs its own copy, so the updates of all "
+                        f"but one would be lost. Put it in eval mode (model.{name}.eval(): statistics frozen), or "
+                        "give each use its own module")
 
     def _reduce_replica_grads(self) -> None:
         with torch.no_grad():
@@ -330,6 +351,7 @@ class CompiledModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Pipelined inference: equals `model(*args, **kwargs)` (outputs concatenated over microbatches)."""
         self._cap.check_modes(self.model)
+        self._check_replicated_statistics()
         per_mb, sizes, _ = self._split(args, kwargs)
         self._sync_replicas()
         state = _StepState(inputs=per_mb, train=False)
@@ -370,6 +392,7 @@ class CompiledModel:
                             "call it for inference, or re-plan with train=True to train")
         _check_grad_enabled()
         self._cap.check_modes(self.model)
+        self._check_replicated_statistics()
         if not callable(loss_fn):
             raise RuntimeMismatchError(f"loss_fn must be callable as loss_fn(output, target) -> scalar tensor, "
                                        f"got {type(loss_fn).__name__} {loss_fn!r}; e.g. loss_fn=torch.nn.functional.mse_loss")
@@ -483,8 +506,9 @@ class CompiledModel:
         return self.model.state_dict(*args, **kwargs)
 
     def train(self, mode: bool = True) -> "CompiledModel":
-        """`model.train(mode)`: fx captures follow the mode per call; export captures refuse a
-        call in another mode than the one compiled (`Captured.check_modes`)."""
+        """`model.train(mode)`: nn.Dropout / BatchNorm that fx calls as modules follow the mode
+        per call; where the graph fixed a mode (export captures, an fx-traced forward reading
+        `self.training`, fused dropout) a call in another mode is refused (`Captured.check_modes`)."""
         self.model.train(mode)
         return self
 

@@ -5,7 +5,8 @@ Messages say what went wrong, where (node, source line, stage, device) and what 
 
 from __future__ import annotations
 
-__all__ = ["FxpipeError", "TraceError", "PlanError", "ScheduleError", "RuntimeMismatchError"]
+__all__ = ["FxpipeError", "TraceError", "PlanError", "ScheduleError", "RuntimeMismatchError",
+           "MicrobatchStatisticsWarning"]
 
 
 class FxpipeError(Exception):
@@ -26,3 +27,8 @@ class ScheduleError(FxpipeError):
 
 class RuntimeMismatchError(FxpipeError):
     """Run-time inputs or state disagree with what the plan was compiled for."""
+
+
+class MicrobatchStatisticsWarning(UserWarning):
+    """A training-mode model computes or updates statistics per microbatch (BatchNorm): the
+    result is eager's on the microbatches in order, not on the whole batch."""

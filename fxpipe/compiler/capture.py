@@ -52,17 +52,22 @@ class Captured:
     notes: list[str] = field(default_factory=list)
     fingerprint: str = ""  # set by the pipeline: hash of the graph as captured
     repeated: str = ""  # how the repeat path built the graph ("" for a full capture)
-    # train/eval mode of every submodule at capture: torch.export bakes it into the graph
-    # (dropout on or off, BatchNorm batch or running statistics); see check_modes
+    # train/eval mode at capture of the modules whose mode the graph fixed (see check_modes):
+    # every module under torch.export (dropout on or off, BatchNorm batch or running
+    # statistics are baked in); under fx, the modules it traced through when some forward
+    # reads `self.training` (`mode_dependent`)
     modes: dict[str, bool] = field(default_factory=dict)
+    # fx only: tracing with every module's mode flipped gave another graph, i.e. a forward fx
+    # traced through branches on `self.training` (or passes it on: F.dropout(x, training=...))
+    mode_dependent: bool = False
 
     def check_modes(self, model: nn.Module) -> None:
-        """RuntimeMismatchError when `model.train()`/`model.eval()` changed a mode since an
-        export capture, whose graph fixed it: the call would silently compute the old mode.
-        An fx graph calls nn.Dropout / nn.BatchNorm as modules, which follow their current
-        mode, so it is not checked (a forward reading `self.training` itself is baked in
-        by fx too, and goes unnoticed)."""
-        if self.path == "fx":
+        """RuntimeMismatchError when `model.train()`/`model.eval()` changed the mode of a
+        module whose mode the graph fixed (`modes`): the call would silently compute the old
+        mode. An fx graph calls nn.Dropout / nn.BatchNorm as modules, which follow their
+        current mode, so only the modules fx traced through are checked, and only when some
+        forward among them reads `self.training` (`mode_dependent`)."""
+        if not self.modes:
             return
         from fxpipe.errors import RuntimeMismatchError
 
@@ -70,12 +75,15 @@ class Captured:
             was = self.modes.get(name)
             if was is not None and mod.training != was:
                 mode = lambda t: "train" if t else "eval"  # noqa: E731
+                why = ("the fx graph took that mode as a constant (a forward fx traced through reads "
+                       "`self.training` and only the branch taken then was kept, or fuse=True fused its dropout)"
+                       if self.path == "fx" else
+                       f"its {self.path} graph fixed that mode (dropout, BatchNorm statistics)")
                 raise RuntimeMismatchError(
                     f"module {name or type(model).__name__!r} is in {mode(mod.training)} mode but was in "
-                    f"{mode(was)} mode when compiled; its {self.path} graph fixed that mode (dropout, BatchNorm "
-                    f"statistics), so this call would not equal the model's. Call model.{mode(was)}() before "
-                    f"using this compiled model, or compile the model again in {mode(mod.training)} mode for "
-                    f"{mode(mod.training)} calls")
+                    f"{mode(was)} mode when compiled; {why}, so this call would not equal the model's. Call "
+                    f"model.{mode(was)}() before using this compiled model, or compile the model again in "
+                    f"{mode(mod.training)} mode for {mode(mod.training)} calls")
 
     def flat_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         """The tensors to feed the graph, from a call like the user's `model(*args, **kwargs)`."""
@@ -187,7 +195,7 @@ def capture(
         try:
             cap = _capture_repeated(model, leaf_modules, check and not on_meta, tensors, constants)
             cap.seconds = time.perf_counter() - t0
-            cap.modes = {name: mod.training for name, mod in model.named_modules()}
+            cap.modes = _fixed_modes(model, cap)
             return cap
         except Exception as e:  # noqa: BLE001 - any failure of the shortcut means: capture it all
             if method == "repeat":
@@ -217,7 +225,7 @@ def capture(
                          "on their own device)")
     if skipped:
         cap.notes.append(skipped)
-    cap.modes = {name: mod.training for name, mod in model.named_modules()}
+    cap.modes = _fixed_modes(model, cap)
     return cap
 
 
@@ -241,6 +249,8 @@ def _capture_full(model: nn.Module, sig: inspect.Signature, tensors: dict[str, t
                 continue
             cap = Captured(gm, path, tuple(tensors), constants, out_spec, sig, batch,
                            time.perf_counter() - t0)
+            if path == "fx":
+                cap.mode_dependent = _mode_dependent(model, tensors, constants, leaf_modules, gm.code)
             if check:
                 problem = _check_second_size(model, cap, tensors, constants)
                 if problem:
@@ -252,6 +262,39 @@ def _capture_full(model: nn.Module, sig: inspect.Signature, tensors: dict[str, t
     finally:
         restore()
     raise TraceError(_explain(model, errors))
+
+
+def _fixed_modes(model: nn.Module, cap: Captured) -> dict[str, bool]:
+    """`Captured.modes`: every module's mode under export; under fx, when the graph depends
+    on a mode, those of the modules fx traced through (a call_module node, and what is inside
+    it, follows its current mode)."""
+    named = list(model.named_modules())
+    if cap.path != "fx":
+        return {name: mod.training for name, mod in named}
+    if not cap.mode_dependent:
+        return {}
+    called = {n.target for n in cap.gm.graph.nodes if n.op == "call_module"}
+    return {name: mod.training for name, mod in named
+            if not any(name == c or name.startswith(c + ".") for c in called)}
+
+
+def _mode_dependent(model: nn.Module, tensors: dict[str, torch.Tensor], constants: dict[str, Any],
+                    leaf_modules: tuple[type, ...], code: str) -> bool:
+    """Whether fx's graph depends on the modules' train/eval modes: traced once more with
+    every mode flipped, it differs. fx sees `self.training` as a plain bool, so a forward
+    reading it is otherwise baked in unnoticed; one more trace is cheap next to the checks."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for m, training in modes:
+            m.training = not training  # the attribute, not .train(): that would set all alike
+        try:
+            other, _ = _trace_fx(model, tensors, constants, leaf_modules)
+        except Exception:  # noqa: BLE001 - traceable in one mode only: it depends on the mode
+            return True
+        return other.code != code
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _capture_repeated(model: nn.Module, leaf_modules: tuple[type, ...], check: bool,

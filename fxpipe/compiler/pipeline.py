@@ -256,7 +256,11 @@ def _analyse(cap: Captured, args: tuple, kwargs: dict, size: int, p: int, prog: 
     # costs (a fused op is one node of its unit, priced with the FLOPs it replaced)
     if fuse:
         prog.start("fuse")
+        called = {n.target for n in cap.gm.graph.nodes if n.op == "call_module"}
         fused = fuse_elementwise(cap.gm).fused
+        # a fused dropout took its module's mode as a constant: calls must keep that mode
+        gone = called - {n.target for n in cap.gm.graph.nodes if n.op == "call_module"}
+        cap.modes.update({name: cap.gm.get_submodule(name).training for name in gone})
         prog.done("fuse", f"({len(fused)} fused)")
 
     # units before costs: costs are aggregated per unit, the partitioner's atoms

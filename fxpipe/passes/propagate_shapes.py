@@ -89,7 +89,12 @@ class _MetaRunner(fx.Interpreter):
 
     def call_module(self, target, args, kwargs):
         mod = self.fetch_attr_module(target)
-        state = {k: _to_meta(v) for k, v in list(mod.named_parameters()) + list(mod.named_buffers())}
+        state = {k: _to_meta(v) for k, v in mod.named_parameters()}
+        # a 0-d count stays real: BatchNorm(momentum=None) in training mode divides by
+        # float(num_batches_tracked), which a meta tensor cannot give (its value is irrelevant
+        # to shapes; 1, not 0, so the division works)
+        state.update({k: torch.ones((), dtype=v.dtype) if v.dim() == 0 and not v.is_floating_point() else _to_meta(v)
+                      for k, v in mod.named_buffers()})
         return functional_call(mod, state, args, kwargs)
 
     def fetch_attr_module(self, target: str) -> torch.nn.Module:

@@ -105,6 +105,31 @@ def _draws_random(module: torch.nn.Module) -> bool:
     return False
 
 
+def _buffers_updated_once(module: torch.nn.Module) -> Callable[..., Any]:
+    """`module` for one microbatch's torch.utils.checkpoint: its recomputation in backward runs
+    the forward again, which would update the buffers the forward mutates (BatchNorm's running
+    statistics and num_batches_tracked, an EMA) a second time, so the stage's buffers are put
+    back after it. All of them: BatchNorm's kernel updates its statistics without bumping their
+    version counters, so which ones changed cannot be told cheaply (buffers are small next to a
+    stage's activations, and the copies live only during the recomputation)."""
+    ran = False
+
+    def run(*args: Any) -> Any:
+        nonlocal ran
+        if not ran:  # the forward itself
+            ran = True
+            return module(*args)
+        saved = [(b, b.detach().clone()) for b in module.buffers()]
+        try:
+            return module(*args)
+        finally:
+            with torch.no_grad():
+                for b, old in saved:
+                    b.copy_(old)
+
+    return run
+
+
 class _Mailbox:
     def __init__(self) -> None:
         self.cv = threading.Condition()
@@ -337,7 +362,8 @@ class LocalRuntime:
                 # Saving and restoring the RNG state only where the stage draws random numbers:
                 # the restore rewinds the process-wide CPU generator, which must not happen
                 # outside the RNG lock while another worker draws from it
-                out = list(torch.utils.checkpoint.checkpoint(st.module, *leaves, *model_in, use_reentrant=False,
+                out = list(torch.utils.checkpoint.checkpoint(_buffers_updated_once(st.module), *leaves, *model_in,
+                                                             use_reentrant=False,
                                                              preserve_rng_state=st.uses_rng))
             else:
                 out = list(st.module(*leaves, *model_in))

@@ -1,0 +1,71 @@
+"""What a training-mode forward computes or updates per call: BatchNorm-like statistics.
+
+fxpipe runs a batch as m microbatches, each through the stages' forwards in microbatch order.
+A module that normalises with the batch's statistics (BatchNorm in training mode) then sees
+each microbatch's statistics, and a buffer the forward updates (running_mean / running_var /
+num_batches_tracked, an EMA) is updated once per microbatch, m times per call, in microbatch
+order. That is what eager gives running the microbatches one after the other
+(`for xc in x.tensor_split(m): model(xc)`), as GPipe and torch.distributed.pipelining do, not
+eager on the whole batch; `compile` warns when it applies (`warn_per_microbatch_state`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch.fx as fx
+from torch import nn
+
+from fxpipe.errors import MicrobatchStatisticsWarning
+
+__all__ = ["per_microbatch_state", "warn_per_microbatch_state"]
+
+
+def per_microbatch_state(model: nn.Module, gm: fx.GraphModule) -> list[str]:
+    """Names of what depends on how a call is split into microbatches: BatchNorm-like modules
+    in training mode (`_BatchNorm`, or any module tracking running statistics), then buffers
+    the graph writes in place (an EMA updated in forward)."""
+    names = [name or type(model).__name__ for name, mod in model.named_modules()
+             if mod.training and (isinstance(mod, nn.modules.batchnorm._BatchNorm)
+                                  or getattr(mod, "track_running_stats", False) is True)]
+    covered = tuple(n + "." for n in names)
+    buffers = {k for k, _ in model.named_buffers()}
+    for n in gm.graph.nodes:
+        first = n.args[0] if n.args else None
+        if (isinstance(first, fx.Node) and first.op == "get_attr" and first.target in buffers
+                and not first.target.startswith(covered) and first.target not in names and _writes_first(n)):
+            names.append(first.target)
+    return names
+
+
+def _writes_first(n: fx.Node) -> bool:
+    """Whether node `n` writes into its first argument (x.add_(..), aten.copy_, out=...)."""
+    if n.op == "call_method":
+        return n.target.endswith("_") and not n.target.startswith("_")
+    if n.op != "call_function":
+        return False
+    schema = getattr(n.target, "_schema", None)
+    if schema is not None:  # an aten op (export): its schema says what it writes
+        a = schema.arguments[0] if schema.arguments else None
+        return bool(a is not None and a.alias_info is not None and a.alias_info.is_write)
+    name = getattr(n.target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_")
+
+
+def warn_per_microbatch_state(model: nn.Module, gm: fx.GraphModule, microbatches: int) -> None:
+    """One MicrobatchStatisticsWarning when a call with `microbatches` > 1 would compute or
+    update statistics per microbatch (see the module docstring)."""
+    if microbatches <= 1:
+        return
+    names = per_microbatch_state(model, gm)
+    if not names:
+        return
+    shown = ", ".join(repr(n) for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    warnings.warn(
+        f"{type(model).__name__} is in training mode with batch statistics or buffers updated in forward ({shown}) "
+        f"and runs as {microbatches} microbatches: each microbatch is normalised with its own statistics, and the "
+        f"buffers (BatchNorm's running statistics, num_batches_tracked) are updated once per microbatch, "
+        f"{microbatches} times per step or call, in microbatch order: as eager running the microbatches one after "
+        "the other, not as eager on the whole batch. For whole-batch statistics use microbatches=1; to silence "
+        "this, warnings.filterwarnings('ignore', category=fxpipe.errors.MicrobatchStatisticsWarning)",
+        MicrobatchStatisticsWarning, stacklevel=4)
