@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from fxpipe.errors import PlanError
 
 __all__ = ["Device", "Link", "NodeLink", "Cluster", "cpu_calibration", "CUDA_PRESETS", "NODE_LINK_PRESETS",
-           "DEFAULT_HOST_BANDWIDTH"]
+           "DEFAULT_HOST_BANDWIDTH", "host_groups"]
 
 GiB = 1024**3
 
@@ -31,11 +31,18 @@ GiB = 1024**3
 # only when allowed, so the fp32 column is the conservative SIMT rate).
 # host_bandwidth: pinned host <-> device copies over the GPU's host link, per direction
 # (PCIe gen5 x16 for H100/H200 SXM, gen4 x16 for A100 and L4), at about 80% of the link's rate.
+# host_memory: the node's RAM usable for offloaded stages (pinned weights, grads, optimizer
+# state), shared by the node's GPUs: 80% of a typical 8-GPU node (DGX H100/H200 2 TiB, A100
+# nodes 1 TiB, 8 x L4 cloud nodes 384 GiB), the rest left to the OS, data loading and Python.
 CUDA_PRESETS: dict[str, dict[str, float]] = {
-    "h100": {"peak_flops": 67e12, "mem_bandwidth": 3.35e12, "memory": 80 * GiB, "host_bandwidth": 50e9},
-    "h200": {"peak_flops": 67e12, "mem_bandwidth": 4.8e12, "memory": 141 * GiB, "host_bandwidth": 50e9},
-    "a100": {"peak_flops": 19.5e12, "mem_bandwidth": 2.0e12, "memory": 80 * GiB, "host_bandwidth": 25e9},
-    "l4": {"peak_flops": 30e12, "mem_bandwidth": 0.3e12, "memory": 24 * GiB, "host_bandwidth": 25e9},
+    "h100": {"peak_flops": 67e12, "mem_bandwidth": 3.35e12, "memory": 80 * GiB, "host_bandwidth": 50e9,
+             "host_memory": 0.8 * 2048 * GiB},
+    "h200": {"peak_flops": 67e12, "mem_bandwidth": 4.8e12, "memory": 141 * GiB, "host_bandwidth": 50e9,
+             "host_memory": 0.8 * 2048 * GiB},
+    "a100": {"peak_flops": 19.5e12, "mem_bandwidth": 2.0e12, "memory": 80 * GiB, "host_bandwidth": 25e9,
+             "host_memory": 0.8 * 1024 * GiB},
+    "l4": {"peak_flops": 30e12, "mem_bandwidth": 0.3e12, "memory": 24 * GiB, "host_bandwidth": 25e9,
+           "host_memory": 0.8 * 384 * GiB},
 }
 
 # host_bandwidth of a device that does not give one: a CUDA (or meta, planning-only) device
@@ -71,6 +78,11 @@ class Device:
         host_bandwidth: bytes/s between pinned host memory and this device, each direction
             (full duplex): what streaming offloaded weights costs. None (the default) means
             `DEFAULT_HOST_BANDWIDTH` for CUDA and meta devices and `mem_bandwidth` for CPUs.
+        host_memory: bytes of host memory (RAM) of the device's node that offloaded stages may
+            use for their pinned weights, grads and optimizer state; shared by every device of
+            that node (`host_groups`: devices of unknown node count as one machine). None (the
+            default): unknown, not checked. A CPU's stages are in its own memory (`memory`),
+            so this is only informative there.
     """
 
     name: str
@@ -82,6 +94,7 @@ class Device:
     threads: int = 1
     node: int = -1
     host_bandwidth: float | None = None
+    host_memory: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -105,6 +118,25 @@ class Device:
         elif not _is_number(self.host_bandwidth) or not math.isfinite(self.host_bandwidth) or self.host_bandwidth <= 0:
             raise PlanError(f"device {self.name!r}: host_bandwidth must be a positive number of bytes/s "
                             f"(pinned host <-> device copies), or left out for the default; got {self.host_bandwidth!r}")
+        if self.host_memory is not None and (not _is_number(self.host_memory) or not math.isfinite(self.host_memory)
+                                             or self.host_memory <= 0):
+            raise PlanError(f"device {self.name!r}: host_memory must be a positive number of bytes (the RAM of its "
+                            f"node that offloaded stages may use), or left out when unknown; got {self.host_memory!r}")
+
+
+def host_groups(devices: Sequence[Device]) -> dict[int, tuple[list[int], float]]:
+    """Devices sharing one host's memory, by node (-1: every device of unknown node, taken as
+    one machine, which is never optimistic): node -> (device indices, host bytes: the
+    smallest `host_memory` given among them, inf when none is). CPUs are left out: what they
+    offload stays in their own memory, which `memory` already bounds."""
+    out: dict[int, tuple[list[int], float]] = {}
+    for i, d in enumerate(devices):
+        if d.kind == "cpu":
+            continue
+        idx, cap = out.get(d.node, ([], math.inf))
+        idx.append(i)
+        out[d.node] = (idx, min(cap, d.host_memory) if d.host_memory is not None else cap)
+    return out
 
 
 def _default_host_bandwidth(kind: str, mem_bandwidth: float) -> float:
@@ -257,10 +289,11 @@ class Cluster:
     def preset(name: str, count: int, per_node: int = 8, *, inter_node_bandwidth: float = 25e9,
                inter_node_latency: float = 2e-5, intra_node_bandwidth: float | None = None,
                intra_node_latency: float | None = None, memory: float | None = None,
-               first_node: int = 0) -> "Cluster":
+               first_node: int = 0, host_memory: float | None = None) -> "Cluster":
         """`count` GPUs of a known kind (h100, h200, a100, l4), `per_node` to a node.
 
-        Speeds and memory come from `CUDA_PRESETS`, the link inside a node from
+        Speeds, memory and each node's host memory (`host_memory` overrides it, bytes per
+        node) come from `CUDA_PRESETS`, the link inside a node from
         `NODE_LINK_PRESETS` (NVLink-class for H100/H200/A100, PCIe-class for L4); nodes are
         joined by a slower network (default 25e9 B/s = 200 Gb/s, 2e-5 s). The GPUs need not
         exist here: the result is for planning offline.
@@ -285,9 +318,10 @@ class Cluster:
         bw = bw if intra_node_bandwidth is None else intra_node_bandwidth
         lat = lat if intra_node_latency is None else intra_node_latency
         mem = spec["memory"] if memory is None else memory
+        host = spec["host_memory"] if host_memory is None else host_memory
         devices = tuple(
             Device(f"{key}:{k}", "cuda", spec["peak_flops"], spec["mem_bandwidth"], mem, 8e-6, 1,
-                   node=first_node + k // per_node, host_bandwidth=spec["host_bandwidth"])
+                   node=first_node + k // per_node, host_bandwidth=spec["host_bandwidth"], host_memory=host)
             for k in range(count))
         n_nodes = (count + per_node - 1) // per_node
         node_links = tuple(NodeLink(first_node + k, first_node + k, bw, lat) for k in range(n_nodes))
@@ -448,6 +482,8 @@ def _device_dict(d: Device) -> dict[str, Any]:
         del out["node"]
     if d.host_bandwidth == _default_host_bandwidth(d.kind, d.mem_bandwidth):  # likewise (and it loads back the same)
         del out["host_bandwidth"]
+    if d.host_memory is None:  # unknown: left out, as files written before it existed
+        del out["host_memory"]
     return out
 
 
@@ -517,7 +553,7 @@ def _device_from_string(name: str, n_cpu: int, memory: float | None) -> Device:
         threads = max(1, (os.cpu_count() or 1) // max(1, n_cpu))
         mem = memory if memory is not None else _host_memory() / max(1, n_cpu)
         return Device(name, "cpu", cal["flops_per_thread"] * threads, cal["copy_bandwidth"],
-                      mem, cal["launch_overhead"], threads)
+                      mem, cal["launch_overhead"], threads, host_memory=_host_memory())
     if kind == "cuda":
         idx = torch.device(name).index or 0
         if not torch.cuda.is_available():
@@ -532,7 +568,7 @@ def _device_from_string(name: str, n_cpu: int, memory: float | None) -> Device:
         preset = next((v for k, v in CUDA_PRESETS.items() if k in props.name.lower()), CUDA_PRESETS["a100"])
         mem = memory if memory is not None else props.total_memory * 0.9
         return Device(f"cuda:{idx}", "cuda", preset["peak_flops"], preset["mem_bandwidth"], mem, 8e-6, 1,
-                      host_bandwidth=preset["host_bandwidth"])
+                      host_bandwidth=preset["host_bandwidth"], host_memory=_host_memory())
     if kind == "meta":
         return Device(name, "meta", 1e12, 1e11, memory or 16 * GiB, 5e-6, 1)
     raise AssertionError(f"unreachable: device kind {kind!r}")

@@ -24,6 +24,7 @@ from fxpipe.compiler.cluster import Cluster, Device
 from fxpipe.compiler.plan import OPTIMIZER_STATE_FACTOR, Plan, StagePlan, graph_fingerprint
 from fxpipe.errors import PlanError, ScheduleError
 from fxpipe.passes.annotate_costs import CostTable, annotate_costs, device_offload_unit_times, device_unit_times
+from fxpipe.passes.check_host_memory import HostUse, host_shares, host_usage, over_host_memory, replicas
 from fxpipe.passes.emit_schedule import Op, Schedule, emit_schedule, peak_inflight, validate_schedule
 from fxpipe.passes.group_units import Units, group_units
 from fxpipe.passes.load_schedule import load_schedule
@@ -443,11 +444,18 @@ def _profiled(costs: CostTable, model: nn.Module, cap: Captured, args: tuple, kw
 
 def _plan_one(kind: str, user: Schedule | None, m: int, stage_device: Sequence[int], cap: Captured, units: Units,
               costs: CostTable, cluster: Cluster, model: nn.Module, train: bool, optimizer: str, mode: str, fuse: bool,
-              prog: _Progress, offload: str = "off", refine: bool = True) -> Plan:
+              prog: _Progress, offload: str = "off", refine: bool = True, host_limits: bool = False) -> Plan:
     """schedule -> placement + partition -> simulate -> Plan, for one schedule kind and m.
     `refine`: improve the chosen cut by moving single cuts (`_refine_cut`); auto mode does it
-    only for its best candidates."""
+    only for its best candidates.
+
+    Offloaded stages of one node share its host memory, which a per-stage DP cannot see; so
+    the plan is checked after the partition, and when its offloaded stages overfill a host it
+    is planned again with each position limited to an equal share of its node's host memory
+    (`host_limits`, always within the host: any mix of offloaded stages then fits), and
+    refused with the bytes needed and available when nothing fits that way."""
     n_units, n_devs = len(costs.unit_names), len(cluster)
+    given = cluster  # the device order as given (placement reorders `cluster` below)
     if len(stage_device) > n_devs and n_units < len(stage_device):
         # the partitioner would say "N devices were given" of the virtual stages, which misleads
         raise PlanError(f"the model has {n_units} units but schedule {kind!r} asks for {len(stage_device)} stages "
@@ -471,7 +479,7 @@ def _plan_one(kind: str, user: Schedule | None, m: int, stage_device: Sequence[i
     prog.start("partition")
     def make_problem(order: Sequence[int]) -> PartitionProblem:
         return _problem(costs, cluster.subset(order), stage_device, inflight, train, optimizer, mode,
-                        split_backward=_splits_backward(sched), offload=offload)
+                        split_backward=_splits_backward(sched), offload=offload, host_limits=host_limits)
 
     placement = _step_among_tied_orders(place_stages(make_problem, cluster), make_problem, cluster, sched, costs,
                                         stage_device, train, inflight)
@@ -519,6 +527,18 @@ def _plan_one(kind: str, user: Schedule | None, m: int, stage_device: Sequence[i
                                                 train, inflight, budget=budget)
         tried += extra
     prog.done("simulate", f"({tried} cut(s) simulated)")
+    factor = OPTIMIZER_STATE_FACTOR[optimizer] if train else 0.0
+    hosts = host_usage([s.units for s in stages], stage_device, [s.offload for s in stages], costs, cluster, train,
+                       factor)
+    over = over_host_memory(hosts)
+    if over and not host_limits:
+        try:
+            return _plan_one(kind, user, m, stage_device, cap, units, costs, given, model, train, optimizer, mode,
+                             fuse, prog, offload, refine, host_limits=True)
+        except PlanError as e:
+            raise PlanError(_host_message(over, e)) from None
+    if over:  # within their shares the stages fit together; only rounding could get here
+        raise PlanError(_host_message(over, PlanError("the shares add up to more than the host by rounding.")))
     predicted = {
         "step_ms": tl.step_time * 1e3,
         "bottleneck_ms": part.bottleneck * 1e3,
@@ -532,6 +552,9 @@ def _plan_one(kind: str, user: Schedule | None, m: int, stage_device: Sequence[i
         "offload": offload,
         "placement": placement.to_dict(),
     }
+    if hosts:  # nodes whose host memory holds offloaded stages
+        predicted["host_memory"] = [{"node": h.node, "bytes": h.used, "stages": list(h.stages),
+                                     **({"capacity": h.capacity} if math.isfinite(h.capacity) else {})} for h in hosts]
     if costs.measured_fwd:  # the plan file's cost table has no room for them (see CostTable)
         predicted["measured_costs"] = costs.measured_to_dict()
     return Plan(
@@ -539,6 +562,19 @@ def _plan_one(kind: str, user: Schedule | None, m: int, stage_device: Sequence[i
         input_names=cap.input_names, batch_size=cap.batch_size, microbatches=m, train=train, optimizer=optimizer,
         cluster=cluster, stages=tuple(stages), schedule=sched, costs=costs, predicted=predicted,
         baselines=baselines, timings=prog.timings)
+
+
+def _host_message(over: Sequence[HostUse], retry: PlanError) -> str:
+    gib = 1024**3
+    where = "; ".join(
+        f"{'devices of unknown node (taken as one machine)' if h.node < 0 else f'node {h.node}'}: stages "
+        f"{list(h.stages)} need {h.used / gib:.2f} GiB, its host has {h.capacity / gib:.2f} GiB" for h in over)
+    return (f"the offloaded stages do not fit in host memory ({where}): an offloaded stage keeps its params, grads "
+            f"and optimizer state in its node's host memory, shared by the node's devices. With each stage limited "
+            f"to an equal share of its node's host memory no plan fits either: {str(retry).splitlines()[0]} "
+            f"To make it fit: use more devices or nodes (less to offload per node), devices with more memory, "
+            f"activation recomputation, a lighter optimizer, or give the devices' true host_memory in a cluster file "
+            f"(or Cluster.preset(..., host_memory=...)) if the default is too small.")
 
 
 _TIED_ORDERS = 128  # distinct device orders up to which orders tied on the bottleneck are simulated
@@ -857,14 +893,17 @@ def _splits_backward(sched: Schedule) -> bool:
 
 def _problem(costs: CostTable, cluster: Cluster, stage_device: Sequence[int], inflight: Sequence[int], train: bool,
              optimizer: str, recompute: str = "off", split_backward: bool = False,
-             offload: str = "off") -> PartitionProblem:
+             offload: str = "off", host_limits: bool = False) -> PartitionProblem:
     """Positions are stages; stage s runs on device stage_device[s]. A device holding k
     stages (interleaved) gives each 1/k of its memory. A recomputing stage pays one more
     forward per microbatch (`recompute`: the partitioner's mode). Training stages also need
     their worst backward transient (gradients alive during one unit's backward). An
     offloading stage (`offload`: the partitioner's mode) pays each unit's weight copy over the
     device's host link where the compute does not hide it; on a CPU the host memory is the
-    device's own, so offloading there frees nothing."""
+    device's own, so offloading there frees nothing. A stage reading a tied weight first read
+    by an earlier stage holds a replica (`check_host_memory.replicas`). `host_limits`: each
+    position may keep at most an equal share of its node's host memory when it offloads
+    (`host_shares`; `_plan_one` asks for it when the plan without it overfills a host)."""
     n = len(costs.unit_names)
     devs = [cluster.devices[d] for d in stage_device]
     times = device_unit_times(costs, devs, train)
@@ -885,7 +924,9 @@ def _problem(costs: CostTable, cluster: Cluster, stage_device: Sequence[int], in
         recompute=recompute, unit_transient_bytes=costs.transient_bytes if train else (),
         split_backward=split_backward and train, unit_param_bytes=_streamed_bytes(costs, train),
         unit_offload_time=tuple(map(tuple, device_offload_unit_times(costs, devs, train, times))) if offload != "off" else (),
-        offload=offload, host_memory_is_device=tuple(d.kind == "cpu" for d in devs))
+        offload=offload, host_memory_is_device=tuple(d.kind == "cpu" for d in devs),
+        replicas=replicas(costs, train, factor),
+        host_memory=host_shares(cluster.devices, stage_device) if host_limits and offload != "off" else ())
 
 
 def _streamed_bytes(costs: CostTable, train: bool) -> tuple[float, ...]:

@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from fxpipe.compiler.cluster import Cluster, read_json_file
 from fxpipe.errors import FxpipeError, PlanError
-from fxpipe.passes.annotate_costs import CostTable
+from fxpipe.passes.annotate_costs import CostTable, SharedTensor
 from fxpipe.passes.emit_schedule import Schedule
 
 __all__ = ["Plan", "StagePlan", "FORMAT_VERSION", "graph_fingerprint", "OPTIMIZER_STATE_FACTOR"]
@@ -121,6 +121,10 @@ class Plan:
         if any(st.offload for st in self.stages):
             lines.append("offload: those stages keep params, grads and optimizer state in host memory and stream "
                          "each unit's weights in for every microbatch's forward and backward (times include it)")
+            lines += [f"  host memory of {'devices of unknown node' if h.node < 0 else f'node {h.node}'}: "
+                      f"{h.used / gib:.3f} GiB for stages {list(h.stages)}"
+                      + (f" of {h.capacity / gib:.1f} GiB" if math.isfinite(h.capacity) else " (its size is unknown)")
+                      + ("" if h.fits else ": DOES NOT FIT") for h in self.host_usage()]
         if p.get("restaged"):
             lines.append(f"stages {p['restaged']}: their numbers in the file disagreed with their cuts (edited by hand, "
                          "or written by another fxpipe version), so they and the prediction were recomputed from the "
@@ -137,6 +141,14 @@ class Plan:
                 lines.append(f"baseline {name}: bottleneck {b['bottleneck_ms']:.3f} ms "
                              f"({b['bottleneck_ms'] / max(p['bottleneck_ms'], 1e-12):.2f}x fxpipe's){fit}")
         return "\n".join(lines)
+
+    def host_usage(self) -> list:
+        """Per node with offloaded stages, the host memory they keep (`check_host_memory.HostUse`)."""
+        from fxpipe.passes.check_host_memory import host_usage
+
+        factor = OPTIMIZER_STATE_FACTOR[self.optimizer] if self.train else 0.0
+        return host_usage([st.units for st in self.stages], [st.device for st in self.stages],
+                          [st.offload for st in self.stages], self.costs, self.cluster, self.train, factor)
 
     # ---- files -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -501,7 +513,9 @@ def _costs_from_dict(r: _Fields, c: Any) -> CostTable:
             continue
         if k in optional and c[k] == []:
             continue  # how to_dict writes a field that a plan from before it lacked: still absent
-        if k.startswith("node_"):
+        if k == "shared":
+            out[k] = tuple(_shared_from_dict(r, x, f"costs.shared[{i}]", n) for i, x in enumerate(r.items(c, k, "costs.")))
+        elif k.startswith("node_"):
             v = c[k]
             if not isinstance(v, (list, tuple)) or len(v) != n:
                 raise PlanError(f"field 'costs.{k}' must be a list of {n} lists (one per unit), got {_show(v)}")
@@ -512,6 +526,15 @@ def _costs_from_dict(r: _Fields, c: Any) -> CostTable:
         if len(a) != len(b):
             raise PlanError(f"fields 'costs.node_flops[{u}]' and 'costs.node_bytes[{u}]' differ in length")
     return CostTable(**out)
+
+
+def _shared_from_dict(r: _Fields, x: Any, name: str, n: int) -> SharedTensor:
+    r.keys(x, name + ".", required=("bytes", "trainable_bytes", "units"))
+    units = r.numbers(x["units"], f"{name}.units", integers=True)
+    if len(units) < 2 or any(not 0 <= u < n for u in units) or list(units) != sorted(set(units)):
+        raise PlanError(f"field '{name}.units' must list at least two distinct unit indices in 0..{n - 1}, "
+                        f"ascending, got {_show(x['units'])}")
+    return SharedTensor(r.number(x, "bytes", name + "."), r.number(x, "trainable_bytes", name + "."), tuple(units))
 
 
 def _predicted_from_dict(r: _Fields, p: Any) -> dict[str, Any]:

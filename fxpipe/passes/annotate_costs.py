@@ -20,7 +20,7 @@ from fxpipe.compiler.repeat_capture import TEMPLATE
 from fxpipe.passes.group_units import COMPUTE_OPS, UNIT, Units
 from fxpipe.passes.propagate_shapes import FLOPS, VAL, mha_fastpath_off, same_inputs, template_of
 
-__all__ = ["NodeCost", "CostTable", "annotate_costs", "backward_transients", "split_kept_gradients", "stage_transient",
+__all__ = ["NodeCost", "SharedTensor", "CostTable", "annotate_costs", "backward_transients", "split_kept_gradients", "stage_transient",
            "fused_attention_saved",
            "COST", "BWD_FACTOR", "value_bytes", "device_key", "device_unit_times", "device_offload_unit_times"]
 
@@ -35,6 +35,17 @@ class NodeCost:
     param_bytes: float  # parameters/buffers first touched by this node
     activation_bytes: float  # output bytes kept for backward (0 for views)
     launches: int
+
+
+@dataclass(frozen=True, slots=True)
+class SharedTensor:
+    """A parameter or buffer read by several units (GPT-2's `wte` in the embedding and the LM
+    head). The runtime gives every stage after the first that uses it a replica of its own
+    (`api.CompiledModel._place`), so that stage holds it too (`replica_bytes`)."""
+
+    bytes: float
+    trainable_bytes: float  # `bytes` when it receives gradients, else 0
+    units: tuple[int, ...]  # the units that read it, ascending (at least two)
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,9 @@ class CostTable:
     # per unit, bytes of the gradients a split backward's BI keeps for BW (its weight
     # consumers' output gradients, `split_kept_gradients`); () in older plans
     kept_grad_bytes: tuple[float, ...] = ()
+    # tensors read by more than one unit (tied weights); () in older plans, which then count
+    # no replicas, as the planner that wrote them did
+    shared: tuple[SharedTensor, ...] = ()
 
     # Measured times (the profiler's, `passes/profile_units.py`), when there are any: per
     # device key (`device_key`), seconds per microbatch of each unit's forward and backward.
@@ -161,14 +175,19 @@ class CostTable:
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: list(map(list, getattr(self, k))) if k.startswith("node_") else list(getattr(self, k))
-             for k in self.__dataclass_fields__}
+             for k in self.__dataclass_fields__ if k != "shared"}
+        d["shared"] = [{"bytes": t.bytes, "trainable_bytes": t.trainable_bytes, "units": list(t.units)}
+                       for t in self.shared]
         return d
 
     @staticmethod
     def from_dict(d: dict[str, Any], measured: dict[str, Any] | None = None) -> "CostTable":
         """Rebuild from `to_dict` output; `measured` is `measured_to_dict` output (or None)."""
-        fields = [k for k in CostTable.__dataclass_fields__ if k in d]  # defaulted fields may be missing
-        t = CostTable(**{k: tuple(tuple(x) for x in d[k]) if k.startswith("node_") else tuple(d[k]) for k in fields})
+        fields = [k for k in CostTable.__dataclass_fields__ if k in d and k != "shared"]  # defaulted fields may be missing
+        shared = tuple(SharedTensor(float(t["bytes"]), float(t["trainable_bytes"]), tuple(int(u) for u in t["units"]))
+                       for t in d.get("shared", ()))
+        t = CostTable(**{k: tuple(tuple(x) for x in d[k]) if k.startswith("node_") else tuple(d[k]) for k in fields},
+                      shared=shared)
         return t.with_measured(measured["fwd_s"], measured["bwd_s"], measured.get("bi_fraction")) if measured else t
 
 
@@ -276,6 +295,7 @@ def annotate_costs(gm: fx.GraphModule, units: Units, *, fused_attention_dropout:
     nf: list[list[float]] = [[] for _ in range(n)]
     nb: list[list[float]] = [[] for _ in range(n)]
     seen_params: set[int] = set()
+    users: dict[int, tuple[torch.Tensor, set[int]]] = {}  # id -> (tensor, units reading it)
     for node in gm.graph.nodes:
         if node.op not in COMPUTE_OPS:
             continue
@@ -285,6 +305,7 @@ def annotate_costs(gm: fx.GraphModule, units: Units, *, fused_attention_dropout:
         in_b = sum(value_bytes(a.meta.get(VAL)) for a in node.all_input_nodes if a.op != "get_attr")
         p_b, t_b = 0.0, 0.0
         for _, p in _node_params(gm, node):
+            users.setdefault(id(p), (p, set()))[1].add(u)
             if id(p) not in seen_params:
                 seen_params.add(id(p))
                 b = p.numel() * p.element_size()
@@ -311,9 +332,15 @@ def annotate_costs(gm: fx.GraphModule, units: Units, *, fused_attention_dropout:
         abytes[u] += cost.activation_bytes
         nf[u].append(cost.flops)
         nb[u].append(cost.bytes)
+    shared = []
+    for p, us in users.values():
+        if len(us) > 1:
+            b = float(p.numel() * p.element_size())
+            shared.append(SharedTensor(b, b if isinstance(p, torch.nn.Parameter) and p.requires_grad else 0.0,
+                                       tuple(sorted(us))))
     return CostTable(units.names, tuple(flops), tuple(nbytes), tuple(launches), tuple(pbytes), tuple(tbytes),
                      tuple(abytes), boundary_bytes(gm, n), tuple(map(tuple, nf)), tuple(map(tuple, nb)),
-                     backward_transients(gm, n), split_kept_gradients(gm, n))
+                     backward_transients(gm, n), split_kept_gradients(gm, n), tuple(shared))
 
 
 def saved_for_backward(gm: fx.GraphModule, *, fused_attention_dropout: bool = False

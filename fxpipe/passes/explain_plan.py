@@ -49,8 +49,11 @@ def stage_memory_split(plan: Plan, s: int) -> dict[str, float]:
     a, b = st.units
     c = plan.costs
     n = len(c.unit_names)
-    params = sum(c.param_bytes[a:b])
-    trainable = sum(c.trainable_bytes[a:b]) if plan.train else 0.0
+    # replicas of tied weights first read by an earlier stage count like the stage's own
+    # (`check_host_memory.replicas`)
+    replicas = [t for t in c.shared if t.units[0] < a and any(a <= u < b for u in t.units)]
+    params = sum(c.param_bytes[a:b]) + sum(t.bytes for t in replicas)
+    trainable = sum(c.trainable_bytes[a:b]) + sum(t.trainable_bytes for t in replicas) if plan.train else 0.0
     opt = trainable * OPTIMIZER_STATE_FACTOR[plan.optimizer] if plan.train else 0.0
     # a recomputing stage holds one microbatch's activations (during its backward), not in-flight x
     act = (1 if st.recompute else st.inflight) * sum(c.activation_bytes[a:b]) if plan.train else 0.0

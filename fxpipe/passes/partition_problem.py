@@ -15,7 +15,7 @@ import numpy as np
 
 from fxpipe.errors import PlanError
 
-__all__ = ["PartitionProblem", "Partition", "RECOMPUTE_MODES", "OFFLOAD_MODES"]
+__all__ = ["PartitionProblem", "Partition", "RECOMPUTE_MODES", "OFFLOAD_MODES", "replica_bytes"]
 
 RECOMPUTE_MODES = ("off", "on", "auto")
 OFFLOAD_MODES = ("off", "on", "auto")
@@ -114,6 +114,15 @@ class PartitionProblem:
         host_memory_is_device: p bools (or empty: none); True where the host memory the
             weights would move to is the device's own memory (a CPU): offloading there
             frees nothing, so its static state still counts.
+        replicas: per tensor read by several units (tied weights), ``(bytes, units)``: the
+            bytes a replica of it holds (weight, and in training its gradient and optimizer
+            state) and the units reading it, ascending. A stage that reads it but does not
+            hold its first reader keeps a replica (`replica_bytes`), counted with its static
+            state (on the host when the stage offloads).
+        host_memory: p (or empty: unbounded); bytes of host memory an offloaded stage on
+            position j may keep there (its static state and replicas); an offloaded variant
+            over it is not available. The caller divides a node's host memory among the
+            positions sharing it, so any choice of offloaded stages fits together.
     """
 
     unit_names: tuple[str, ...]
@@ -133,6 +142,8 @@ class PartitionProblem:
     unit_offload_time: tuple[tuple[float, ...], ...] = ()
     offload: str = "off"
     host_memory_is_device: tuple[bool, ...] = ()
+    replicas: tuple[tuple[float, tuple[int, ...]], ...] = ()
+    host_memory: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         # Validate once here so that the DP and the helpers can index without checks.
@@ -226,6 +237,21 @@ class PartitionProblem:
             raise PlanError(f"PartitionProblem.host_memory_is_device must be p = {p} bools (or empty), "
                             f"got {shared!r}")
         shared = tuple(bool(x) for x in shared)
+        replicas = []
+        for i, entry in enumerate(self.replicas):
+            try:
+                b, units = entry
+                units = tuple(int(u) for u in units)
+            except (TypeError, ValueError):
+                raise PlanError(f"PartitionProblem.replicas[{i}] must be (bytes, units), got {entry!r}") from None
+            (b,) = _as_floats(f"replicas[{i}].bytes", (b,))
+            if len(units) < 2 or list(units) != sorted(set(units)) or not 0 <= units[0] or units[-1] >= n:
+                raise PlanError(f"PartitionProblem.replicas[{i}] must name at least two distinct units in 0..{n - 1}, "
+                                f"ascending, got {units!r}")
+            replicas.append((b, units))
+        host = tuple(self.host_memory)
+        if host:
+            host = vec("host_memory", host, p, "p (or none)", allow_inf=True)
 
         for name, value in (
             ("unit_names", names), ("unit_time", unit_time), ("boundary_time", boundary_time),
@@ -233,6 +259,7 @@ class PartitionProblem:
             ("boundary_bytes", bbytes), ("inflight", inflight), ("device_memory", memory),
             ("device_names", devices), ("unit_recompute_time", rc_time), ("unit_transient_bytes", transient),
             ("unit_param_bytes", params), ("unit_offload_time", off_time), ("host_memory_is_device", shared),
+            ("replicas", tuple(replicas)), ("host_memory", host),
         ):
             object.__setattr__(self, name, value)
 
@@ -285,3 +312,15 @@ class Partition:
 # accepts as fitting is never reported as overflowing by `evaluate_partition`, even when a
 # device's memory equals a stage's need to the last byte. Summing directly, rather than
 # subtracting prefix sums, also avoids cancellation when a few units dominate the total.
+
+
+def replica_bytes(replicas: Sequence[tuple[float, Sequence[int]]], start: int, end: int) -> float:
+    """Bytes of the replicas a stage of units ``[start, end)`` holds: one per shared tensor
+    that the stage reads and an earlier stage read first (the runtime gives the first stage
+    reading a tensor the original, every later one a copy). Summed in `replicas` order, as
+    the DP does (`partition_stages._replica_rows`), so both give the same float."""
+    acc = 0.0
+    for b, units in replicas:
+        if units[0] < start and any(start <= u < end for u in units):
+            acc += b
+    return acc

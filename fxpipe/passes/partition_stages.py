@@ -69,6 +69,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from typing import Callable, Iterator, Sequence
@@ -77,7 +78,8 @@ import numpy as np
 
 from fxpipe.errors import PlanError
 from fxpipe.passes.annotate_costs import stage_transient
-from fxpipe.passes.partition_problem import OFFLOAD_MODES, RECOMPUTE_MODES, Partition, PartitionProblem, _as_floats
+from fxpipe.passes.partition_problem import (OFFLOAD_MODES, RECOMPUTE_MODES, Partition, PartitionProblem, _as_floats,
+                                             replica_bytes)
 
 __all__ = [
     "PartitionProblem",
@@ -161,7 +163,7 @@ def _variants(problem: PartitionProblem, start: int, end: int,
         acc = acc + problem.boundary_time[end - 1][j]
         acc_rc = acc_rc + problem.boundary_time[end - 1][j]
         acc_off = acc_off + problem.boundary_time[end - 1][j]
-    static = _segment_sum(problem.unit_static_bytes, start, end)
+    static = _segment_sum(problem.unit_static_bytes, start, end) + replica_bytes(problem.replicas, start, end)
     act = _segment_sum(problem.unit_activation_bytes, start, end)
     bytes_in = problem.boundary_bytes[start - 1] if start > 0 else 0.0
     bytes_out = problem.boundary_bytes[end - 1] if end < problem.n else 0.0
@@ -176,6 +178,8 @@ def _variants(problem: PartitionProblem, start: int, end: int,
     if problem.host_memory_is_device and problem.host_memory_is_device[j]:
         held = static + held
     mem_off = (held + k * ((act + bytes_in) + bytes_out)) + tr
+    if problem.host_memory and static > problem.host_memory[j]:
+        acc_off, mem_off = math.inf, math.inf  # its static state would not fit in its share of host memory
     return (acc, mem), (acc_rc, mem_rc), (acc_off, mem_off)
 
 
@@ -387,6 +391,21 @@ def _transients(transient: np.ndarray, act: np.ndarray, end: int, split: bool, f
     return np.maximum(np.maximum.accumulate(rev - after), 0.0)[::-1]
 
 
+def _replica_rows(replicas: Sequence[tuple[float, Sequence[int]]], end: int, first: int) -> np.ndarray:
+    """`replica_bytes` of [s, end) for every start first <= s < end, same additions in the
+    same order: a shared tensor counts for starts after its first reader up to its last
+    reader before `end`."""
+    out = np.zeros(end - first, dtype=np.float64)
+    for b, units in replicas:
+        k = bisect.bisect_left(units, end) - 1  # the last reader before end
+        if k < 1:
+            continue  # no reader in [0, end) after the first one
+        lo, hi = max(units[0] + 1, first), units[k] + 1
+        if lo < hi:
+            out[lo - first : hi - first] += b
+    return out
+
+
 def _stage_tables(problem: PartitionProblem,
                   first: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield ``(end, time, memory)`` for end = 1..n; arrays are (end, p), row = start.
@@ -425,12 +444,15 @@ def _stage_tables(problem: PartitionProblem,
         for u in range(n - 2, -1, -1):
             nxt[u] = u + 1 if params[u + 1] > 0 else nxt[u + 1]
         shared = np.asarray(problem.host_memory_is_device or (False,) * p, dtype=bool)[None, :]
+        host_caps = np.asarray(problem.host_memory, dtype=np.float64)[None, :] if problem.host_memory else None
     alternatives = _alternatives(problem)
     for end in range(1, n + 1):
         f = 0 if first is None else int(first[end])
         # Sums over [s, end) for every s, accumulated from end-1 backwards like the helpers.
         seg_time = np.add.accumulate(_back(unit_time, end, f), axis=0)[::-1]
         seg_static = np.add.accumulate(_back(static, end, f))[::-1]
+        if problem.replicas:  # tied weights: replicas held by stages after their first reader's
+            seg_static = seg_static + _replica_rows(problem.replicas, end, f)
         seg_act = np.add.accumulate(_back(act, end, f))[::-1]
         if end < n:
             time = seg_time + btime[end - 1]
@@ -463,6 +485,10 @@ def _stage_tables(problem: PartitionProblem,
             held = np.maximum.accumulate(pairs[::-1])[::-1][:, None]
             held = np.where(shared, seg_static[:, None] + held, held)
             memory_off = (held + inflight[None, :] * per_mb[:, None]) + tr
+            if host_caps is not None:  # static state beyond its share of host memory: not available
+                host_ok = seg_static[:, None] <= host_caps
+                time_off = np.where(host_ok, time_off, np.inf)
+                memory_off = np.where(host_ok, memory_off, np.inf)
             variants[_OFFLOAD] = (time_off, memory_off)
             if offload == "on":
                 yield end, time_off, memory_off
@@ -797,7 +823,7 @@ def _infeasible_message(problem: PartitionProblem) -> str:
     for short, j in over[:_MAX_STAGES_LISTED]:
         s, e = closest.bounds[j]
         need = closest.stage_memory[j]
-        static = _segment_sum(problem.unit_static_bytes, s, e)
+        static = _segment_sum(problem.unit_static_bytes, s, e) + replica_bytes(problem.replicas, s, e)
         per_mb = (
             _segment_sum(problem.unit_activation_bytes, s, e)
             + (problem.boundary_bytes[s - 1] if s > 0 else 0.0)
