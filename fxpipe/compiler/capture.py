@@ -56,6 +56,17 @@ class Captured:
     # (dropout on or off, BatchNorm batch or running statistics); see check_modes
     modes: dict[str, bool] = field(default_factory=dict)
 
+    def batch_free_outputs(self) -> tuple[bool, ...]:
+        """Per flat output, whether it is computed from no model input (a parameter returned
+        as is, a table made from weights only): the same for every microbatch, so inference
+        returns it once instead of concatenating it, whatever its dim 0 happens to be."""
+        reads_input: set[fx.Node] = set()
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder" or any(i in reads_input for i in node.all_input_nodes):
+                reads_input.add(node)
+        out = next(n for n in reversed(self.gm.graph.nodes) if n.op == "output").args[0]
+        return tuple(not (isinstance(v, fx.Node) and v in reads_input) for v in out)
+
     def check_modes(self, model: nn.Module) -> None:
         """RuntimeMismatchError when `model.train()`/`model.eval()` changed a mode since an
         export capture, whose graph fixed it: the call would silently compute the old mode.
