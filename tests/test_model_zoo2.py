@@ -92,3 +92,56 @@ def test_batch_relating_output_refuses_microbatches_and_auto_keeps_one():
         fxpipe.compile(model, ["cpu"] * 2, example_inputs=inputs, microbatches=2)
     plan = fxpipe.plan(model, ["cpu"] * 2, example_inputs=inputs, microbatches="auto", schedule="1f1b")
     assert plan.microbatches == 1
+
+
+# ---- outputs that do not depend on the batch -------------------------------------------------------
+
+
+class ReturnsWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ls = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        for lin in self.ls:
+            x = torch.tanh(lin(x))
+        # the bias as is (a get_attr output); a table of weights only, with dim 0 = 4 = the
+        # microbatch size below, which a shape test would take for a batch
+        return self.head(x), self.head.bias, self.ls[0].weight[:4] * 2
+
+
+def out_and_decay(out, t):
+    return F.mse_loss(out[0], t) + 0.1 * out[1].pow(2).sum() + 0.01 * out[2].pow(2).sum()
+
+
+@pytest.mark.parametrize("p, m, schedule, method", [(2, 1, "1f1b", "fx"), (2, 2, "1f1b", "fx"),
+                                                     (3, 3, "zb-h1", "fx"), (2, 2, "gpipe", "export"), (3, 3, "1f1b", "fx"), (2, 2, "zb-h1", "fx"), (2, 2, "zb-h1", "export")])
+def test_parameter_and_weight_only_outputs(p, m, schedule, method):
+    torch.manual_seed(0)
+    cm = run(ReturnsWeights(), (torch.randn(8, 8),), torch.randn(8, 4), out_and_decay, p=p, m=m, schedule=schedule,
+             capture_method=method)
+    assert cm(torch.randn(8, 8))[2].shape == (4, 8)
+
+
+class WeightSentOn(nn.Module):
+    """A weight-only value made in the first stage and read in the last (zb-h1's BW must still
+    give the weight that path's gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tab = nn.Parameter(torch.randn(8, 8) / 3)
+        self.ls = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x):
+        w = torch.tanh(self.tab) * 2
+        for lin in self.ls:
+            x = torch.tanh(lin(x))
+        return x @ w
+
+
+@pytest.mark.parametrize("p", [2, 3])
+def test_weight_only_value_crossing_stages_under_zero_bubble(p):
+    torch.manual_seed(0)
+    cm = run(WeightSentOn(), (torch.randn(8, 8),), torch.randn(8, 8), F.mse_loss, p=p, m=3, schedule="zb-h1")
+    assert cm.plan.num_stages == p
