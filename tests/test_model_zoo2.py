@@ -145,3 +145,23 @@ def test_weight_only_value_crossing_stages_under_zero_bubble(p):
     torch.manual_seed(0)
     cm = run(WeightSentOn(), (torch.randn(8, 8),), torch.randn(8, 8), F.mse_loss, p=p, m=3, schedule="zb-h1")
     assert cm.plan.num_stages == p
+
+
+def test_cache_switched_off_in_composite_configs_during_capture():
+    """LLaVA keeps use_cache in config.text_config: left on, export met a DynamicCache output
+    ("not a known type") instead of the model's real limits."""
+    T = pytest.importorskip("transformers")
+    from fxpipe.compiler.capture import _disable_hf_cache
+
+    cfg = T.LlavaConfig(
+        text_config=dict(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=8, patch_size=4), image_token_index=63)
+    model = T.LlavaForConditionalGeneration(cfg)
+    configs = [model.config.text_config] + [m.config for m in model.modules() if hasattr(m, "config")]
+    assert model.config.text_config.use_cache
+    restore = _disable_hf_cache(model)
+    assert not any(getattr(c, "use_cache", False) for c in configs)
+    restore()
+    assert model.config.text_config.use_cache

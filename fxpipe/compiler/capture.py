@@ -662,12 +662,22 @@ def _explain(model: nn.Module, errors: dict[str, BaseException]) -> str:
 
 
 def _disable_hf_cache(model: nn.Module) -> Callable[[], None]:
-    cfg = getattr(model, "config", None)
-    if cfg is not None and getattr(cfg, "use_cache", False):
+    # A composite model (LLaVA: vision tower + language model) keeps use_cache in a sub-config
+    # (config.text_config) and its submodules hold their own configs: switch every one off.
+    seen: dict[int, Any] = {}
+    todo = [getattr(m, "config", None) for m in model.modules()]
+    while todo:
+        cfg = todo.pop()
+        if cfg is None or id(cfg) in seen or not hasattr(cfg, "to_dict"):
+            continue
+        seen[id(cfg)] = cfg
+        todo += [v for v in vars(cfg).values() if hasattr(v, "to_dict") and hasattr(v, "use_cache")]
+    switched = [c for c in seen.values() if getattr(c, "use_cache", False) is True]
+    for cfg in switched:
         cfg.use_cache = False
 
-        def restore():
-            cfg.use_cache = True
+    def restore():
+        for c in switched:
+            c.use_cache = True
 
-        return restore
-    return lambda: None
+    return restore
