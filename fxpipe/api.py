@@ -357,9 +357,9 @@ class CompiledModel:
         state = _StepState(inputs=per_mb, train=False)
         self._rt.run([f for _, f in self._infer_prog], state)
         flat = []
-        for k in range(len(state.results[0])):
+        for k, free in enumerate(self._cap.batch_free_outputs()):
             vals = [state.results[mb][k] for mb in range(len(per_mb))]
-            flat.append(_concat(vals, sizes))
+            flat.append(vals[0] if free else _concat(vals, sizes))
         return _unflatten(self._cap.out_spec, _inference_outputs(flat, self.model, args, kwargs))
 
     def step(self, *args: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor], trace: str | None = None,

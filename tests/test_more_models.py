@@ -13,7 +13,8 @@ reference; outputs, the step's loss and EVERY parameter's `.grad` must equal it 
 * zb-h1 (split backward) over leaf modules that return tuples (nn.MultiheadAttention,
   nn.LSTM): their parameters got no gradient at all;
 * an output relating samples to each other (CLIP's (batch, batch) logits_per_image) was
-  concatenated from per-microbatch blocks: silently the wrong shape and values;
+  concatenated from per-microbatch blocks: silently the wrong shape and values (refused with
+  m > 1; test_model_zoo2.py has the exact m = 1 case);
 * a model on the meta device whose inputs meet a weight directly (a convolution front end:
   Whisper, Wav2Vec2, CLIP, Swin) could not be planned with CPU example inputs;
 * nn.TransformerEncoder under fx is one unit (fx keeps torch.nn modules whole): on more
@@ -214,7 +215,8 @@ def test_output_mixing_samples_is_a_trace_error_not_a_wrong_concatenation():
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                            image_size=8, patch_size=4), projection_dim=8)
     inputs = {"input_ids": torch.randint(2, 64, (4, 6)), "pixel_values": torch.randn(4, 3, 8, 8)}
-    with pytest.raises(TraceError, match=r"CLIPModel's output 0 .*\(1, 1\).*\(2, 2\).*per microbatch"):
+    with pytest.raises(fxpipe.PlanError, match=r"CLIPModel .*output \['logits_per_image'\] .*\(2, 2\).*\(1, 1\)"
+                                               r".*microbatches=1"):
         fxpipe.compile(transformers.CLIPModel(cfg).eval(), ["cpu"] * 2, example_inputs=inputs, microbatches=2)
 
 

@@ -61,6 +61,17 @@ class Captured:
     # traced through branches on `self.training` (or passes it on: F.dropout(x, training=...))
     mode_dependent: bool = False
 
+    def batch_free_outputs(self) -> tuple[bool, ...]:
+        """Per flat output, whether it is computed from no model input (a parameter returned
+        as is, a table made from weights only): the same for every microbatch, so inference
+        returns it once instead of concatenating it, whatever its dim 0 happens to be."""
+        reads_input: set[fx.Node] = set()
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder" or any(i in reads_input for i in node.all_input_nodes):
+                reads_input.add(node)
+        out = next(n for n in reversed(self.gm.graph.nodes) if n.op == "output").args[0]
+        return tuple(not (isinstance(v, fx.Node) and v in reads_input) for v in out)
+
     def check_modes(self, model: nn.Module) -> None:
         """RuntimeMismatchError when `model.train()`/`model.eval()` changed the mode of a
         module whose mode the graph fixed (`modes`): the call would silently compute the old
@@ -534,10 +545,6 @@ def _check_second_size(model, cap: Captured, tensors, constants) -> str | None:
                             "either way), or use capture_method='fx', which runs torch.nn modules as they are")
                 return (f"the {cap.path} graph's output {i} differs from eager at batch size {size} (shape "
                         f"{tuple(a.shape)} vs {tuple(b.shape)}): the trace specialised on the example batch")
-        # one size more, up to the example batch itself (which the graph was made at): a batch
-        # of 2 compares 1 with 2 like a larger batch does
-        if size + 1 <= cap.batch_size:
-            _refuse_batch_mixing_outputs(model, cap, {k: _rows(v, slice(size + 1)) for k, v in tensors.items()}, got)
         # equal values can still differentiate differently (grad-mode regions, custom Functions)
         return _check_gradients(model, cap, small, constants)
     return None
@@ -580,35 +587,6 @@ def _same_with_grad(model: nn.Module, small: dict[str, torch.Tensor], constants:
         a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4) for a, b in zip(got, want))
 
 
-def _refuse_batch_mixing_outputs(model: nn.Module, cap: Captured, bigger: dict[str, torch.Tensor],
-                                 got: list[torch.Tensor]) -> None:
-    """TraceError when an output has a dimension other than 0 that grows with the batch.
-
-    Such an output relates samples to each other (CLIP's `logits_per_image` is (batch, batch):
-    every image against every text), so per-microbatch results are blocks of it and their
-    concatenation along dim 0 is silently the wrong shape and the wrong values. `got` holds the
-    graph's tensor outputs at one size smaller than `bigger`'s.
-    """
-    saved = _snapshot_buffers(model, cap.gm)
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            more = [t for t in _call_quietly(cap.gm, *bigger.values()) if isinstance(t, torch.Tensor)]
-    except Exception:  # noqa: BLE001 - the size check above is the one that judges failures
-        return
-    finally:
-        _restore_buffers(saved)
-    n = next(v.shape[0] for v in bigger.values() if v.dim() > 0)
-    for i, (a, b) in enumerate(zip(got, more)):
-        if a.dim() == b.dim() and a.dim() > 1 and a.shape[1:] != b.shape[1:]:
-            raise TraceError(
-                f"{type(model).__name__}'s output {i} (flat, in output order) has shape {tuple(a.shape)} for {n - 1} "
-                f"sample(s) and {tuple(b.shape)} for {n}: a dimension other than 0 grows with the batch, so the "
-                "output relates samples to each other (as CLIP's logits_per_image = image x text similarity does) "
-                "and cannot be computed per microbatch. Return per-sample outputs, batch first (e.g. the "
-                "embeddings), and combine samples outside the pipeline; or, for a model that is not batch-first "
-                "(sequence first), transpose its inputs and outputs")
-
-
 def samples_mixed(model: nn.Module, cap: Captured, args: tuple, kwargs: dict) -> str | None:
     """Why `model` does not compute the samples along dim 0 independently, or None.
 
@@ -622,6 +600,11 @@ def samples_mixed(model: nn.Module, cap: Captured, args: tuple, kwargs: dict) ->
     runs alone also catch a dependence on the batch size, but batch 1 may take other kernels,
     which in 16 bits round differently, so they are compared only in 32 bits and up. None also
     when that cannot be judged (meta tensors, a batch of 1, a model that refuses those sizes).
+    An output with a dimension other than 0 that grows with the batch (CLIP's (batch, batch)
+    `logits_per_image`, XLNet's (seq, batch, d) `mems`) is reported too: per-microbatch results
+    are blocks of it, and their concatenation along dim 0 is the wrong shape and values. Only
+    here, where m > 1 is asked for: with one microbatch nothing is concatenated, so such a
+    model (a contrastive loss over the whole batch) compiles exactly.
     """
     bound = bind_inputs(cap.signature, args, kwargs)
     tensors = {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
@@ -642,6 +625,13 @@ def samples_mixed(model: nn.Module, cap: Captured, args: tuple, kwargs: dict) ->
             m.training = training
         _restore_buffers(saved)
     for (path, both), (_, swapped), (_, a), (_, b) in zip(*runs):
+        if (isinstance(both, torch.Tensor) and isinstance(a, torch.Tensor) and both.dim() == a.dim() > 1
+                and both.shape[1:] != a.shape[1:]):
+            return (f"its output {pytree.keystr(path) or '(the tensor)'} has shape {tuple(both.shape)} for samples "
+                    f"0 and 1 together and {tuple(a.shape)} for sample 0 alone: a dimension other than 0 grows "
+                    "with the batch, so the output relates samples to each other (as CLIP's logits_per_image = "
+                    "image x text similarity does) or has its batch elsewhere than dim 0 (XLNet's mems are "
+                    "(seq, batch, d)), and per-microbatch results cannot be concatenated into it")
         if isinstance(both, torch.Tensor) and both.dim() == 0 and both.is_floating_point() and a.dim() == 0:
             # a 0-d output the model reduced itself is combined as a mean weighted by each
             # microbatch's share; one outside the range of the per-sample values is no weighted
@@ -715,12 +705,22 @@ def _explain(model: nn.Module, errors: dict[str, BaseException]) -> str:
 
 
 def _disable_hf_cache(model: nn.Module) -> Callable[[], None]:
-    cfg = getattr(model, "config", None)
-    if cfg is not None and getattr(cfg, "use_cache", False):
+    # A composite model (LLaVA: vision tower + language model) keeps use_cache in a sub-config
+    # (config.text_config) and its submodules hold their own configs: switch every one off.
+    seen: dict[int, Any] = {}
+    todo = [getattr(m, "config", None) for m in model.modules()]
+    while todo:
+        cfg = todo.pop()
+        if cfg is None or id(cfg) in seen or not hasattr(cfg, "to_dict"):
+            continue
+        seen[id(cfg)] = cfg
+        todo += [v for v in vars(cfg).values() if hasattr(v, "to_dict") and hasattr(v, "use_cache")]
+    switched = [c for c in seen.values() if getattr(c, "use_cache", False) is True]
+    for cfg in switched:
         cfg.use_cache = False
 
-        def restore():
-            cfg.use_cache = True
+    def restore():
+        for c in switched:
+            c.use_cache = True
 
-        return restore
-    return lambda: None
+    return restore

@@ -111,6 +111,11 @@ def split_stages(gm: fx.GraphModule, bounds: Sequence[tuple[int, int]]) -> list[
                     attrs.append(i.target)
             env[n] = g.node_copy(n, lambda x: env[x])
         if last:
+            for v in out_vals:  # a parameter or buffer returned as is: read here like any other
+                if isinstance(v, fx.Node) and v.op == "get_attr" and v not in env:
+                    env[v] = g.get_attr(v.target)
+                    env[v].meta.update(v.meta)
+                    attrs.append(v.target)
             send_vals = [env[v] if isinstance(v, fx.Node) else v for v in out_vals]
             send = [v.name if isinstance(v, fx.Node) else repr(v) for v in out_vals]
         else:

@@ -633,7 +633,8 @@ class DistributedCompiledModel:
                 self._collective(lambda: dist.broadcast(buf, src=last, group=self._data),
                                  f"receiving the outputs from rank {last}")
             results.append(state.results[mb] if self.rank == last else lay.unpack(buf))
-        flat = [_concat([results[mb][k] for mb in range(len(sizes))], sizes) for k in range(len(results[0]))]
+        flat = [results[0][k] if free else _concat([results[mb][k] for mb in range(len(sizes))], sizes)
+                for k, free in enumerate(self._cap.batch_free_outputs())]
         return _unflatten(self._cap.out_spec, _inference_outputs(flat, self.model, args, kwargs))
 
     # ---- the nn.Module-like surface ----------------------------------------------------

@@ -16,7 +16,8 @@ input-gradient chain in BW. Instead:
   reach earlier consumers' weights through the activation history and count them twice.
 
 Exactness guards: a parameter consumed by two consumers of the stage (a weight reused
-within the stage) is left out of the per-consumer pass and gets one ordinary backward
+within the stage), or reaching a stage output through attributes only (returned as is, or a
+weight table sent on), is left out of the per-consumer pass and gets one ordinary backward
 restricted to it; a consumer BI did not reach (a branch that does not lead to the stage
 inputs) gets its gradient in BW from `autograd.grad` w.r.t. its output.
 """
@@ -39,6 +40,9 @@ class Consumers:
 
     params: tuple[tuple[str, ...], ...]
     shared: frozenset[str]  # targets used by more than one consumer
+    # targets that reach a stage output through attributes only (a parameter returned as is,
+    # a weight table sent to the next stage): no consumer sees that path's gradient
+    direct: frozenset[str] = frozenset()
 
 
 def _param_sources(node: fx.Node, memo: dict[fx.Node, frozenset[str] | None],
@@ -98,7 +102,9 @@ def expose_weight_consumers(graph: fx.Graph, module_params: dict[str, tuple[str,
         for p in ps:
             counts[p] = counts.get(p, 0) + 1
     shared = frozenset(p for p, c in counts.items() if c > 1)
-    return g, len(outs), Consumers(tuple(ps for _, ps in found), shared)
+    direct = frozenset().union(*(_param_sources(o, memo, param_targets) or frozenset()
+                                 for o in outs if isinstance(o, fx.Node)))
+    return g, len(outs), Consumers(tuple(ps for _, ps in found), shared, direct)
 
 
 @dataclass
@@ -183,7 +189,7 @@ def backward_weight(state: SplitState, consumers: Consumers, params: dict[str, t
     # A consumer whose output is not one tensor (a leaf LSTM's or MultiheadAttention's tuple)
     # has no single gradient BI could keep: its parameters join the restricted ordinary
     # backward below, else they would get no gradient at all.
-    fallback = set(consumers.shared).union(*(consumers.params[i] for i, c in enumerate(state.consumer_out)
+    fallback = set(consumers.shared | consumers.direct).union(*(consumers.params[i] for i, c in enumerate(state.consumer_out)
                                              if not isinstance(c, torch.Tensor)))
     shared = [params[p] for p in sorted(fallback) if p in params and params[p].requires_grad]
     for i in todo:
