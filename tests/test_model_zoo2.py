@@ -14,7 +14,6 @@ found by trying it:
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -23,25 +22,9 @@ from torch import nn
 
 import fxpipe
 from fxpipe import PlanError
-from test_equivalence import LOSS_TOL, assert_same_grads, assert_same_output
+from test_model_zoo import run  # compile, then inference, loss and every gradient against eager
 
 B = 6
-
-
-def run(model, inputs, target, loss_fn, p=2, m=2, schedule="1f1b", **kw):
-    """Compile over p CPU workers; check inference, loss and every gradient against eager."""
-    ref = copy.deepcopy(model)
-    args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
-    cm = fxpipe.compile(model, ["cpu"] * p, example_inputs=args or kwargs, microbatches=m, schedule=schedule, **kw)
-    with torch.no_grad():
-        want = ref(*args, **kwargs)
-    assert_same_output(cm(*args, **kwargs), want)
-    loss = cm.step(*args, target=target, loss_fn=loss_fn, **kwargs)
-    ref_loss = loss_fn(ref(*args, **kwargs), target)
-    ref_loss.backward()
-    torch.testing.assert_close(loss.detach(), ref_loss.detach(), **LOSS_TOL)
-    assert_same_grads(model, ref)
-    return cm
 
 
 # ---- outputs relating the samples of a batch: exact with one microbatch ----------------------------
