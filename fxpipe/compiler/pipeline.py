@@ -37,6 +37,7 @@ from fxpipe.passes.profile_units import profile_units
 from fxpipe.passes.propagate_shapes import propagate_shapes
 from fxpipe.passes.simulate_schedule import Timeline, simulate_schedule
 from fxpipe.passes.step_bound import costs_step_lower_bound
+from fxpipe.runtime.offload import DEFAULT_MIN_UNIT_BYTES
 
 __all__ = ["build_plan", "build_from_plan", "check_options", "Compilation", "normalize_inputs", "microbatch_sizes",
            "SCHEDULES", "simulate_plan", "virtual_stage_count", "custom_schedule", "plan_costs", "MICROBATCHES_UNSET",
@@ -200,10 +201,6 @@ def check_options(*, microbatches: Any, schedule: Any, optimizer: Any, train: An
                         "would recompute each forward twice, and fxpipe's BI/BW runtime does not support it; use "
                         "schedule='1f1b' (or 'gpipe', 'interleaved') with recompute, or recompute='auto'")
     off = offload_mode(offload)
-    if off == "on" and mode == "on":
-        raise PlanError("offload='on' and recompute=True ask every stage to both stream its weights and recompute "
-                        "its activations, which fxpipe does not combine (the recomputed forward would stream the "
-                        "weights once more); use recompute='auto' (or False) with offload='on'")
     if off == "on" and schedule == "zb-h1":
         raise PlanError("offload='on' cannot be combined with schedule='zb-h1': its split backward (BI then BW) "
                         "would stream each unit's weights twice, and fxpipe's BI/BW runtime does not stream them; "
@@ -856,6 +853,15 @@ def _simulate(sched: Schedule, stages: Sequence[StagePlan], costs: CostTable, cl
     # a recomputing stage keeps only its incoming boundary per microbatch in flight
     act = [(costs.boundary_bytes[s.units[0] - 1] if s.units[0] > 0 else 0.0) if s.recompute
            else sum(costs.activation_bytes[s.units[0]:s.units[1]]) for s in stages]
+    # one that also streams keeps the values crossing its streamed units and rebuilds one unit
+    # at a time (`_combined_bytes`, as the partitioner prices it)
+    both = _combined_bytes(costs, any(s.recompute and s.offload for s in stages))
+    rebuilt = [sum(costs.activation_bytes[s.units[0]:s.units[1]]) for s in stages]
+    for i, s in enumerate(stages):
+        if s.recompute and s.offload:
+            a, b = s.units
+            act[i] += sum(both["unit_cut_bytes"][a:b]) + sum(costs.boundary_bytes[a:b - 1])
+            rebuilt[i] = max(both["unit_recompute_peak"][a:b])
     # BI: the measured share of each unit's backward (half when not profiled); BW the rest.
     # A split backward keeps all saved tensors through BI, so its transient adds in full.
     split = any(i.op.name == "BWD_INPUT" for prog in sched.programs for i in prog)
@@ -866,7 +872,7 @@ def _simulate(sched: Schedule, stages: Sequence[StagePlan], costs: CostTable, cl
     bw = [max(0.0, s.bwd_ms / 1e3 - x) for s, x in zip(stages, bi)]
     # a backward's gradient buffers (a recomputing stage first rebuilds its activations)
     trans = [costs.stage_transient(*s.units, split=split)
-             + (sum(costs.activation_bytes[s.units[0]:s.units[1]]) if s.recompute else 0.0) for s in stages]
+             + (rebuilt[i] if s.recompute else 0.0) for i, s in enumerate(stages)]
     return simulate_schedule(sched, [s.fwd_ms / 1e3 for s in stages], [s.bwd_ms / 1e3 for s in stages],
                              [s.send_ms / 1e3 for s in stages], bwd_input_time=bi, bwd_weight_time=bw,
                              activation_bytes=act, transient_bytes=trans if sched.train else [0.0] * len(stages),
@@ -926,7 +932,33 @@ def _problem(costs: CostTable, cluster: Cluster, stage_device: Sequence[int], in
         unit_offload_time=tuple(map(tuple, device_offload_unit_times(costs, devs, train, times))) if offload != "off" else (),
         offload=offload, host_memory_is_device=tuple(d.kind == "cpu" for d in devs),
         replicas=replicas(costs, train, factor),
-        host_memory=host_shares(cluster.devices, stage_device) if host_limits and offload != "off" else ())
+        host_memory=host_shares(cluster.devices, stage_device) if host_limits and offload != "off" else (),
+        **_combined_bytes(costs, train and recompute != "off" and offload != "off"))
+
+
+def _combined_bytes(costs: CostTable, both: bool) -> dict[str, tuple[float, ...]]:
+    """What a stage that offloads and recomputes keeps (`PartitionProblem.unit_cut_bytes`,
+    `unit_recompute_peak`); nothing when the modes cannot combine. The runtime streams units
+    of at least DEFAULT_MIN_UNIT_BYTES of weights, merging smaller neighbours, so a streamed
+    unit around unit u may reach back into u-1 and on until that many bytes: its activations
+    are priced as all of those units' (conservative). A table from before `cut_bytes` prices
+    each unit's whole activations as kept (as conservative)."""
+    if not both:
+        return {}
+    n = len(costs.unit_names)
+    act = costs.activation_bytes
+    cut = costs.cut_bytes if costs.cut_bytes else act
+    peak = []
+    for u in range(n):
+        total, w, v = (act[u - 1] if u > 0 else 0.0), 0.0, u
+        while v < n:
+            total += act[v]
+            w += costs.param_bytes[v]
+            v += 1
+            if w >= DEFAULT_MIN_UNIT_BYTES:
+                break
+        peak.append(total)
+    return {"unit_cut_bytes": tuple(cut), "unit_recompute_peak": tuple(peak)}
 
 
 def _streamed_bytes(costs: CostTable, train: bool) -> tuple[float, ...]:
@@ -953,8 +985,8 @@ def _stage_plans(part: Partition, costs: CostTable, cluster: Cluster, stage_devi
         else:
             fwd = sum(costs.fwd_time(u, dev) for u in range(a, b))
             bwd = sum(costs.bwd_time(u, dev) for u in range(a, b))
-        if rc:  # the forward runs again inside the backward
-            bwd += fwd
+        if rc:  # the forward runs again inside the backward (an offloaded one: with the weights its backward fetched)
+            bwd += sum(costs.fwd_time(u, dev) for u in range(a, b)) if off else fwd
         send_bytes = costs.boundary_bytes[b - 1] if s < p - 1 else 0.0
         nxt = stage_device[s + 1] if s < p - 1 else d
         send = cluster.link(d, nxt).transfer_time(send_bytes) if nxt != d else 0.0

@@ -121,6 +121,11 @@ class Plan:
         if any(st.offload for st in self.stages):
             lines.append("offload: those stages keep params, grads and optimizer state in host memory and stream "
                          "each unit's weights in for every microbatch's forward and backward (times include it)")
+            both = [st.index for st in self.stages if st.offload and st.recompute]
+            if both:
+                lines.append(f"  stages {both} also recompute, unit by unit: per microbatch they keep only the values "
+                             "crossing between streamed units, and rebuild each unit's activations in its backward "
+                             "with the weights fetched for it")
             lines += [f"  host memory of {'devices of unknown node' if h.node < 0 else f'node {h.node}'}: "
                       f"{h.used / gib:.3f} GiB for stages {list(h.stages)}"
                       + (f" of {h.capacity / gib:.1f} GiB" if math.isfinite(h.capacity) else " (its size is unknown)")
@@ -247,10 +252,6 @@ class Plan:
             raise PlanError(f"stages {rc} recompute but the schedule {sched.kind!r} splits the backward (BI/BW), "
                             "which fxpipe does not combine with recomputation; use another schedule or recompute=False")
         off = [s.index for s in self.stages if s.offload]
-        both = [s.index for s in self.stages if s.offload and s.recompute]
-        if both:
-            raise PlanError(f"stages {both} both recompute and offload, which fxpipe does not combine (the "
-                            "recomputed forward would stream the weights once more); set one of the two to false")
         if off and any(i.op.name in ("BWD_INPUT", "BWD_WEIGHT") for prog in sched.programs for i in prog):
             raise PlanError(f"stages {off} offload but the schedule {sched.kind!r} splits the backward (BI/BW), "
                             "which fxpipe does not combine with weight streaming; use another schedule or "

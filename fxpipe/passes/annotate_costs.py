@@ -8,6 +8,7 @@ units, the bytes that cross it: the numbers the partitioner decides on and the p
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Sequence
 
@@ -20,7 +21,7 @@ from fxpipe.compiler.repeat_capture import TEMPLATE
 from fxpipe.passes.group_units import COMPUTE_OPS, UNIT, Units
 from fxpipe.passes.propagate_shapes import FLOPS, VAL, mha_fastpath_off, same_inputs, template_of
 
-__all__ = ["NodeCost", "SharedTensor", "CostTable", "annotate_costs", "backward_transients", "split_kept_gradients", "stage_transient",
+__all__ = ["NodeCost", "SharedTensor", "CostTable", "annotate_costs", "backward_transients", "split_kept_gradients", "cut_bytes", "stage_transient",
            "fused_attention_saved",
            "COST", "BWD_FACTOR", "value_bytes", "device_key", "device_unit_times", "device_offload_unit_times"]
 
@@ -73,6 +74,10 @@ class CostTable:
     # tensors read by more than one unit (tied weights); () in older plans, which then count
     # no replicas, as the planner that wrote them did
     shared: tuple[SharedTensor, ...] = ()
+    # per unit, bytes of values made inside it that are live across one of its weight-reading
+    # nodes (`cut_bytes`): what an offloaded stage that recomputes keeps per microbatch inside
+    # the unit (the runtime checkpoints each streamed unit); () in older plans
+    cut_bytes: tuple[float, ...] = ()
 
     # Measured times (the profiler's, `passes/profile_units.py`), when there are any: per
     # device key (`device_key`), seconds per microbatch of each unit's forward and backward.
@@ -340,7 +345,7 @@ def annotate_costs(gm: fx.GraphModule, units: Units, *, fused_attention_dropout:
                                        tuple(sorted(us))))
     return CostTable(units.names, tuple(flops), tuple(nbytes), tuple(launches), tuple(pbytes), tuple(tbytes),
                      tuple(abytes), boundary_bytes(gm, n), tuple(map(tuple, nf)), tuple(map(tuple, nb)),
-                     backward_transients(gm, n), split_kept_gradients(gm, n), tuple(shared))
+                     backward_transients(gm, n), split_kept_gradients(gm, n), tuple(shared), cut_bytes(gm, n))
 
 
 def saved_for_backward(gm: fx.GraphModule, *, fused_attention_dropout: bool = False
@@ -517,6 +522,30 @@ def boundary_bytes(gm: fx.GraphModule, n_units: int) -> tuple[float, ...]:
     for k in range(n_units - 1):
         run += diff[k]
         out.append(run)
+    return tuple(out)
+
+
+def cut_bytes(gm: fx.GraphModule, n_units: int) -> tuple[float, ...]:
+    """Per unit, bytes of the values made inside it and last read inside it that are live
+    across one of its nodes reading a parameter. The weight streamer may start a streamed
+    unit before any such node (runtime/offload.py groups them by module and size), and a
+    recomputing offloaded stage checkpoints each streamed unit (runtime/unit_recompute.py), so
+    these are the most bytes it can keep per microbatch inside the unit, whatever the
+    grouping; values read in later units are in `boundary_bytes` already."""
+    nodes = [n for n in gm.graph.nodes if n.op in COMPUTE_OPS]
+    pos = {n: i for i, n in enumerate(nodes)}
+    readers: list[list[int]] = [[] for _ in range(n_units)]  # positions of weight-reading nodes per unit
+    for n in nodes:
+        if any(isinstance(t, torch.nn.Parameter) for _, t in _node_params(gm, n)):
+            readers[n.meta[UNIT]].append(pos[n])
+    out = [0.0] * n_units
+    for node, (src, last) in live_ranges(gm, n_units).items():
+        if last != src or not readers[src]:
+            continue
+        last_pos = max((pos[u] for u in node.users if u in pos), default=-1)
+        k = bisect.bisect_right(readers[src], pos[node])  # the first reader after the node
+        if k < len(readers[src]) and readers[src][k] <= last_pos:
+            out[src] += value_bytes(node.meta.get(VAL))
     return tuple(out)
 
 

@@ -109,8 +109,14 @@ class PartitionProblem:
             j when its stage streams its weights (replaces unit_time for that stage; never
             less than it, since the copy at best hides behind the compute).
         offload: "off", "on" (every stage offloads) or "auto" (a stage offloads only where
-            nothing cheaper fits and offloading does). Not with ``split_backward``, nor
-            "on" with ``recompute="on"``.
+            nothing cheaper fits and offloading does). Not with ``split_backward``.
+        unit_cut_bytes: n (or empty: offloading never combines with recomputation); bytes a
+            stage that both offloads and recomputes keeps per microbatch inside unit u (the
+            runtime checkpoints each streamed unit; `annotate_costs.cut_bytes`), on top of
+            the boundaries between its units.
+        unit_recompute_peak: n (given with unit_cut_bytes); activation bytes of the largest
+            streamed unit the runtime may form around unit u: such a stage rebuilds one
+            streamed unit's activations at a time in backward.
         host_memory_is_device: p bools (or empty: none); True where the host memory the
             weights would move to is the device's own memory (a CPU): offloading there
             frees nothing, so its static state still counts.
@@ -144,6 +150,8 @@ class PartitionProblem:
     host_memory_is_device: tuple[bool, ...] = ()
     replicas: tuple[tuple[float, tuple[int, ...]], ...] = ()
     host_memory: tuple[float, ...] = ()
+    unit_cut_bytes: tuple[float, ...] = ()
+    unit_recompute_peak: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         # Validate once here so that the DP and the helpers can index without checks.
@@ -228,10 +236,18 @@ class PartitionProblem:
                 raise PlanError(f"PartitionProblem.offload={self.offload!r} cannot be combined with split_backward "
                                 "(the zero-bubble BI/BW backward would stream each unit's weights twice); use "
                                 "offload='off' with it")
-            if self.offload == "on" and self.recompute == "on":
-                raise PlanError("PartitionProblem.offload='on' and recompute='on' ask every stage to do both, "
-                                "which fxpipe does not combine (the forward would stream the weights again "
-                                "inside the backward); choose one, or 'auto' for the other")
+        cut = tuple(self.unit_cut_bytes)
+        peak = tuple(self.unit_recompute_peak)
+        if bool(cut) != bool(peak):
+            raise PlanError("PartitionProblem.unit_cut_bytes and unit_recompute_peak go together (what a stage that "
+                            "offloads and recomputes keeps); give both or neither")
+        if cut:
+            cut = vec("unit_cut_bytes", cut, n, "n (or none)")
+            peak = vec("unit_recompute_peak", peak, n, "n (or none)")
+        if self.offload == "on" and self.recompute == "on" and not cut:
+            raise PlanError("PartitionProblem.offload='on' and recompute='on' ask every stage to do both, which "
+                            "needs unit_cut_bytes and unit_recompute_peak (what such a stage keeps per "
+                            "microbatch); give them, or choose 'auto' for one of the two")
         shared = tuple(self.host_memory_is_device)
         if shared and (len(shared) != p or not all(isinstance(x, (bool, np.bool_)) for x in shared)):
             raise PlanError(f"PartitionProblem.host_memory_is_device must be p = {p} bools (or empty), "
@@ -259,7 +275,8 @@ class PartitionProblem:
             ("boundary_bytes", bbytes), ("inflight", inflight), ("device_memory", memory),
             ("device_names", devices), ("unit_recompute_time", rc_time), ("unit_transient_bytes", transient),
             ("unit_param_bytes", params), ("unit_offload_time", off_time), ("host_memory_is_device", shared),
-            ("replicas", tuple(replicas)), ("host_memory", host),
+            ("replicas", tuple(replicas)), ("host_memory", host), ("unit_cut_bytes", cut),
+            ("unit_recompute_peak", peak),
         ):
             object.__setattr__(self, name, value)
 

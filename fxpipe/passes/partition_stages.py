@@ -37,7 +37,17 @@ w / host_bandwidth)`` per microbatch (``unit_offload_time``, computed by the cal
 CPU the "host" is the device's own memory, so there the static state still counts. With
 ``offload="auto"`` a stage offloads only when no cheaper variant fits and offloading does
 (streaming is never faster than keeping the weights), and among recomputing and offloading
-the faster that fits wins; offloading never combines with recomputation on one stage.
+the faster that fits wins.
+
+A stage may also do *both* (the runtime checkpoints each streamed unit and recomputes it with
+the weights fetched for its backward, runtime/unit_recompute.py): it costs offloading's time
+plus one more forward, and needs
+
+    weight_buffer + inflight[j] * (incoming boundary + per unit: unit_cut_bytes + its
+    outgoing boundary) + max unit_recompute_peak + the largest transient
+
+It is priced only when the problem gives ``unit_cut_bytes`` and both modes allow it; being
+the slowest variant, "auto" takes it only where nothing cheaper fits.
 
 `partition_stages` returns the exact optimum by dynamic programming over (cut, position)
 with every cut considered: the objective is not monotone in a stage's length (a shorter
@@ -103,8 +113,9 @@ __all__ = [
 ]
 
 
-# The variants a stage can take (`_choose`); index into `_variants`' result.
-_PLAIN, _RECOMPUTE, _OFFLOAD = 0, 1, 2
+# The variants a stage can take (`_choose`); index into `_variants`' result. _BOTH: offloading
+# and recomputing, one checkpoint per streamed unit (runtime/unit_recompute.py).
+_PLAIN, _RECOMPUTE, _OFFLOAD, _BOTH = 0, 1, 2, 3
 
 _GiB = float(1024**3)
 
@@ -143,10 +154,9 @@ def weight_buffer(param_bytes: Sequence[float], start: int, end: int) -> float:
     return best
 
 
-def _variants(problem: PartitionProblem, start: int, end: int,
-              j: int) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
-    """(time, memory) of the stage kept plain, recomputing and offloading, in the DP's
-    operation order (offloading is (inf, inf) when the problem has no offload times)."""
+def _variants(problem: PartitionProblem, start: int, end: int, j: int) -> tuple[tuple[float, float], ...]:
+    """(time, memory) of the stage kept plain, recomputing, offloading and both, in the DP's
+    operation order (a variant the problem cannot price is (inf, inf))."""
     acc = 0.0
     for u in range(end - 1, start - 1, -1):
         acc += problem.unit_time[u][j]
@@ -159,10 +169,12 @@ def _variants(problem: PartitionProblem, start: int, end: int,
     if problem.unit_offload_time:
         for u in range(end - 1, start - 1, -1):
             acc_off += problem.unit_offload_time[u][j]
+    acc_both = acc_off + rc  # streamed, and each unit's forward again in its backward
     if j < problem.p - 1 and end < problem.n:
         acc = acc + problem.boundary_time[end - 1][j]
         acc_rc = acc_rc + problem.boundary_time[end - 1][j]
         acc_off = acc_off + problem.boundary_time[end - 1][j]
+        acc_both = acc_both + problem.boundary_time[end - 1][j]
     static = _segment_sum(problem.unit_static_bytes, start, end) + replica_bytes(problem.replicas, start, end)
     act = _segment_sum(problem.unit_activation_bytes, start, end)
     bytes_in = problem.boundary_bytes[start - 1] if start > 0 else 0.0
@@ -172,30 +184,47 @@ def _variants(problem: PartitionProblem, start: int, end: int,
                          problem.split_backward)
     mem = (static + k * ((act + bytes_in) + bytes_out)) + tr
     mem_rc = ((static + k * (bytes_in + bytes_out)) + act) + tr
+    none = (math.inf, math.inf)
     if not problem.unit_offload_time:
-        return (acc, mem), (acc_rc, mem_rc), (math.inf, math.inf)
+        return (acc, mem), (acc_rc, mem_rc), none, none
     held = weight_buffer(problem.unit_param_bytes, start, end)
     if problem.host_memory_is_device and problem.host_memory_is_device[j]:
         held = static + held
     mem_off = (held + k * ((act + bytes_in) + bytes_out)) + tr
+    both = none
+    if _combines(problem):
+        kept = _segment_sum(_checkpoint_bytes(problem), start, end)
+        peak = max(problem.unit_recompute_peak[start:end])
+        tr_both = stage_transient(problem.unit_transient_bytes, problem.unit_activation_bytes, start, end, True)
+        both = (acc_both, ((held + k * (bytes_in + kept)) + peak) + tr_both)
     if problem.host_memory and static > problem.host_memory[j]:
-        acc_off, mem_off = math.inf, math.inf  # its static state would not fit in its share of host memory
-    return (acc, mem), (acc_rc, mem_rc), (acc_off, mem_off)
+        # its static state would not fit in its share of host memory
+        return (acc, mem), (acc_rc, mem_rc), none, none
+    return (acc, mem), (acc_rc, mem_rc), (acc_off, mem_off), both
 
 
-def _choose(problem: PartitionProblem, j: int,
-            variants: tuple[tuple[float, float], tuple[float, float], tuple[float, float]]) -> int:
+def _combines(problem: PartitionProblem) -> bool:
+    """Whether a stage may both offload and recompute (both modes allow it, and it is priced)."""
+    return problem.recompute != "off" and problem.offload != "off" and bool(problem.unit_cut_bytes)
+
+
+def _checkpoint_bytes(problem: PartitionProblem) -> list[float]:
+    """Per unit, what a stage that offloads and recomputes keeps of it per microbatch: the
+    values crossing the streamed units' cuts inside it and the boundary after it (the
+    stage's outgoing boundary for its last unit; none after the model's last unit)."""
+    return [c + b for c, b in zip(problem.unit_cut_bytes, (*problem.boundary_bytes, 0.0))]
+
+
+def _choose(problem: PartitionProblem, j: int, variants: tuple[tuple[float, float], ...]) -> int:
     """Which variant a stage takes (`_stage_tables` applies the same rule to whole arrays).
 
-    offload "on": offloading. Else the base (plain, or recomputing with recompute "on") when it
-    fits; else the fastest fitting of the modes' "auto" alternatives (ties: recomputation);
-    else, nothing fitting, the one needing the least memory (ties: the base), which is what
-    the infeasibility report shows as the closest partition.
+    The base (what the "on" modes ask for: plain, recomputing, offloading, or both) when it
+    fits; else the fastest fitting of the "auto" modes' alternatives (ties: recomputation,
+    then offloading, then both); else, nothing fitting, the one needing the least memory
+    (ties: the base), which is what the infeasibility report shows as the closest partition.
     """
-    if problem.offload == "on":
-        return _OFFLOAD
     cap = problem.device_memory[j]
-    base = _RECOMPUTE if problem.recompute == "on" else _PLAIN
+    base = _base(problem)
     if variants[base][1] <= cap:
         return base
     options = _alternatives(problem)
@@ -205,13 +234,21 @@ def _choose(problem: PartitionProblem, j: int,
     return min([base] + options, key=lambda v: variants[v][1])
 
 
+def _base(problem: PartitionProblem) -> int:
+    """The variant the modes ask for where a stage fits: an "on" mode's, else plain."""
+    rc, off = problem.recompute == "on", problem.offload == "on"
+    return _BOTH if rc and off else _OFFLOAD if off else _RECOMPUTE if rc else _PLAIN
+
+
 def _alternatives(problem: PartitionProblem) -> list[int]:
-    """Variants "auto" may switch a stage to when its base does not fit, in tie-break order."""
+    """Variants "auto" may switch a stage to when its base does not fit, in tie-break order:
+    those every "on" mode allows, plus whatever an "auto" mode adds."""
+    rc = (False, True) if problem.recompute == "auto" else (problem.recompute == "on",)
+    off = (False, True) if problem.offload == "auto" else (problem.offload == "on",)
     out = []
-    if problem.recompute == "auto":
-        out.append(_RECOMPUTE)
-    if problem.offload == "auto" and problem.recompute != "on":
-        out.append(_OFFLOAD)
+    for v, (r, o) in ((_RECOMPUTE, (True, False)), (_OFFLOAD, (False, True)), (_BOTH, (True, True))):
+        if r in rc and o in off and v != _base(problem) and (v != _BOTH or _combines(problem)):
+            out.append(v)
     return out
 
 
@@ -233,7 +270,7 @@ def stage_recompute(problem: PartitionProblem, start: int, end: int, j: int) -> 
     Raises:
         PlanError: If the range is empty or out of bounds, or j is not a position.
     """
-    return _stage_variant(problem, start, end, j)[0] == _RECOMPUTE
+    return _stage_variant(problem, start, end, j)[0] in (_RECOMPUTE, _BOTH)
 
 
 def stage_offload(problem: PartitionProblem, start: int, end: int, j: int) -> bool:
@@ -245,7 +282,7 @@ def stage_offload(problem: PartitionProblem, start: int, end: int, j: int) -> bo
     Raises:
         PlanError: If the range is empty or out of bounds, or j is not a position.
     """
-    return _stage_variant(problem, start, end, j)[0] == _OFFLOAD
+    return _stage_variant(problem, start, end, j)[0] in (_OFFLOAD, _BOTH)
 
 
 def stage_time(problem: PartitionProblem, start: int, end: int, j: int) -> float:
@@ -355,8 +392,8 @@ def evaluate_partition(
         bottleneck=max(times),
         method=method,
         fits=fits,
-        recompute=tuple(v == _RECOMPUTE for v, _, _ in chosen) if problem.recompute != "off" else (),
-        offload=tuple(v == _OFFLOAD for v, _, _ in chosen) if problem.offload != "off" else (),
+        recompute=tuple(v in (_RECOMPUTE, _BOTH) for v, _, _ in chosen) if problem.recompute != "off" else (),
+        offload=tuple(v in (_OFFLOAD, _BOTH) for v, _, _ in chosen) if problem.offload != "off" else (),
     )
 
 
@@ -445,7 +482,12 @@ def _stage_tables(problem: PartitionProblem,
             nxt[u] = u + 1 if params[u + 1] > 0 else nxt[u + 1]
         shared = np.asarray(problem.host_memory_is_device or (False,) * p, dtype=bool)[None, :]
         host_caps = np.asarray(problem.host_memory, dtype=np.float64)[None, :] if problem.host_memory else None
+    combines = _combines(problem)
+    if combines:
+        chk = np.asarray(_checkpoint_bytes(problem), dtype=np.float64)
+        rc_peak = np.asarray(problem.unit_recompute_peak, dtype=np.float64)
     alternatives = _alternatives(problem)
+    base = _base(problem)
     for end in range(1, n + 1):
         f = 0 if first is None else int(first[end])
         # Sums over [s, end) for every s, accumulated from end-1 backwards like the helpers.
@@ -466,7 +508,7 @@ def _stage_tables(problem: PartitionProblem,
         if (mode == "off" and offload == "off") or (mode != "on" and offload != "on" and (memory <= caps).all()):
             yield end, time, memory  # no alternative, or plain fits everywhere (then `_choose` keeps it)
             continue
-        variants = [(time, memory), None, None]
+        variants: list = [(time, memory), None, None, None]
         if mode != "off":
             seg_rc = np.add.accumulate(_back(rc_time, end, f), axis=0)[::-1]
             time_rc = seg_time + seg_rc
@@ -476,7 +518,8 @@ def _stage_tables(problem: PartitionProblem,
             memory_rc = ((seg_static[:, None] + inflight[None, :] * per_mb_rc[:, None]) + seg_act[:, None]) + tr
             variants[_RECOMPUTE] = (time_rc, memory_rc)
         if offload != "off":
-            time_off = np.add.accumulate(_back(off_time, end, f), axis=0)[::-1]
+            seg_off = np.add.accumulate(_back(off_time, end, f), axis=0)[::-1]
+            time_off = seg_off
             if end < n:
                 time_off = time_off + btime[end - 1]
             # pairs[u]: unit u and the next weighted unit of the stage resident at once
@@ -485,15 +528,28 @@ def _stage_tables(problem: PartitionProblem,
             held = np.maximum.accumulate(pairs[::-1])[::-1][:, None]
             held = np.where(shared, seg_static[:, None] + held, held)
             memory_off = (held + inflight[None, :] * per_mb[:, None]) + tr
+            if combines:  # streamed and recomputed per unit: `_variants`' formula, same order
+                time_both = seg_off + seg_rc
+                if end < n:
+                    time_both = time_both + btime[end - 1]
+                kept = np.add.accumulate(_back(chk, end, f))[::-1]
+                peak = np.maximum.accumulate(_back(rc_peak, end, f))[::-1]
+                tr_max = _transients(transient, act, end, True, f)[:, None]
+                memory_both = ((held + inflight[None, :] * (bytes_in[f:end] + kept)[:, None]) + peak[:, None]) + tr_max
             if host_caps is not None:  # static state beyond its share of host memory: not available
                 host_ok = seg_static[:, None] <= host_caps
                 time_off = np.where(host_ok, time_off, np.inf)
                 memory_off = np.where(host_ok, memory_off, np.inf)
+                if combines:
+                    time_both = np.where(host_ok, time_both, np.inf)
+                    memory_both = np.where(host_ok, memory_both, np.inf)
             variants[_OFFLOAD] = (time_off, memory_off)
-            if offload == "on":
-                yield end, time_off, memory_off
+            if combines:
+                variants[_BOTH] = (time_both, memory_both)
+            if not alternatives:  # offload "on" with nothing to fall back on
+                yield end, variants[base][0], variants[base][1]
                 continue
-        yield (end, *_choose_arrays(variants, _RECOMPUTE if mode == "on" else _PLAIN, alternatives, caps))
+        yield (end, *_choose_arrays(variants, base, alternatives, caps))
 
 
 def _choose_arrays(variants: list, base: int, alternatives: list[int],
@@ -830,7 +886,13 @@ def _infeasible_message(problem: PartitionProblem) -> str:
             + (problem.boundary_bytes[e - 1] if e < n else 0.0)
         )
         units = names[s] if e - s == 1 else f"{names[s]}..{names[e - 1]}"
-        if closest.recompute and closest.recompute[j]:
+        if closest.recompute and closest.recompute[j] and closest.offload and closest.offload[j]:
+            kept = (problem.boundary_bytes[s - 1] if s > 0 else 0.0) + _segment_sum(_checkpoint_bytes(problem), s, e)
+            parts = (f"weights streamed from host memory, recomputed unit by unit: "
+                     f"{_gib(weight_buffer(problem.unit_param_bytes, s, e))} double buffer + {problem.inflight[j]} in "
+                     f"flight x {_gib(kept)} unit inputs and boundaries + "
+                     f"{_gib(max(problem.unit_recompute_peak[s:e]))} activations of the unit being recomputed")
+        elif closest.recompute and closest.recompute[j]:
             act = _segment_sum(problem.unit_activation_bytes, s, e)
             parts = (f"static {_gib(static)} + {problem.inflight[j]} in flight x {_gib(per_mb - act)} boundaries "
                      f"+ {_gib(act)} activations of the microbatch being recomputed")

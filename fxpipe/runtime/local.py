@@ -28,6 +28,7 @@ import torch.utils._pytree as pytree
 from fxpipe.errors import FxpipeError, PlanError, RuntimeMismatchError
 from fxpipe.runtime.offload import WeightStreamer
 from fxpipe.runtime.seeded_rng import generator_scope, microbatch_seed, seed_random_ops
+from fxpipe.runtime.unit_recompute import UnitCheckpoints, buffers_updated_once
 from fxpipe.runtime.transfer import Channel
 from fxpipe.runtime.weight_grad import Consumers, SplitState, backward_input, backward_weight, trainable_consumers
 
@@ -71,15 +72,12 @@ class StageRunner:
 
 
 def _streamer_for(st: StageRunner) -> WeightStreamer:
-    """The weight streamer of an offloaded stage; the combinations it cannot run are refused."""
-    if st.recompute:
-        raise PlanError(f"stage {st.index} is planned with both offload and recompute: the recomputation would hold "
-                        "all of the stage's weights on the device at once; plan it with recompute='off' (offload "
-                        "already frees the weights) or offload='off'")
+    """The weight streamer of an offloaded stage; the combination it cannot run is refused. With
+    recompute, each streamed unit is checkpointed on its own (`_unit_checkpoints`)."""
     if st.n_out is not None:
         raise PlanError(f"stage {st.index} is offloaded, but the schedule splits its backward (BI/BW, zero-bubble), "
                         "which offload streaming does not support; use schedule='1f1b' or 'gpipe', or offload='off'")
-    return WeightStreamer(st.module, st.device)
+    return WeightStreamer(st.module, st.device, recompute=st.recompute)
 
 
 _RANDOM_NAMES = ("dropout", "rand", "bernoulli", "multinomial", "normal", "uniform", "exponential", "cauchy",
@@ -103,31 +101,6 @@ def _draws_random(module: torch.nn.Module) -> bool:
             if any(r in str(name).lower() for r in _RANDOM_NAMES):
                 return True
     return False
-
-
-def _buffers_updated_once(module: torch.nn.Module) -> Callable[..., Any]:
-    """`module` for one microbatch's torch.utils.checkpoint: its recomputation in backward runs
-    the forward again, which would update the buffers the forward mutates (BatchNorm's running
-    statistics and num_batches_tracked, an EMA) a second time, so the stage's buffers are put
-    back after it. All of them: BatchNorm's kernel updates its statistics without bumping their
-    version counters, so which ones changed cannot be told cheaply (buffers are small next to a
-    stage's activations, and the copies live only during the recomputation)."""
-    ran = False
-
-    def run(*args: Any) -> Any:
-        nonlocal ran
-        if not ran:  # the forward itself
-            ran = True
-            return module(*args)
-        saved = [(b, b.detach().clone()) for b in module.buffers()]
-        try:
-            return module(*args)
-        finally:
-            with torch.no_grad():
-                for b, old in saved:
-                    b.copy_(old)
-
-    return run
 
 
 class _Mailbox:
@@ -235,9 +208,12 @@ class LocalRuntime:
         self.channels: dict[tuple[int, int], Channel] = {}
         # offloaded stages: their weights stream from host memory (runtime/offload.py)
         self.streamers: dict[int, WeightStreamer] = {}
+        self._unit_checkpoints: dict[int, UnitCheckpoints] = {}  # offloaded stages that also recompute
         for st in self.stages:
             if getattr(st, "offload", False):
                 self.streamers[st.index] = _streamer_for(st)
+                if st.recompute:
+                    self._unit_checkpoints[st.index] = UnitCheckpoints(self.streamers[st.index].module)
 
     # ---- driver ------------------------------------------------------------------------
     def run(self, programs: Sequence[Callable], state: _StepState, record: bool = False) -> _StepState:
@@ -356,13 +332,16 @@ class LocalRuntime:
         with torch.set_grad_enabled(state.train), self._rng_guard(st), self._generator(st, mb):
             if streamer is not None:
                 with streamer.forward_scope(state.train) as module:
-                    out = list(module(*leaves, *model_in))
+                    if state.train and st.recompute:  # a checkpoint per streamed unit (runtime/unit_recompute.py)
+                        out = list(self._unit_checkpoints[s]([*leaves, *model_in], preserve_rng_state=st.uses_rng))
+                    else:
+                        out = list(module(*leaves, *model_in))
             elif state.train and st.recompute:
                 # keeps only the inputs; the forward is re-run (same RNG state) during backward.
                 # Saving and restoring the RNG state only where the stage draws random numbers:
                 # the restore rewinds the process-wide CPU generator, which must not happen
                 # outside the RNG lock while another worker draws from it
-                out = list(torch.utils.checkpoint.checkpoint(_buffers_updated_once(st.module), *leaves, *model_in,
+                out = list(torch.utils.checkpoint.checkpoint(buffers_updated_once(st.module), *leaves, *model_in,
                                                              use_reentrant=False,
                                                              preserve_rng_state=st.uses_rng))
             else:

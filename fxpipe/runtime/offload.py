@@ -40,9 +40,13 @@ Mechanism (chosen over `torch.func.functional_call`, which wants every weight up
 Buffers and graph constants stay resident on the device (they are small). Tied parameters used
 by two units are fetched once per unit and their gradients add up on the one host tensor.
 
-Not supported (refused by the runtime with an error naming the stage): activation
-recomputation (the checkpoint's recomputation would hold every unit's weights at once) and the
-zero-bubble split backward (BI/BW). Parameter hooks (`register_hook`,
+With activation recomputation (`recompute=True` in the streamer) each unit is checkpointed on
+its own (runtime/unit_recompute.py): in backward `enter(k)` is called again by unit k's
+recomputation and takes the copy fetched for unit k's backward (`_enter_backward`), so a
+unit's weights are fetched once per microbatch backward and two units stay resident.
+
+Not supported (refused by the runtime with an error naming the stage): the zero-bubble split
+backward (BI/BW). Parameter hooks (`register_hook`,
 `register_post_accumulate_grad_hook`) do not fire for offloaded parameters; custom autograd
 Functions that stash a weight on `ctx` outside `save_for_backward` keep that copy resident.
 """
@@ -264,8 +268,12 @@ class WeightStreamer:
     wraps the stage's backward; `finish_step` ends a step (all host gradients final).
     """
 
-    def __init__(self, module: fx.GraphModule, device: torch.device, min_unit_bytes: int | None = None):
+    def __init__(self, module: fx.GraphModule, device: torch.device, min_unit_bytes: int | None = None,
+                 recompute: bool = False):
         self.device = torch.device(device)
+        # the stage also recomputes, one checkpoint per unit (runtime/unit_recompute.py): its
+        # backward re-enters each unit, which then takes the copy fetched for that backward
+        self.recompute = recompute
         self.cuda = self.device.type == "cuda"
         self._id = next(_ids)
         _STREAMERS[self._id] = weakref.ref(self)
@@ -278,6 +286,7 @@ class WeightStreamer:
         self._bwd_current: int | None = None
         self._ptrs: dict[int, tuple[int, int]] = {}  # storage pointer of a forward copy -> (unit, param)
         self._saved_units: set[int] = set()  # units whose weights some forward saved for backward
+        self._slotted: set[int] = set()  # units whose slots hold backward copies (recomputing)
         self._lock = threading.Lock()
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         # gradients go home on a stream of their own: PCIe is full duplex, so the backward's
@@ -326,6 +335,9 @@ class WeightStreamer:
         try:
             yield
         finally:
+            for u in self._slotted:  # a recomputed unit's slots hold its backward copies
+                self._restore(u)
+            self._slotted = set()
             for u in list(self._bwd):
                 self._retire(self._bwd, u, restore=False)
             self._bwd_current = None
@@ -344,7 +356,13 @@ class WeightStreamer:
 
     # ---- forward ---------------------------------------------------------------------
     def enter(self, k: int) -> None:
-        """Unit k computes next: its weights on the device, the previous unit's freed, k+1 prefetched."""
+        """Unit k computes next: its weights on the device, the previous unit's freed, k+1 prefetched.
+        In backward (a unit recomputing its forward) the copy is the one fetched for its backward."""
+        if self._phase == "B":
+            self._enter_backward(k)
+            return
+        if self.recompute and torch.is_grad_enabled():
+            self._saved_units.add(k)  # its recomputation in backward needs all of its weights
         if k not in self._fwd:
             self._fwd[k] = self._issue(k, track=torch.is_grad_enabled())
         res = self._fwd[k]
@@ -360,6 +378,21 @@ class WeightStreamer:
                     self._ptrs[t.untyped_storage().data_ptr()] = (k, i)
         if k + 1 < len(self.units) and k + 1 not in self._fwd:
             self._fwd[k + 1] = self._issue(k + 1, track=torch.is_grad_enabled())
+
+    def _enter_backward(self, k: int) -> None:
+        for u in self._slotted:  # first, so the retired unit's copies are gone before the prefetch
+            if u != k:
+                self._restore(u)
+        res = self._current_backward(k)
+        unit = self.units[k]
+        for (path, attr), i in zip(unit.slots, unit.slot_param):
+            self._set_slot(path, attr, res.tensors[i])
+        self._slotted = {k}
+
+    def _restore(self, u: int) -> None:
+        unit = self.units[u]
+        for (path, attr), i in zip(unit.slots, unit.slot_param):
+            self._set_slot(path, attr, unit.params[i])
 
     def _set_slot(self, path: str, attr: str, value: torch.Tensor) -> None:
         mod = self.module.get_submodule(path)
@@ -437,6 +470,11 @@ class WeightStreamer:
         self.stats.fetches.append((self._phase, k))
         if track:
             tensors = [_Fetch.apply(p, self, k, i) if p.requires_grad else self._copy(p) for i, p in enumerate(unit.params)]
+        elif self.recompute and self._phase == "B":
+            # a recomputation must save what the forward saved, and autograd saves some
+            # tensors only when the weight requires grad; its gradient goes through the
+            # forward's _Fetch, the recomputed graph itself is never differentiated
+            tensors = [self._copy(p).requires_grad_(p.requires_grad) for p in unit.params]
         else:
             tensors = [self._copy(p) for p in unit.params]
         event = None
