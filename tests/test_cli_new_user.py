@@ -1,0 +1,153 @@
+"""The command line as a new user meets it: mistakes caught before the model is built, factories
+of the shapes the README allows, wrong example inputs, Ctrl-C, and the hints in the summary.
+
+Each test drives `fxpipe.cli.main` in-process and asserts on the exit status, the one error line
+and what was (not) run or written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxpipe
+from fxpipe.cli import main
+
+__all__: list[str] = []
+
+FACTORY = '''
+import torch
+from torch import nn
+
+CALLS = []
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)) for _ in range(3)])
+
+
+def make():
+    CALLS.append("make")
+    return _model(), torch.randn(8, 16)
+
+
+def expensive():
+    # stands for a model that takes minutes to build: a bad option must be refused before it
+    raise RuntimeError("built the model")
+
+
+def only_model():
+    return _model()
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = _model()
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def kwargs_dict():
+    return Net(), {"x": torch.randn(8, 16)}
+
+
+def wrong_width():
+    return _model(), torch.randn(8, 17)
+
+
+def interrupted():
+    raise KeyboardInterrupt
+'''
+
+
+@pytest.fixture(scope="module")
+def factory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("factory") / "newuser_model.py"
+    path.write_text(FACTORY)
+    return path
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    rc = main(argv)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def one_error(rc: int, stderr: str) -> str:
+    """The single 'fxpipe: error:' line of a clean failure (exit 2, no traceback)."""
+    assert rc == 2, stderr
+    assert "Traceback" not in stderr and "While executing" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("fxpipe: error:")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+# ---- mistakes refused before the model is built ----------------------------------------------
+@pytest.mark.parametrize("options, words", [
+    (["--devices", "CPU,CPU"], ["unknown device 'CPU'"]),
+    (["--devices", "gpu*2"], ["unknown device 'gpu'"]),
+    (["--devices", "cuda:x"], ["'cuda:x'"]),
+    (["--devices", "cpu,cpu", "--virtual-stages", "3"], ["virtual_stages=3", "interleaved"]),
+    (["--devices", "cpu,cpu", "--schedule", "auto", "--virtual-stages", "2"], ["--virtual-stages", "--schedule auto"]),
+    (["--devices", "cpu,cpu", "--schedule", "zb-h1", "--recompute", "on"], ["zb-h1"]),
+    (["--devices", "cpu,cpu", "--inference", "--recompute", "on"], ["recompute"]),
+])
+def test_bad_options_are_refused_before_building_the_model(options: list[str], words: list[str], factory: Path,
+                                                            tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc, _, stderr = run(["plan", f"{factory}:expensive", *options, "-o", str(tmp_path / "p.json")], capsys)
+    line = one_error(rc, stderr)
+    assert "built the model" not in stderr and "building the model" not in stderr
+    for w in words:
+        assert w in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
+def test_cuda_without_gpus_points_at_presets(factory: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc, _, stderr = run(["plan", f"{factory}:expensive", "--devices", "cuda,cuda", "-o", str(tmp_path / "p.json")],
+                        capsys)
+    line = one_error(rc, stderr)
+    assert "CUDA is not available" in line and "--devices 'h100*2'" in line
+    assert "built the model" not in stderr
+
+
+def test_profile_refuses_presets_before_building(factory: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc, _, stderr = run(["profile", f"{factory}:expensive", "--devices", "h100*2", "-o", str(tmp_path / "p.json")],
+                        capsys)
+    line = one_error(rc, stderr)
+    assert "'h100:0'" in line and "fxpipe plan" in line
+    assert "built the model" not in stderr
+
+
+# ---- factories ------------------------------------------------------------------------------
+def test_factory_returning_only_the_model(factory: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for name in ("only_model", "Net"):  # a function that forgot the inputs, or the class itself
+        rc, _, stderr = run(["plan", f"{factory}:{name}", "--devices", "cpu,cpu", "-o", str(tmp_path / "p.json")],
+                            capsys)
+        line = one_error(rc, stderr)
+        assert "returned only a model" in line and "example" in line, line
+
+
+def test_factory_may_return_a_dict_of_keyword_arguments(factory: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    # the README: example inputs are "a tensor, a tuple of positional arguments or a dict of keyword arguments"
+    out = tmp_path / "kw.json"
+    rc, _, stderr = run(["plan", f"{factory}:kwargs_dict", "--devices", "cpu,cpu", "-m", "2", "-o", str(out)], capsys)
+    assert rc == 0, stderr
+    plan = fxpipe.Plan.load(out)
+    assert plan.batch_size == 8 and plan.microbatches == 2 and plan.num_stages == 2
+
+
+# ---- Ctrl-C ---------------------------------------------------------------------------------
+def test_interrupt_ends_the_progress_line_first(factory: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc, _, stderr = run(["plan", f"{factory}:interrupted", "--devices", "cpu,cpu", "-o", str(tmp_path / "p.json")],
+                        capsys)
+    assert rc == 130
+    assert "Traceback" not in stderr
+    assert "fxpipe: error: interrupted" in stderr.splitlines(), stderr  # on a line of its own
+    assert list(tmp_path.iterdir()) == []
