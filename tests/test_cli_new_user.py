@@ -151,3 +151,16 @@ def test_interrupt_ends_the_progress_line_first(factory: Path, tmp_path: Path, c
     assert "Traceback" not in stderr
     assert "fxpipe: error: interrupted" in stderr.splitlines(), stderr  # on a line of its own
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- example inputs that do not fit the model -----------------------------------------------
+def test_inputs_of_the_wrong_shape_say_so_in_one_message(factory: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    # Linear(16, ..) fed 17 features: fx traces it, shape propagation is the first to run it
+    rc, _, stderr = run(["plan", f"{factory}:wrong_width", "--devices", "cpu,cpu", "-o", str(tmp_path / "p.json")],
+                        capsys)
+    one_error(rc, stderr)
+    assert "shape propagation failed" in stderr and "17" in stderr
+    assert "example inputs fit the model" in stderr
+    assert "nonzero" not in stderr  # the data-dependent-op hint does not apply to a shape mismatch
+    assert "tlparse" not in stderr and "Original traceback" not in stderr

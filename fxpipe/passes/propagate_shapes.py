@@ -124,6 +124,9 @@ class _MetaInterpreter(_MetaRunner):
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
         self.counter = FlopCounterMode(display=False)
+        # fx would append "While executing ... Original traceback: None Use tlparse ..." to our
+        # TraceError, which already names the node and its source line
+        self.extra_traceback = False
         # copies of a repeated block (compiler/repeat_capture.py) name their template node
         self.by_name = {n.name: n for n in gm.graph.nodes} if any(
             TEMPLATE in n.meta for n in gm.graph.nodes) else {}
@@ -143,11 +146,21 @@ class _MetaInterpreter(_MetaRunner):
             where = f"\n  from {n.stack_trace.strip().splitlines()[-1]}" if n.stack_trace else ""
             raise TraceError(
                 f"shape propagation failed at node {n.format_node()}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                f"{where}\n  Ops whose output shape depends on tensor values (nonzero, item, boolean masks) cannot be "
-                "planned ahead; rewrite them with static shapes or keep them outside the pipelined model.") from e
+                f"{where}\n  {_hint(e)}") from e
         n.meta[VAL] = pytree.tree_map(lambda v: v if not isinstance(v, torch.Tensor) else _to_meta(v), out)
         n.meta[FLOPS] = self.counter.get_total_flops() - before
         return out
+
+
+def _hint(e: Exception) -> str:
+    """What to do about an op that failed on meta tensors."""
+    # an op with no meta kernel, or one reading values (nonzero, .item(), masks), fails on meta
+    # tensors alone; anything else (a shape mismatch) fails the same way on real tensors
+    if isinstance(e, NotImplementedError) or "meta" in str(e).lower():
+        return ("Ops whose output shape depends on tensor values (nonzero, item, boolean masks) cannot be "
+                "planned ahead; rewrite them with static shapes or keep them outside the pipelined model.")
+    return ("The op fails on these shapes: check that the example inputs fit the model (the model called on "
+            "them eagerly fails the same way); shapes here are one microbatch's.")
 
 
 def template_of(n: fx.Node, by_name: dict[str, fx.Node]) -> fx.Node | None:
