@@ -274,6 +274,18 @@ def _timings_table(timings: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def _fill_hint(plan: "Plan", asked: int | str) -> str:
+    """A hint when too few microbatches leave the pipeline mostly idle (the default 4 on 16 GPUs:
+    79% bubble), which the stage table alone does not tell a new user how to fix."""
+    bubble, p, m = plan.predicted.get("bubble", 0.0), len(plan.cluster.devices), plan.microbatches
+    if asked == "auto" or bubble < 0.5 or m >= p:
+        return ""
+    more = (f"--microbatches auto (the fastest that fits, up to the batch of {plan.batch_size}) or a larger batch"
+            if plan.batch_size > m else "a larger batch, then more microbatches")
+    return (f"hint: the devices are idle {bubble:.0%} of the step: {m} microbatches do not fill a pipeline of "
+            f"{p} devices; try {more}")
+
+
 def _profile_table(plan: "Plan") -> str:
     """Measured vs. modelled (roofline) forward and backward time per unit, per device kind."""
     from fxpipe.passes.annotate_costs import CostTable, device_key
@@ -356,6 +368,9 @@ def _cmd_plan(a: argparse.Namespace) -> int:
         print(_profile_table(plan))
         print()
     print(plan.summary())
+    hint = _fill_hint(plan, a.microbatches)
+    if hint:
+        print(hint)
     print(_timings_table(plan.timings))
     if a.baseline:
         from fxpipe.passes.explain_plan import compare_baseline

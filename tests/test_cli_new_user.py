@@ -164,3 +164,18 @@ def test_inputs_of_the_wrong_shape_say_so_in_one_message(factory: Path, tmp_path
     assert "example inputs fit the model" in stderr
     assert "nonzero" not in stderr  # the data-dependent-op hint does not apply to a shape mismatch
     assert "tlparse" not in stderr and "Original traceback" not in stderr
+
+
+# ---- hints ----------------------------------------------------------------------------------
+def test_too_few_microbatches_get_a_hint(factory: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "p.json"
+    rc, stdout, stderr = run(["plan", f"{factory}:make", "--devices", "cpu*4", "-m", "1", "-o", str(out)], capsys)
+    assert rc == 0, stderr
+    bubble = fxpipe.Plan.load(out).predicted["bubble"]
+    assert bubble >= 0.5  # one microbatch through 4 stages: each device works a quarter of the step
+    (hint,) = [line for line in stdout.splitlines() if line.startswith("hint:")]
+    assert f"idle {bubble:.0%}" in hint and "1 microbatches" in hint and "--microbatches auto" in hint
+    # enough microbatches: no hint
+    rc, stdout, stderr = run(["plan", f"{factory}:make", "--devices", "cpu*2", "-m", "8", "-o", str(out)], capsys)
+    assert rc == 0, stderr
+    assert fxpipe.Plan.load(out).predicted["bubble"] < 0.5 and "hint:" not in stdout
