@@ -7,6 +7,9 @@ and what was (not) run or written.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,8 @@ import fxpipe
 from fxpipe.cli import main
 
 __all__: list[str] = []
+
+ROOT = Path(__file__).resolve().parent.parent
 
 FACTORY = '''
 import torch
@@ -179,3 +184,36 @@ def test_too_few_microbatches_get_a_hint(factory: Path, tmp_path: Path, capsys: 
     rc, stdout, stderr = run(["plan", f"{factory}:make", "--devices", "cpu*2", "-m", "8", "-o", str(out)], capsys)
     assert rc == 0, stderr
     assert fxpipe.Plan.load(out).predicted["bubble"] < 0.5 and "hint:" not in stdout
+
+
+# ---- start-up -------------------------------------------------------------------------------
+def _python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=120)
+
+
+def test_help_does_not_import_torch(tmp_path: Path) -> None:
+    # `fxpipe --help` answered in a fraction of a second, not after torch's multi-second import
+    r = _python("import sys\nfrom fxpipe.cli import main\nrc = main(['plan', '--help'])\n"
+                "print('torch imported:', 'torch' in sys.modules)", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "examples:" in r.stdout and "torch imported: False" in r.stdout
+
+
+def test_ctrl_c_while_torch_imports_is_clean(tmp_path: Path) -> None:
+    # Ctrl-C in the first seconds of `python -m fxpipe plan ...` lands in torch's import; made
+    # deterministic by an import hook that raises KeyboardInterrupt when torch is imported
+    code = """
+import runpy, sys
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["fxpipe", "plan", "m.py:make", "--devices", "cpu,cpu"]
+runpy.run_module("fxpipe", run_name="__main__", alter_sys=True)
+"""
+    r = _python(code, tmp_path)
+    assert r.returncode == 130, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines() == ["fxpipe: error: interrupted"]
