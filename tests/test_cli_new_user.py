@@ -217,3 +217,19 @@ runpy.run_module("fxpipe", run_name="__main__", alter_sys=True)
     r = _python(code, tmp_path)
     assert r.returncode == 130, r.stderr
     assert "Traceback" not in r.stderr and r.stderr.strip().splitlines() == ["fxpipe: error: interrupted"]
+
+
+def test_auto_mode_progress_says_what_the_repeated_phases_are(factory: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "auto.json"
+    rc, _, stderr = run(["plan", f"{factory}:make", "--devices", "cpu*2", "--schedule", "auto", "-m", "auto",
+                         "-o", str(out)], capsys)
+    assert rc == 0, stderr
+    lines = stderr.splitlines()
+    first_candidate = next(i for i, line in enumerate(lines) if line.startswith("fxpipe: auto candidate 1/"))
+    intro = next(i for i, line in enumerate(lines) if line.startswith("fxpipe: auto: ") and "candidates;" in line)
+    # every "shapes ..." line after the first capture comes after the line that explains them
+    shapes = [i for i, line in enumerate(lines) if line.startswith("fxpipe: shapes")]
+    assert len(shapes) > 1 and intro < shapes[1] and intro < first_candidate
+    n = len(fxpipe.Plan.load(out).predicted["auto"])
+    assert f"fxpipe: auto: {n} candidates;" in lines[intro]
