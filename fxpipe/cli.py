@@ -422,8 +422,14 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
         return 0
     if a.format == "trace":
         out = Path(a.output) if a.output else src.with_name(src.stem + ".trace.json")
-        _write(out, json.dumps(tl.to_chrome_trace()))
-        print(f"wrote {out} ({len(tl.events)} events, predicted step {tl.step_time * 1e3:.3f} ms); "
+        trace = tl.to_chrome_trace()
+        names = [f"d{i} {d.name}" for i, d in enumerate(plan.cluster.devices)]
+        for e in trace["traceEvents"]:  # Perfetto's rows named as in the text timeline, not "device 3"
+            if e["ph"] == "M" and e["name"] == "process_name":
+                e["args"]["name"] = names[e["pid"]]
+        slices = sum(1 for e in trace["traceEvents"] if e["ph"] == "X")  # instant RECVs are left out
+        _write(out, json.dumps(trace))
+        print(f"wrote {out} ({slices} slices on {len(names)} devices, predicted step {tl.step_time * 1e3:.3f} ms); "
               "open it in https://ui.perfetto.dev or chrome://tracing")
         return 0
     if a.output:

@@ -233,3 +233,22 @@ def test_auto_mode_progress_says_what_the_repeated_phases_are(factory: Path, tmp
     assert len(shapes) > 1 and intro < shapes[1] and intro < first_candidate
     n = len(fxpipe.Plan.load(out).predicted["auto"])
     assert f"fxpipe: auto: {n} candidates;" in lines[intro]
+
+
+# ---- inspect --------------------------------------------------------------------------------
+def test_trace_rows_are_named_by_device_and_the_count_is_what_was_written(factory: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    plan = tmp_path / "p.json"
+    assert main(["plan", f"{factory}:make", "--devices", "h100*2", "-m", "4", "-o", str(plan)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "t.json"
+    rc, stdout, stderr = run(["inspect", str(plan), "-f", "trace", "-o", str(out)], capsys)
+    assert rc == 0, stderr
+    events = json.loads(out.read_text())["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "process_name"}
+    assert names == {0: "d0 h100:0", 1: "d1 h100:1"}  # as the rows of the text timeline
+    slices = [e for e in events if e["ph"] == "X"]
+    assert all(e["dur"] >= 0 and e["pid"] in names and e["tid"] in (0, 1) for e in slices)
+    assert f"({len(slices)} slices on 2 devices" in stdout
