@@ -47,8 +47,8 @@ examples:
 
 _PLAN_EPILOG = """\
 The factory is a function in FILE that returns (model, example_args) or
-(model, example_args, example_kwargs); example_args is a tensor or a tuple, with the batch
-as dim 0. For example, mymodel.py:
+(model, example_args, example_kwargs); example_args is a tensor, a tuple of arguments or a
+dict of keyword arguments, with the batch as dim 0. For example, mymodel.py:
 
     import torch
     def make():
@@ -194,6 +194,9 @@ def load_factory(spec: str) -> tuple[Any, tuple, dict]:
         if folder in sys.path:
             sys.path.remove(folder)
     want = "(model, example_args) or (model, example_args, example_kwargs)"
+    if isinstance(result, nn.Module):  # `mymodel.py:MyModel` names the class, or the factory forgot the inputs
+        raise CliError(f"{path}:{name}() returned only a model ({type(result).__name__}); planning needs an example "
+                       f"batch too: name a function that returns {want}, e.g. `return model, torch.randn(32, 64)`")
     if not isinstance(result, tuple) or len(result) not in (2, 3):
         raise CliError(f"{path}:{name}() returned {type(result).__name__}; it must return {want}")
     model, args = result[0], result[1]
@@ -202,9 +205,11 @@ def load_factory(spec: str) -> tuple[Any, tuple, dict]:
         raise CliError(f"{path}:{name}() returned a {type(model).__name__} as the model; it must be a torch.nn.Module")
     if isinstance(args, Tensor):
         args = (args,)
+    elif isinstance(args, dict) and len(result) == 2:  # keyword arguments, as fxpipe.compile's example_inputs takes
+        args, kwargs = (), args
     if not isinstance(args, tuple):
         raise CliError(f"{path}:{name}() returned example_args of type {type(args).__name__}; "
-                       "give a tensor or a tuple of arguments")
+                       "give a tensor, a tuple of arguments or a dict of keyword arguments")
     if not isinstance(kwargs, dict):
         raise CliError(f"{path}:{name}() returned example_kwargs of type {type(kwargs).__name__}; give a dict")
     return model, args, kwargs
@@ -269,6 +274,18 @@ def _timings_table(timings: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def _fill_hint(plan: "Plan", asked: int | str) -> str:
+    """A hint when too few microbatches leave the pipeline mostly idle (the default 4 on 16 GPUs:
+    79% bubble), which the stage table alone does not tell a new user how to fix."""
+    bubble, p, m = plan.predicted.get("bubble", 0.0), len(plan.cluster.devices), plan.microbatches
+    if asked == "auto" or bubble < 0.5 or m >= p:
+        return ""
+    more = (f"--microbatches auto (the fastest that fits, up to the batch of {plan.batch_size}) or a larger batch"
+            if plan.batch_size > m else "a larger batch, then more microbatches")
+    return (f"hint: the devices are idle {bubble:.0%} of the step: {m} microbatches do not fill a pipeline of "
+            f"{p} devices; try {more}")
+
+
 def _profile_table(plan: "Plan") -> str:
     """Measured vs. modelled (roofline) forward and backward time per unit, per device kind."""
     from fxpipe.passes.annotate_costs import CostTable, device_key
@@ -301,9 +318,32 @@ def _profile_table(plan: "Plan") -> str:
 def _cmd_plan(a: argparse.Namespace) -> int:
     import fxpipe
 
+    from fxpipe.compiler.pipeline import check_options, virtual_stage_count
+
     if a.microbatches != "auto" and a.microbatches < 1:
         raise CliError(f"--microbatches must be >= 1 or 'auto', got {a.microbatches}")
-    devices: Any = fxpipe.Cluster.load(a.cluster) if a.cluster else parse_devices(a.devices)
+    recompute = {"on": True, "off": False}.get(a.recompute, a.recompute)
+    # Devices and option combinations are checked before the model is built: building a large
+    # model takes minutes, and a typo in --devices should not cost them.
+    devices = fxpipe.Cluster.load(a.cluster) if a.cluster else fxpipe.Cluster.from_devices(parse_devices(a.devices))
+    check_options(microbatches=a.microbatches, schedule=a.schedule, optimizer=a.optimizer, train=not a.inference,
+                  recompute=recompute, offload=a.offload)
+    if a.schedule != "auto":
+        virtual_stage_count(a.schedule, a.virtual_stages)
+    elif a.virtual_stages is not None:
+        raise CliError("--virtual-stages cannot be given with --schedule auto (it tries interleaved with 2); "
+                       "give --schedule interleaved to choose the number")
+    if a.profile:
+        from fxpipe.api import _runnable_device
+
+        for i, d in enumerate(devices.devices):
+            try:
+                _runnable_device(d, i)
+            except fxpipe.PlanError:
+                raise CliError(f"fxpipe profile times every unit on this machine's devices, and device {i} "
+                               f"({d.name!r}, kind {d.kind}) is not one of them; give --devices that exist here "
+                               "(e.g. 'cpu,cpu'), or use `fxpipe plan` (roofline costs) for GPU presets, cluster "
+                               "files and 'meta'") from None
     out = Path(a.output)
     if not out.parent.is_dir():
         raise CliError(f"cannot write {out}: folder {out.parent} does not exist")
@@ -319,7 +359,7 @@ def _cmd_plan(a: argparse.Namespace) -> int:
     plan = fxpipe.plan(model, devices, args, example_kwargs=kwargs or None, microbatches=a.microbatches,
                        schedule=a.schedule, train=not a.inference, optimizer=a.optimizer,
                        virtual_stages=a.virtual_stages, progress=True, profile=a.profile,
-                       recompute={"on": True, "off": False}.get(a.recompute, a.recompute), offload=a.offload)
+                       recompute=recompute, offload=a.offload)
     try:
         plan.save(out)
     except OSError as e:
@@ -328,6 +368,9 @@ def _cmd_plan(a: argparse.Namespace) -> int:
         print(_profile_table(plan))
         print()
     print(plan.summary())
+    hint = _fill_hint(plan, a.microbatches)
+    if hint:
+        print(hint)
     print(_timings_table(plan.timings))
     if a.baseline:
         from fxpipe.passes.explain_plan import compare_baseline
@@ -379,8 +422,14 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
         return 0
     if a.format == "trace":
         out = Path(a.output) if a.output else src.with_name(src.stem + ".trace.json")
-        _write(out, json.dumps(tl.to_chrome_trace()))
-        print(f"wrote {out} ({len(tl.events)} events, predicted step {tl.step_time * 1e3:.3f} ms); "
+        trace = tl.to_chrome_trace()
+        names = [f"d{i} {d.name}" for i, d in enumerate(plan.cluster.devices)]
+        for e in trace["traceEvents"]:  # Perfetto's rows named as in the text timeline, not "device 3"
+            if e["ph"] == "M" and e["name"] == "process_name":
+                e["args"]["name"] = names[e["pid"]]
+        slices = sum(1 for e in trace["traceEvents"] if e["ph"] == "X")  # instant RECVs are left out
+        _write(out, json.dumps(trace))
+        print(f"wrote {out} ({slices} slices on {len(names)} devices, predicted step {tl.step_time * 1e3:.3f} ms); "
               "open it in https://ui.perfetto.dev or chrome://tracing")
         return 0
     if a.output:
@@ -569,6 +618,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fxpipe: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if not err.at_line_start:
+            print(file=sys.stderr, flush=True)  # as above: "fxpipe: capture ..." stays on its own line
         print("fxpipe: error: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `fxpipe inspect plan.json | head`

@@ -558,7 +558,8 @@ def _device_from_string(name: str, n_cpu: int, memory: float | None) -> Device:
         idx = torch.device(name).index or 0
         if not torch.cuda.is_available():
             raise PlanError(f"device {name!r} does not exist: CUDA is not available on this machine; "
-                            "use 'cpu' devices, or plan offline for GPUs with a cluster file "
+                            "use 'cpu' devices, or plan offline for GPUs with a GPU preset (devices=['h100'] * 2, "
+                            "`fxpipe plan --devices 'h100*2'`; also 'h200', 'a100', 'l4'), a cluster file "
                             "(`fxpipe plan --cluster FILE.json`) or a Cluster of fxpipe.Device values")
         n = torch.cuda.device_count()
         if idx >= n:

@@ -707,6 +707,9 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
     # planning the candidates in the order of their bounds, one whose bound exceeds the best
     # step planned so far cannot win and is skipped (a 64-GPU model: most of the candidates).
     bounds: list[float] = []
+    # the progress lines below would otherwise repeat "shapes ... units+costs ..." unexplained
+    prog.note(f"auto: {len(candidates)} candidates; pricing each microbatch size and stage count for a lower "
+              "bound on its step")
     for kind_, m_, stage_device in candidates:
         try:
             _, costs = analysis(microbatch_sizes(cap.batch_size, m_)[0], len(stage_device), m_, stage_device)
@@ -753,6 +756,8 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
         best_step = min(best_step, plan.predicted["step_ms"] / 1e3)
     # the cut refinement (`_refine_cut`, a few dozen simulations) only for the best few: it
     # improves a step by a few percent, so a candidate far behind would not win with it
+    if plans:
+        prog.note(f"auto: refining the cuts of the {min(AUTO_REFINE, len(plans))} fastest")
     for j in sorted(range(len(plans)), key=lambda j: plans[j][0].predicted["step_ms"])[:AUTO_REFINE]:
         i = planned[j]
         kind_, m_, stage_device = candidates[i]
@@ -780,6 +785,8 @@ def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, ki
 
     best, units, key = min(plans, key=rank)
     if key != last_key:  # the graph's shapes must be those of the chosen microbatch size
+        prog.note(f"auto: shapes for the chosen {best.microbatches} microbatch"
+                  f"{'es' if best.microbatches != 1 else ''}")
         units, _ = _analyse(cap, args, kwargs, key[0], key[1], prog, fused_dropout=fused_dropout)
     predicted = dict(best.predicted, auto=rows + mixed_rows)
     plan = best.with_(predicted=predicted, timings=prog.timings)

@@ -186,6 +186,9 @@ class _MetaInterpreter(_MetaRunner):
         # for leaf modules meta cannot run (`_real_leaf_call`)
         self.real_inputs = real_inputs if real_inputs is not None and _all_real(gm, real_inputs) else None
         self.counter = FlopCounterMode(display=False)
+        # fx would append "While executing ... Original traceback: None Use tlparse ..." to our
+        # TraceError, which already names the node and its source line
+        self.extra_traceback = False
         # copies of a repeated block (compiler/repeat_capture.py) name their template node
         self.by_name = {n.name: n for n in gm.graph.nodes} if any(
             TEMPLATE in n.meta for n in gm.graph.nodes) else {}
@@ -208,18 +211,13 @@ class _MetaInterpreter(_MetaRunner):
                 try:
                     real, flops = _real_leaf_call(self.module, n, self.real_inputs, self.counter)
                 except Exception:
-                    raise _Clean(self._with_cause(self._failed(n, e, leaf=True), e)) from e
+                    raise self._failed(n, e, leaf=True) from e
                 out = pytree.tree_map(_to_meta, real)
             else:
-                raise _Clean(self._with_cause(self._failed(n, e, leaf=n.op == "call_module"), e)) from e
+                raise self._failed(n, e, leaf=n.op == "call_module") from e
         n.meta[VAL] = pytree.tree_map(lambda v: v if not isinstance(v, torch.Tensor) else _to_meta(v), out)
         n.meta[FLOPS] = flops
         return out
-
-    @staticmethod
-    def _with_cause(err: TraceError, cause: Exception) -> TraceError:
-        err.__cause__ = cause
-        return err
 
     def _failed(self, n: fx.Node, e: Exception, leaf: bool) -> TraceError:
         where = f"\n  from {n.stack_trace.strip().splitlines()[-1]}" if n.stack_trace else ""
@@ -231,20 +229,12 @@ class _MetaInterpreter(_MetaRunner):
         if _reads_values(e):
             hint = ("\n  Ops whose output shape depends on tensor values (nonzero, item, boolean masks) cannot be "
                     "planned ahead; rewrite them with static shapes or keep them outside the pipelined model.")
-        else:  # most often the example inputs do not fit the model (eager fails the same way)
-            hint = ("\n  Check that the model runs on example_inputs as given (model(*example_inputs) in eager): "
-                    "shapes and dtypes are taken from them, with dim 0 as the batch.")
+        else:  # a shape mismatch fails the same way on real tensors: the inputs do not fit the model
+            hint = ("\n  The op fails on these shapes: check that the example inputs fit the model (the model "
+                    "called on them eagerly, model(*example_inputs), fails the same way); shapes here are one "
+                    "microbatch's.")
         return TraceError(f"shape propagation failed at node {n.format_node()}: {type(e).__name__}: {msg}"
                           f"{where}{why}{hint}")
-
-
-class _Clean(Exception):
-    """Carries a TraceError out of the interpreter, whose run() appends its own notes
-    ("While executing ...", "Use tlparse ...") to the exception text."""
-
-    def __init__(self, error: TraceError):
-        super().__init__()
-        self.error = error
 
 
 def _reads_values(e: BaseException) -> bool:
@@ -312,8 +302,5 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
     """
     interp = _MetaInterpreter(gm, example_inputs)
     with torch.no_grad(), mha_fastpath_off(), interp.counter:
-        try:
-            interp.run(*[_to_meta(x) for x in example_inputs])
-        except _Clean as c:
-            raise c.error from c.error.__cause__
+        interp.run(*[_to_meta(x) for x in example_inputs])
     return gm
