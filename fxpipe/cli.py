@@ -282,7 +282,7 @@ def _fill_hint(plan: "Plan", asked: int | str) -> str:
         return ""
     more = (f"--microbatches auto (the fastest that fits, up to the batch of {plan.batch_size}) or a larger batch"
             if plan.batch_size > m else "a larger batch, then more microbatches")
-    return (f"hint: the devices are idle {bubble:.0%} of the step: {m} microbatches do not fill a pipeline of "
+    return (f"hint: the devices are idle {bubble:.0%} of the step: {m} microbatch{'es' if m != 1 else ''} do{'es' if m == 1 else ''} not fill a pipeline of "
             f"{p} devices; try {more}")
 
 
@@ -530,21 +530,21 @@ def _plan_arguments(pl: argparse.ArgumentParser) -> None:
     where.add_argument("--cluster", metavar="FILE.json", help="a JSON cluster file instead of --devices")
     pl.add_argument("--microbatches", "-m", type=_int_or_auto, default=4,
                     help="microbatches per batch, or 'auto' (the fastest predicted that fits; default 4)")
-    pl.add_argument("--schedule", choices=("1f1b", "gpipe", "interleaved", "zb-h1", "auto"), default="1f1b",
+    pl.add_argument("--schedule", type=str.lower, choices=("1f1b", "gpipe", "interleaved", "zb-h1", "auto"), default="1f1b",
                     help="pipeline schedule, or 'auto' (the fastest predicted that fits; default 1f1b)")
-    pl.add_argument("--recompute", choices=("auto", "on", "off"), default="auto",
+    pl.add_argument("--recompute", type=str.lower, choices=("auto", "on", "off"), default="auto",
                     help="activation recomputation per stage: 'auto' (only stages that would not fit otherwise; "
                          "default), 'on' (every stage) or 'off'")
-    pl.add_argument("--offload", choices=("auto", "on", "off"), default="auto",
+    pl.add_argument("--offload", type=str.lower, choices=("auto", "on", "off"), default="auto",
                     help="weight streaming per stage: 'auto' (a stage keeps params, grads and optimizer state in host "
                          "memory and streams each unit's weights in only where it would not fit otherwise; default), "
                          "'on' (every stage) or 'off'")
     pl.add_argument("--virtual-stages", type=int, default=None, metavar="V",
                     help="stages per device for --schedule interleaved (default 2)")
-    pl.add_argument("--optimizer", choices=("adam", "sgd", "sgd-momentum"), default="adam",
+    pl.add_argument("--optimizer", type=str.lower, choices=("adam", "sgd", "sgd-momentum"), default="adam",
                     help="optimizer whose state the memory model counts (default adam)")
     pl.add_argument("--inference", action="store_true", help="plan forward passes only (no gradients or optimizer state)")
-    pl.add_argument("--baseline", choices=("uniform", "params"), default=None,
+    pl.add_argument("--baseline", type=str.lower, choices=("uniform", "params"), default=None,
                     help="also print this baseline's stage table next to fxpipe's: uniform layer counts, or equal "
                          "parameter bytes (DeepSpeed / torch pipelining style), with the same cost model")
     pl.add_argument("-o", "--output", default="plan.json", metavar="PLAN.json", help="where to write the plan (default plan.json)")
@@ -574,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="show a saved plan: stage table, timeline, trace, generated code",
                          description="Show what a plan decided.", epilog=_INSPECT_EPILOG, formatter_class=fmt)
     ins.add_argument("plan", metavar="PLAN.json", help="a plan written by `fxpipe plan`")
-    ins.add_argument("--format", "-f", choices=("text", "trace", "code", "png"), default="text",
+    ins.add_argument("--format", "-f", type=str.lower, choices=("text", "trace", "code", "png"), default="text",
                      help="what to show (default text)")
     ins.add_argument("--why", action="store_true",
                      help="explain the plan: each stage's time (compute, transfer, bubble) and memory (params, grads, "
@@ -588,9 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--devices", default="cpu,cpu", metavar="LIST", help="comma list of devices (default cpu,cpu)")
     de.add_argument("--microbatches", "-m", type=int, default=4, help="microbatches per batch (default 4)")
     de.add_argument("--steps", type=int, default=3, help="AdamW training steps to run (default 3)")
-    de.add_argument("--schedule", choices=("1f1b", "gpipe", "interleaved", "zb-h1"), default="1f1b",
+    de.add_argument("--schedule", type=str.lower, choices=("1f1b", "gpipe", "interleaved", "zb-h1"), default="1f1b",
                     help="pipeline schedule (default 1f1b)")
-    de.add_argument("--model", choices=("auto", "gpt2", "builtin"), default="auto",
+    de.add_argument("--model", type=str.lower, choices=("auto", "gpt2", "builtin"), default="auto",
                     help="auto: GPT-2 from transformers if installed, else builtin TinyGPT")
     de.set_defaults(func=_cmd_demo)
     return p

@@ -179,7 +179,7 @@ def test_too_few_microbatches_get_a_hint(factory: Path, tmp_path: Path, capsys: 
     bubble = fxpipe.Plan.load(out).predicted["bubble"]
     assert bubble >= 0.5  # one microbatch through 4 stages: each device works a quarter of the step
     (hint,) = [line for line in stdout.splitlines() if line.startswith("hint:")]
-    assert f"idle {bubble:.0%}" in hint and "1 microbatches" in hint and "--microbatches auto" in hint
+    assert f"idle {bubble:.0%}" in hint and "1 microbatch does not" in hint and "--microbatches auto" in hint
     # enough microbatches: no hint
     rc, stdout, stderr = run(["plan", f"{factory}:make", "--devices", "cpu*2", "-m", "8", "-o", str(out)], capsys)
     assert rc == 0, stderr
@@ -252,3 +252,16 @@ def test_trace_rows_are_named_by_device_and_the_count_is_what_was_written(factor
     slices = [e for e in events if e["ph"] == "X"]
     assert all(e["dur"] >= 0 and e["pid"] in names and e["tid"] in (0, 1) for e in slices)
     assert f"({len(slices)} slices on 2 devices" in stdout
+
+
+def test_choices_are_case_insensitive_and_counts_singular(factory: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    # was: "--schedule 1F1B" refused by argparse ("invalid choice") though "H100*2" is accepted,
+    # and the summary read "1 microbatches"
+    out = tmp_path / "p.json"
+    rc, stdout, stderr = run(["plan", f"{factory}:make", "--devices", "cpu*2", "-m", "1", "--schedule", "GPipe",
+                              "--recompute", "OFF", "-o", str(out)], capsys)
+    assert rc == 0, stderr
+    plan = fxpipe.Plan.load(out)
+    assert plan.schedule.kind == "gpipe" and plan.microbatches == 1
+    assert "2 stages, 1 microbatch of batch" in plan.summary()

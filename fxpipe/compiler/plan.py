@@ -103,7 +103,7 @@ class Plan:
                          _human(st.param_bytes / 4), f"{st.fwd_ms:.3f}", f"{st.bwd_ms:.3f}", f"{st.send_ms:.3f}",
                          f"{st.memory_bytes / gib:.3f}", f"{dev.memory / gib:.1f}", _stage_flags(st)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [f"fxpipe plan for {self.model_name}: {self.num_stages} stages, {self.microbatches} microbatches "
+        lines = [f"fxpipe plan for {self.model_name}: {self.num_stages} stage{'s' if self.num_stages != 1 else ''}, {self.microbatches} microbatch{'es' if self.microbatches != 1 else ''} "
                  f"of batch {self.batch_size}, schedule {self.schedule.kind}, captured by {self.capture_path}"]
         for k, r in enumerate(rows):
             lines.append("  ".join(c.rjust(w) if i not in (1, 3, 10) else c.ljust(w)
@@ -116,7 +116,7 @@ class Plan:
             skipped = sum(1 for c in p["auto"] if isinstance(c, dict) and c.get("skipped"))
             tried = f"{len(p['auto']) - skipped} planned, {skipped} skipped by a lower bound" if skipped else \
                 f"{len(p['auto'])} tried"
-            lines.append(f"auto: chose schedule {self.schedule.kind} with {self.microbatches} microbatches, the fastest "
+            lines.append(f"auto: chose schedule {self.schedule.kind} with {self.microbatches} microbatch{'es' if self.microbatches != 1 else ''}, the fastest "
                          f"predicted of {fit} fitting candidates ({tried}; `fxpipe inspect --why` lists them)")
         if any(st.offload for st in self.stages):
             lines.append("offload: those stages keep params, grads and optimizer state in host memory and stream "

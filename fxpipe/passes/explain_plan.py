@@ -152,7 +152,7 @@ def explain(plan: Plan) -> str:
     tl = fxpipe.simulate(plan)
     times = stage_time_split(plan, tl)
     worst = max(range(len(times)), key=lambda s: times[s]["per_microbatch"])
-    lines = [f"why this plan ({plan.model_name}, {plan.num_stages} stages, {plan.microbatches} microbatches, "
+    lines = [f"why this plan ({plan.model_name}, {plan.num_stages} stage{'s' if plan.num_stages != 1 else ''}, {plan.microbatches} microbatch{'es' if plan.microbatches != 1 else ''}, "
              f"schedule {plan.schedule.kind}, optimizer {plan.optimizer}, {'training' if plan.train else 'inference'}):",
              "", f"time per step (predicted step {tl.step_time * 1e3:.3f} ms; transfers run on the link's lane "
                  "and overlap compute; bubble = the device's idle time):"]
