@@ -260,3 +260,7 @@ def test_plan_file_round_trips_the_combination(tmp_path):
     assert [(s.recompute, s.offload, s.memory_bytes) for s in q.stages] == \
         [(s.recompute, s.offload, s.memory_bytes) for s in p.stages]
     assert q.costs.cut_bytes == p.costs.cut_bytes
+    # inspect --why's memory table names both (it showed "recompute" alone)
+    from fxpipe.passes.explain_plan import explain
+    rows = [ln for ln in explain(q).splitlines() if "recompute + offload" in ln]
+    assert len(rows) == 2, explain(q)

@@ -176,7 +176,8 @@ def explain(plan: Plan) -> str:
         rows.append((str(s), f"{st.device}:{dev.name}", str(st.inflight),
                      *(f"{mem[k] / scale:.3f}" for k in ("params", "grads", "optimizer", "activations", "buffers",
                                                          "transients", "total")),
-                     f"{dev.memory / scale:.1f}", "recompute" if st.recompute else "offload" if st.offload else "")
+                     f"{dev.memory / scale:.1f}",
+                     " + ".join(f for f, on in (("recompute", st.recompute), ("offload", st.offload)) if on))
                     + ((f"{mem['host'] / scale:.3f}",) if offloads else ()))
     lines += _table(rows, left=(1, 11))
     if any(st.recompute for st in plan.stages):
