@@ -139,6 +139,7 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
             cluster = devices if isinstance(devices, Cluster) else Cluster.from_devices(list(devices))
             for i, d in enumerate(cluster.devices):
                 _runnable_device(d, i)
+            _refuse_meta_model(model)
         comp = build_plan(model, devices, example_inputs, example_kwargs,
                           microbatches=MICROBATCHES_UNSET if microbatches is None else microbatches,
                           schedule="1f1b" if schedule is None else schedule, train=True,
@@ -221,9 +222,7 @@ class CompiledModel:
         p = self.plan
         # every device is checked before the first parameter moves: a failure leaves the model as it was
         self.devices = [_runnable_device(d, i) for i, d in enumerate(p.cluster.devices)]
-        if any(t.is_meta for t in model.parameters()):
-            raise PlanError("the model's parameters are on the meta device: materialize them (e.g. load a state dict) "
-                            "before compiling, or use fxpipe.plan for offline planning")
+        _refuse_meta_model(model)
         self.stage_graphs: list[StageGraph] = split_stages(self._cap.gm, [s.units for s in p.stages])
         self._replicas: list[tuple[torch.Tensor, torch.Tensor]] = []  # (canonical, replica)
         self._module_replicas: list[tuple[nn.Module, nn.Module]] = []  # (user's module, another stage's copy)
@@ -696,6 +695,15 @@ def _check_trainable(model: nn.Module, inputs: list[list[Any]]) -> None:
         f"step: {type(model).__name__} {what}, so a training step has nothing to train (no gradient to compute); "
         "call the compiled model for inference instead (cm(x)), or set requires_grad=True on the parameters "
         "you want to train")
+
+
+def _refuse_meta_model(model: Any) -> None:
+    """The local runtime runs the model's own tensors: a model on the meta device has none.
+    Said before planning too, which can take minutes on a large model."""
+    if isinstance(model, nn.Module) and any(t.is_meta for t in model.parameters()):
+        raise PlanError("the model's parameters are on the meta device: materialize them (e.g. load a state dict) "
+                        "before compiling, or use fxpipe.plan for offline planning (backend='distributed' "
+                        "compiles a meta model, each rank allocating its own stages)")
 
 
 def _split_target(target: Any, m: int, batch: int) -> list[Any]:

@@ -597,3 +597,23 @@ def test_target_none_reaches_loss_fn_of_every_microbatch():
     F.mse_loss(ref(x), t).backward()
     for a, b in zip(model.parameters(), ref.parameters()):
         assert torch.allclose(a.grad, b.grad, **TOL)
+
+
+@pytest.mark.parametrize("profile", [False, True])
+def test_meta_model_refused_by_compile_before_planning(monkeypatch, profile):
+    # was: the whole model captured and planned first (10 s for a small model under load, minutes
+    # for a large one), then refused by the runtime
+    with torch.device("meta"):
+        model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])
+
+    def no_planning(*a, **k):
+        raise AssertionError("planned before refusing")
+
+    monkeypatch.setattr(fxpipe.api, "build_plan", no_planning)
+    with raises(PlanError, "meta device", "fxpipe.plan", "backend='distributed'"):
+        fxpipe.compile(model, ["cpu", "cpu"], torch.randn(8, 64, device="meta"), microbatches=2, profile=profile)
+    # fxpipe.plan with profile=True refuses before capturing too
+    monkeypatch.undo()
+    monkeypatch.setattr(fxpipe.compiler.pipeline, "_front", no_planning)
+    with raises(PlanError, "profile=True", "meta device"):
+        fxpipe.plan(model, ["cpu", "cpu"], torch.randn(8, 64, device="meta"), microbatches=2, profile=True)

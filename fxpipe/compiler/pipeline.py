@@ -390,6 +390,10 @@ def build_plan(
                   recompute=recompute, offload=offload)
     if not isinstance(profile, bool):
         raise PlanError(f"profile must be True or False, got {profile!r}")
+    if profile and isinstance(model, nn.Module) and any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        # said before the capture, which takes minutes on a large model (profile_units says it too)
+        raise PlanError("profile=True runs every unit on the device, but the model's parameters are on the meta "
+                        "device: materialize them first, or plan with profile=False (roofline costs)")
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     prog = _Progress(progress)
     p = len(cluster)
