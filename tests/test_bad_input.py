@@ -393,7 +393,11 @@ def test_plan_file_from_a_newer_version(plan_file):
 def test_plan_file_that_is_not_json(tmp_path):
     path = tmp_path / "plan.json"
     path.write_text("stage 0: cpu\nstage 1: cpu\n")
-    with raises(PlanError, "not valid JSON"):
+    # another kind of file, not a damaged plan: no "truncated?" hint
+    with raises(PlanError, "is not a JSON file", "'stage 0: cpu"):
+        Plan.load(path)
+    path.write_text("import torch\n")
+    with raises(PlanError, "is not a JSON file", "give the plan file fxpipe wrote"):
         Plan.load(path)
     path.write_bytes(b"\xff\xfe\x00\x01")
     with raises(PlanError, "cannot read plan file", "decode"):

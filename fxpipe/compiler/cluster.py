@@ -529,6 +529,10 @@ def read_json_file(path: str | os.PathLike, what: str, hint: str = "") -> Any:
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as e:
+        if text.strip() and text.lstrip()[0] not in "{[":
+            # not a damaged JSON file but another kind of file (a model's .py, a checkpoint)
+            raise PlanError(f"{what} {path} is not a JSON file (it starts with {text.lstrip()[:20]!r}); give the "
+                            f"{what} fxpipe wrote (JSON)") from None
         raise PlanError(f"{what} {path} is not valid JSON: {e}{hint}") from None
 
 
