@@ -21,7 +21,7 @@ from fxpipe.compiler.capture import Captured
 from fxpipe.compiler.cluster import Cluster, Device
 from fxpipe.compiler.pipeline import MICROBATCHES_UNSET, simulate_plan, Compilation, build_from_plan, build_plan, microbatch_sizes
 from fxpipe.compiler.plan import Plan
-from fxpipe.compiler.stateful import warn_per_microbatch_state
+from fxpipe.compiler.stateful import check_shared_statistics, warn_per_microbatch_state
 from fxpipe.errors import FxpipeError, PlanError, RuntimeMismatchError
 from fxpipe.passes.emit_schedule import Schedule, emit_schedule
 from fxpipe.passes.simulate_schedule import Timeline, _device_peak_inflight
@@ -182,11 +182,15 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
 
 def _make_compiled(model: nn.Module, comp: Compilation, timeout: float, backend: str,
                    rebuild: Callable[[Plan], Compilation] | None = None) -> Any:
-    warn_per_microbatch_state(model, comp.captured.gm, comp.plan.microbatches)
     if backend == "distributed":
-        from fxpipe.runtime.dist_model import DistributedCompiledModel
+        from fxpipe.runtime.dist_model import DistributedCompiledModel, check_launch
+
+        # every rank compiles the same model: one warning (rank 0's) rather than one per rank
+        if check_launch(len(comp.plan.cluster.devices))[1] == 0:
+            warn_per_microbatch_state(model, comp.captured.gm, comp.plan.microbatches)
 
         return DistributedCompiledModel(model, comp, timeout=timeout, rebuild=rebuild)
+    warn_per_microbatch_state(model, comp.captured.gm, comp.plan.microbatches)
     return CompiledModel(model, comp, timeout=timeout)
 
 
@@ -327,17 +331,8 @@ class CompiledModel:
 
     def _check_replicated_statistics(self) -> None:
         """Refuse a call in which a module that several stages use would update running
-        statistics: each stage updates its own copy, so all updates but the owner's would be
-        lost (eager updates the one module once per use)."""
-        for canon, _ in self._module_replicas:
-            for mod in canon.modules():
-                if mod.training and getattr(mod, "track_running_stats", False) is True:
-                    name = next((k for k, v in self.model.named_modules() if v is mod), type(mod).__name__)
-                    raise RuntimeMismatchError(
-                        f"module {name!r} ({type(mod).__name__}) is used by more than one stage and updates its "
-                        "running statistics in training mode; each stage runs its own copy, so the updates of all "
-                        f"but one would be lost. Put it in eval mode (model.{name}.eval(): statistics frozen), or "
-                        "give each use its own module")
+        statistics (`check_shared_statistics`): each stage updates its own copy."""
+        check_shared_statistics(self.model, [canon for canon, _ in self._module_replicas])
 
     def _reduce_replica_grads(self) -> None:
         with torch.no_grad():

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import warnings
 
+from typing import Iterable
+
 import torch.fx as fx
 from torch import nn
 
-from fxpipe.errors import MicrobatchStatisticsWarning
+from fxpipe.errors import MicrobatchStatisticsWarning, RuntimeMismatchError
 
-__all__ = ["per_microbatch_state", "warn_per_microbatch_state"]
+__all__ = ["per_microbatch_state", "warn_per_microbatch_state", "check_shared_statistics"]
 
 
 def per_microbatch_state(model: nn.Module, gm: fx.GraphModule) -> list[str]:
@@ -69,3 +71,22 @@ def warn_per_microbatch_state(model: nn.Module, gm: fx.GraphModule, microbatches
         "the other, not as eager on the whole batch. For whole-batch statistics use microbatches=1; to silence "
         "this, warnings.filterwarnings('ignore', category=fxpipe.errors.MicrobatchStatisticsWarning)",
         MicrobatchStatisticsWarning, stacklevel=4)
+
+
+def check_shared_statistics(model: nn.Module, shared: Iterable[nn.Module]) -> None:
+    """RuntimeMismatchError when a module used by more than one stage (`shared`: the user's
+    modules) would update running statistics in this call (BatchNorm in training mode).
+
+    Each stage runs its own copy (the local runtime's replica, another rank's module), or one
+    module is updated stage after stage instead of in eager's order, so the updates of all but
+    one use would be lost or reordered: eager updates the one module once per use, in order.
+    Both backends call it per call, so they refuse the same calls."""
+    for top in shared:
+        for mod in top.modules():
+            if mod.training and getattr(mod, "track_running_stats", False) is True:
+                name = next((k for k, v in model.named_modules() if v is mod), type(mod).__name__)
+                raise RuntimeMismatchError(
+                    f"module {name!r} ({type(mod).__name__}) is used by more than one stage and updates its "
+                    "running statistics in training mode; each stage runs its own copy, so the updates of all "
+                    f"but one would be lost. Put it in eval mode (model.{name}.eval(): statistics frozen), or "
+                    "give each use its own module")

@@ -31,8 +31,13 @@ Contracts:
   buffers (not in any state dict) are refused at compile time with their names.
 * Ranks must agree: compile compares the traced model, example input shapes, plan and a
   sample of the weights (differing weights block step/call until a load); every step/call
-  compares the call (kind, input shapes, train mode), so a mismatch is an error on every
-  rank, and a rank that never calls fails the others within `timeout`.
+  compares the call (kind, input shapes, every module's train/eval mode, frozen parameters)
+  and whether each rank's own checks passed, so a mismatch or any rank's refusal is an error
+  on every rank, and a rank that never calls fails the others within `timeout`.
+* Train/eval and BatchNorm as in the local runtime: modes the graph fixed are checked per
+  call (`Captured.check_modes`); a module used by several stages is refused in a call that
+  would update its running statistics; other buffers are updated once per microbatch in
+  order on the rank owning their stage.
 * After a PipelineFailure (dead or hung peer, or any failure midway through a step) the
   process group is unusable: later calls on this rank are refused; exit the process
   (torchrun restarts the job).
@@ -53,6 +58,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxpipe.compiler.pipeline import Compilation, microbatch_sizes
+from fxpipe.compiler.stateful import check_shared_statistics
 from fxpipe.errors import FxpipeError, PlanError, RuntimeMismatchError
 from fxpipe.passes.emit_schedule import emit_schedule
 from fxpipe.passes.propagate_shapes import VAL, propagate_shapes
@@ -180,16 +186,26 @@ class DistributedCompiledModel:
         self.stage_rank = [s.device for s in p.stages]
         self.local_stages = [s for s, r in enumerate(self.stage_rank) if r == rank]
         users: dict[int, set[int]] = {}  # id(tensor) -> ranks whose stages use it
+        stages_of: dict[int, set[int]] = {}  # id(tensor) -> stages that use it
         tensors: dict[int, torch.Tensor] = {}
-        for sg, r in zip(self.stage_graphs, self.stage_rank):
+        modules: list[tuple[nn.Module, list[torch.Tensor]]] = []
+        for s, (sg, r) in enumerate(zip(self.stage_graphs, self.stage_rank)):
             for target in sg.attrs + sg.modules:
                 obj = resolve_attr(model, self._cap.gm, target)
                 ts = list(obj.parameters()) + list(obj.buffers()) if isinstance(obj, nn.Module) else \
                     [obj] if isinstance(obj, torch.Tensor) else []
+                if isinstance(obj, nn.Module):
+                    modules.append((obj, ts))
                 for t in ts:
                     users.setdefault(id(t), set()).add(r)
+                    stages_of.setdefault(id(t), set()).add(s)
                     tensors[id(t)] = t
         self._users = users
+        # modules more than one stage uses (the local runtime's module replicas): on other ranks
+        # their buffers are other tensors, on one rank updated stage after stage, not in eager's
+        # order; `check_shared_statistics` refuses calls that would update their statistics
+        self._shared_modules = list({id(m): m for m, ts in modules
+                                     if any(len(stages_of[id(t)]) > 1 for t in ts)}.values())
         self._unloaded: set[int] = set()  # ids of tensors materialized from meta, not yet loaded
         self._check_offload_sharing(model, p)
         # parameters of this rank's offloaded stages get host memory, never the device's
@@ -339,27 +355,57 @@ class DistributedCompiledModel:
                 err = e
         self._agree(err, "adopting rank 0's plan")
 
-    def _check_same_call(self, kind: str, args: tuple, kwargs: dict) -> None:
-        """Every rank must make the same call (step or inference) with inputs of the same
-        shapes in the same mode: a rank that calls differently would otherwise post other
-        messages than its peers (gloo aborts the process on a size mismatch) or none at all.
-        One tiny all_gather on the host per call; a rank that never calls times out on it."""
-        if self._values_differ is not None:
-            raise PlanError(self._values_differ)
-        flat = self._cap.flat_inputs(args, kwargs)
-        sig = (kind, [(tuple(t.shape), str(t.dtype), bool(t.requires_grad)) for t in flat], self.model.training)
-        mine = torch.tensor([self._digest(sig)], dtype=torch.int64)
-        allv = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+    def _agree_on_call(self, kind: str, args: tuple, kwargs: dict, check: Callable[[], Any]) -> Any:
+        """Run this rank's checks of a call (`check`, whose result is returned) and agree with
+        every other rank that all passed and that all make the same call: kind, input shapes,
+        dtypes and requires_grad, every module's train/eval mode and every parameter's
+        requires_grad. A rank that calls differently would otherwise post other messages than
+        its peers (gloo aborts the process on a size mismatch) or none at all, and a rank
+        whose checks refuse the call alone would leave its peers' call to be paired with its
+        next one. So a refusal on any rank is raised on every rank (the same error type, naming
+        the rank), before any message of the call; the group stays usable. One tiny all_gather
+        on the host per call (plus one more after a refusal); a rank that never calls times
+        out on it."""
+        err: BaseException | None = None
+        result, sig = None, None
+        try:
+            if self._values_differ is not None:
+                raise PlanError(self._values_differ)
+            result = check()
+            flat = self._cap.flat_inputs(args, kwargs)
+            sig = (kind, [(tuple(t.shape), str(t.dtype), bool(t.requires_grad)) for t in flat],
+                   self.model.training, [m.training for m in self.model.modules()],
+                   [q.requires_grad for q in self.model.parameters()])
+        except Exception as e:  # any rank's refusal must reach every rank: none may run the call alone
+            err = e
+        mine = torch.tensor([self._digest(sig), 0 if err is None else 1], dtype=torch.int64)
+        allv = [torch.zeros(2, dtype=torch.int64) for _ in range(self.world)]
         self._collective(lambda: dist.all_gather(allv, mine, group=self._ctrl),
                          f"checking that every rank makes the same call ({kind}); every rank must call it together")
+        refused = [r for r, v in enumerate(allv) if v[1].item()]
+        if refused:
+            why = [None] * self.world
+            own = None if err is None else (type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            self._collective(lambda: dist.all_gather_object(why, own, group=self._ctrl),
+                             f"learning why rank{'s' if len(refused) > 1 else ''} {refused} refused the call")
+            if err is not None:
+                raise err
+            import fxpipe.errors
+
+            name, msg = why[refused[0]]
+            cls = getattr(fxpipe.errors, name, None)
+            cls = cls if isinstance(cls, type) and issubclass(cls, FxpipeError) else RuntimeMismatchError
+            raise cls(f"rank {refused[0]} refused this {kind} call, so no rank ran it ({name}: {msg})")
         by: dict[int, list[int]] = {}
         for r, v in enumerate(allv):
-            by.setdefault(int(v.item()), []).append(r)
+            by.setdefault(int(v[0].item()), []).append(r)
         if len(by) > 1:
             raise RuntimeMismatchError(
                 f"the ranks made different calls (ranks grouped by call: {sorted(by.values())}; rank {self.rank}: "
                 f"{kind} with inputs {[s for s, _, _ in sig[1]]}, {'train' if sig[2] else 'eval'} mode): every rank "
-                "must call step / cm(...) together, with inputs of the same shapes, in the same train/eval mode")
+                "must call step / cm(...) together, with inputs of the same shapes, in the same train/eval mode "
+                "(of every module) and with the same parameters frozen")
+        return result
 
     def _check_usable(self) -> None:
         """After a step, call or collective failed midway, peers may still be blocked in it or
@@ -532,20 +578,25 @@ class DistributedCompiledModel:
         """
         from fxpipe.api import _check_grad_enabled, _check_trainable, _split_target, _unflatten
 
-        _check_grad_enabled()
         self._check_usable()
-        self._cap.check_modes(self.model)  # on every rank alike, before any message
-        if not self.plan.train:
-            raise PlanError("this model was compiled from an inference plan (train=False), which has no backward")
-        self._check_loaded("train")
-        if not callable(loss_fn):
-            raise RuntimeMismatchError(f"loss_fn must be callable as loss_fn(output, target) -> scalar tensor, "
-                                       f"got {type(loss_fn).__name__}")
-        per_mb, sizes, b = self._split(args, kwargs)
-        self._check_same_call("step", args, kwargs)
-        _check_trainable(self.model, per_mb)  # the whole model's flags: every rank decides alike
+
+        def check() -> tuple[list, list[int], int, list]:
+            _check_grad_enabled()
+            if not self.plan.train:
+                raise PlanError("this model was compiled from an inference plan (train=False), which has no backward")
+            self._cap.check_modes(self.model)
+            check_shared_statistics(self.model, self._shared_modules)
+            self._check_loaded("train")
+            if not callable(loss_fn) or isinstance(loss_fn, type):
+                raise RuntimeMismatchError(f"loss_fn must be callable as loss_fn(output, target) -> scalar tensor "
+                                           f"(an instance, not a class), got {loss_fn!r}")
+            per_mb, sizes, b = self._split(args, kwargs)
+            _check_trainable(self.model, per_mb)  # the whole model's flags: every rank decides alike
+            return per_mb, sizes, b, _split_target(target, self.plan.microbatches, b)
+
+        # every rank checks, then all agree before any message: a refusal is raised on every rank
+        per_mb, sizes, b, targets = self._agree_on_call("step", args, kwargs, check)
         self._rt.needs_grad = self._boundary_grads(args, kwargs)
-        targets = _split_target(target, self.plan.microbatches, b)
         state = _StepState(inputs=per_mb, train=True, targets=targets, loss_fn=loss_fn,
                            scales=[x / b for x in sizes], out_unflatten=lambda flat: _unflatten(self._cap.out_spec, flat))
         params = list(self.parameters())
@@ -605,10 +656,14 @@ class DistributedCompiledModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Pipelined inference on every rank: equals `model(*args, **kwargs)` on every rank."""
         self._check_usable()
-        self._check_loaded("run inference")
-        self._cap.check_modes(self.model)
-        per_mb, sizes, _ = self._split(args, kwargs)
-        self._check_same_call("inference", args, kwargs)
+
+        def check() -> tuple[list, list[int], int]:
+            self._check_loaded("run inference")
+            self._cap.check_modes(self.model)
+            check_shared_statistics(self.model, self._shared_modules)
+            return self._split(args, kwargs)
+
+        per_mb, sizes, _ = self._agree_on_call("inference", args, kwargs, check)
         try:
             return self._infer(args, kwargs, per_mb, sizes)
         except BaseException as e:
