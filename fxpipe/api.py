@@ -307,19 +307,11 @@ class CompiledModel:
             raise RuntimeMismatchError(f"input tensors disagree on the batch size (dim 0): shapes {batch}; "
                                        "every tensor input must have the same batch size as dim 0")
         b = next(iter(batch.values()))[0]
-        for name, t, ref in zip(self._cap.input_names, flat, self._ref_inputs()):
-            if ref is not None and (t.dtype != ref.dtype or tuple(t.shape[1:]) != tuple(ref.shape[1:])):
-                raise RuntimeMismatchError(
-                    f"input {name!r} has shape {tuple(t.shape)} and dtype {t.dtype}, but the plan was made for "
-                    f"(batch, {', '.join(map(str, ref.shape[1:]))}) of {ref.dtype}; only the batch size may change: recompile for new shapes")
+        _check_like_planned(self._cap, flat)
         sizes = microbatch_sizes(b, self.plan.microbatches)
         chunks = [torch.tensor_split(t, self.plan.microbatches) if t.dim() else [t] * self.plan.microbatches for t in flat]
         per_mb = [[c[i] for c in chunks] for i in range(self.plan.microbatches)]
         return per_mb, sizes, b
-
-    def _ref_inputs(self) -> list[torch.Tensor | None]:
-        vals = {n.target: n.meta.get("fxpipe.val") for n in self._cap.gm.graph.nodes if n.op == "placeholder"}
-        return [vals.get(n) for n in self._cap.input_names]
 
     def _sync_replicas(self) -> None:
         with torch.no_grad():
@@ -660,6 +652,19 @@ def _unflatten(spec: pytree.TreeSpec, flat: list) -> Any:
     if isinstance(out, immutable_list):
         return list(out)
     return out
+
+
+def _check_like_planned(cap: Captured, flat: Sequence[torch.Tensor]) -> None:
+    """RuntimeMismatchError unless the call's tensor inputs have the planned dtypes and shapes
+    but for dim 0: the stages and boundary buffers are built for them (both backends)."""
+    vals = {n.target: n.meta.get("fxpipe.val") for n in cap.gm.graph.nodes if n.op == "placeholder"}
+    for name, t in zip(cap.input_names, flat):
+        ref = vals.get(name)
+        if isinstance(ref, torch.Tensor) and (t.dtype != ref.dtype or tuple(t.shape[1:]) != tuple(ref.shape[1:])):
+            raise RuntimeMismatchError(
+                f"input {name!r} has shape {tuple(t.shape)} and dtype {t.dtype}, but the plan was made for "
+                f"(batch, {', '.join(map(str, ref.shape[1:]))}) of {ref.dtype}; only the batch size may change: "
+                "recompile for new shapes")
 
 
 def _check_grad_enabled() -> None:

@@ -14,7 +14,10 @@ group runs every phase, in order:
   refused on both ranks (before: rank 0 refused alone and rank 1's call was paired with
   rank 0's next one), and after `train()` on rank 0 both compute eager's output;
 * one rank with a module in another mode, or with a target of the wrong batch size: refused
-  on both ranks at once (before: not noticed, or the other rank hung until the timeout).
+  on both ranks at once (before: not noticed, or the other rank hung until the timeout);
+* inputs of another feature shape or dtype than planned: refused on both ranks, the group
+  stays usable (before: a stage failed midway and every later call was refused);
+  `buffers()` / `named_buffers()` exist (this rank's), as on the local CompiledModel.
 """
 
 from __future__ import annotations
@@ -190,6 +193,12 @@ def _worker(cfg_path: str, rank: int) -> None:
     model.train()
     attempt("bad_target", lambda: cm.step(x, target=t[:12] if rank == 1 else t, loss_fn=F.mse_loss))
     attempt("after", lambda: cm.step(x, target=t, loss_fn=F.mse_loss))
+    # as the local runtime: inputs other than planned refused up front (before: a stage failed
+    # midway and the process group was lost for good); buffers() as parameters()
+    attempt("features", lambda: cm(torch.randn(16, 9)))
+    attempt("dtype", lambda: cm.step(x.double(), target=t, loss_fn=F.mse_loss))
+    attempt("usable", lambda: cm(x))
+    record("buffers", mine=sorted(k for k, _ in cm.named_buffers()), n=len(list(cm.buffers())))
     record("end")
     os._exit(0)  # no destroy: a broken group must not make exit hang
 
@@ -274,6 +283,14 @@ def test_batchnorm_modes_and_refusals_on_two_ranks(tmp_path):
         assert not e["ok"] and e["type"] == "RuntimeMismatchError" and e["s"] < TIMEOUT, e
         assert ("batch size 16" in e["msg"]) and (r == 1 or "rank 1 refused this step" in e["msg"]), e
         assert ph["after"]["ok"], ph["after"]  # refusals leave the group usable
+        for phase, what in (("features", "shape (16, 9)"), ("dtype", "dtype torch.float64")):
+            e = ph[phase]
+            assert not e["ok"] and e["type"] == "RuntimeMismatchError" and what in e["msg"], e
+            assert "only the batch size may change" in e["msg"], e
+        assert ph["usable"]["ok"], ph["usable"]
+        assert ph["buffers"]["n"] == len(ph["buffers"]["mine"])
+    mine = logs[0]["buffers"]["mine"] + logs[1]["buffers"]["mine"]
+    assert sorted(mine) == sorted(k for k, _ in _bn_model().named_buffers())
 
 
 if __name__ == "__main__":

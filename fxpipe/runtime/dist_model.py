@@ -16,7 +16,8 @@ Contracts:
   stages on several ranks (tied embeddings) gets its gradient summed across those ranks
   (all_reduce on a subgroup of exactly those ranks) before `step` returns, so its copies
   stay equal under any deterministic optimizer.
-* `parameters()` are this rank's stages' parameters only (feed them to the optimizer).
+* `parameters()` / `buffers()` are this rank's stages' parameters / buffers only (feed the
+  parameters to the optimizer).
 * `state_dict()` gathers the original keys to rank 0 (each tensor from the lowest rank
   whose stages use it; tensors no stage uses from rank 0); the other ranks get `{}`.
 * `__call__` (inference) returns the model's output on every rank.
@@ -539,6 +540,8 @@ class DistributedCompiledModel:
 
     # ---- running -----------------------------------------------------------------------
     def _split(self, args: tuple, kwargs: dict) -> tuple[list[list[torch.Tensor]], list[int], int]:
+        from fxpipe.api import _check_like_planned
+
         try:
             self._cap.signature.bind(*args, **kwargs)
         except TypeError as e:
@@ -549,6 +552,7 @@ class DistributedCompiledModel:
         if len(bs) != 1:
             raise RuntimeMismatchError(f"input tensors disagree on the batch size (dim 0): {sorted(bs)}")
         b = bs.pop()
+        _check_like_planned(self._cap, flat)  # else a stage fails midway and the group is lost
         m = self.plan.microbatches
         sizes = microbatch_sizes(b, m)
         chunks = [torch.tensor_split(t, m) if t.dim() else [t] * m for t in flat]
@@ -701,6 +705,13 @@ class DistributedCompiledModel:
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((k, q) for k, q in self.model.named_parameters() if self._mine(q))
+
+    def buffers(self) -> Iterator[torch.Tensor]:
+        """This rank's stages' buffers (BatchNorm statistics live on the rank owning the stage)."""
+        return (b for b in self.model.buffers() if self._mine(b))
+
+    def named_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return ((k, b) for k, b in self.model.named_buffers() if self._mine(b))
 
     def train(self, mode: bool = True) -> "DistributedCompiledModel":
         """`model.train(mode)` on this rank (call it on every rank alike, as every step)."""
