@@ -21,7 +21,7 @@ from fxpipe.compiler.capture import Captured
 from fxpipe.compiler.cluster import Cluster, Device
 from fxpipe.compiler.pipeline import MICROBATCHES_UNSET, simulate_plan, Compilation, build_from_plan, build_plan, microbatch_sizes
 from fxpipe.compiler.plan import Plan
-from fxpipe.compiler.stateful import check_shared_statistics, warn_per_microbatch_state
+from fxpipe.compiler.stateful import check_shared_statistics, shared_buffer_writes, warn_per_microbatch_state
 from fxpipe.errors import FxpipeError, PlanError, RuntimeMismatchError
 from fxpipe.passes.emit_schedule import Schedule, emit_schedule
 from fxpipe.passes.simulate_schedule import Timeline, _device_peak_inflight
@@ -229,6 +229,8 @@ class CompiledModel:
             raise PlanError("the model's parameters are on the meta device: materialize them (e.g. load a state dict) "
                             "before compiling, or use fxpipe.plan for offline planning")
         self.stage_graphs: list[StageGraph] = split_stages(self._cap.gm, [s.units for s in p.stages])
+        self._shared_writes = shared_buffer_writes(self._cap.gm, [s.units for s in p.stages],
+                                                   [sg.attrs for sg in self.stage_graphs])
         self._replicas: list[tuple[torch.Tensor, torch.Tensor]] = []  # (canonical, replica)
         self._module_replicas: list[tuple[nn.Module, nn.Module]] = []  # (user's module, another stage's copy)
         self.last_timeline: Timeline | None = None  # the last recorded step (step(trace=...) / measure_memory)
@@ -324,7 +326,7 @@ class CompiledModel:
     def _check_replicated_statistics(self) -> None:
         """Refuse a call in which a module that several stages use would update running
         statistics (`check_shared_statistics`): each stage updates its own copy."""
-        check_shared_statistics(self.model, [canon for canon, _ in self._module_replicas])
+        check_shared_statistics(self.model, [canon for canon, _ in self._module_replicas], self._shared_writes)
 
     def _reduce_replica_grads(self) -> None:
         with torch.no_grad():

@@ -9,7 +9,8 @@ group runs every phase, in order:
   order; the MicrobatchStatisticsWarning comes once, on rank 0 (before: once per rank);
 * a BatchNorm used by stages on both ranks: a training-mode step or call is refused on both
   ranks naming the module (before: each rank updated its own copy, rank 0's running_mean
-  was 0.053 off eager's); in eval mode it runs and equals eager;
+  was 0.053 off eager's); in eval mode it runs and equals eager; under torch.export (the
+  graph writes the statistics) refused alike (before: num_batches_tracked 2.0 off eager's);
 * a forward reading `self.training` (fx), with one module put in eval mode on rank 0 only:
   refused on both ranks (before: rank 0 refused alone and rank 1's call was paired with
   rank 0's next one), and after `train()` on rank 0 both compute eager's output;
@@ -122,9 +123,9 @@ def _worker(cfg_path: str, rank: int) -> None:
             record(phase, ok=False, type=type(e).__name__, msg=str(e), s=time.monotonic() - t0)
             return None
 
-    def compile_(model, x, m, **kw):
+    def compile_(model, x, m, capture_method="fx", **kw):
         return fxpipe.compile(model, ["cpu"] * world, (x,), microbatches=m, backend="distributed", timeout=TIMEOUT,
-                              capture_method="fx", **kw)
+                              capture_method=capture_method, **kw)
 
     x, t = _data()
     # BatchNorm, m = 4: buffers equal eager on the microbatches in order, recompute or not
@@ -166,6 +167,15 @@ def _worker(cfg_path: str, rank: int) -> None:
     sd = cm.state_dict()
     record("shared_eval", loss=loss, want=want,
            sd_err=_max_err(sd, ref.state_dict()) if rank == 0 else None)
+
+    # the same under torch.export: the graph writes the statistics (no module to look at)
+    torch.manual_seed(0)
+    model = _SharedNorm().train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MicrobatchStatisticsWarning)
+        cm = compile_(model, x, 2, capture_method="export")
+    record("export_stages", local=cm.local_stages, path=cm.plan.capture_path)
+    attempt("export_step", lambda: cm.step(x, target=t, loss_fn=F.mse_loss))
 
     # a mode the fx graph fixed, changed on rank 0 only
     torch.manual_seed(0)
@@ -265,6 +275,11 @@ def test_batchnorm_modes_and_refusals_on_two_ranks(tmp_path):
         e = ph["shared_eval"]
         assert abs(e["loss"] - e["want"]) < 1e-5, e
     assert logs[0]["shared_eval"]["sd_err"] < 1e-6
+    for r, ph in enumerate(logs):
+        assert ph["export_stages"] == {"phase": "export_stages", "local": [r], "path": "export"}, ph["export_stages"]
+        e = ph["export_step"]
+        assert not e["ok"] and e["type"] == "RuntimeMismatchError" and "updated in place" in e["msg"], e
+        assert "used by stages [0, 1]" in e["msg"], e
 
     for phase in ("mode_call", "mode_step"):
         e0, e1 = logs[0][phase], logs[1][phase]

@@ -59,7 +59,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxpipe.compiler.pipeline import Compilation, microbatch_sizes
-from fxpipe.compiler.stateful import check_shared_statistics
+from fxpipe.compiler.stateful import check_shared_statistics, shared_buffer_writes
 from fxpipe.errors import FxpipeError, PlanError, RuntimeMismatchError
 from fxpipe.passes.emit_schedule import emit_schedule
 from fxpipe.passes.propagate_shapes import VAL, propagate_shapes
@@ -207,6 +207,8 @@ class DistributedCompiledModel:
         # order; `check_shared_statistics` refuses calls that would update their statistics
         self._shared_modules = list({id(m): m for m, ts in modules
                                      if any(len(stages_of[id(t)]) > 1 for t in ts)}.values())
+        self._shared_writes = shared_buffer_writes(self._cap.gm, [s.units for s in p.stages],
+                                                   [sg.attrs for sg in self.stage_graphs])
         self._unloaded: set[int] = set()  # ids of tensors materialized from meta, not yet loaded
         self._check_offload_sharing(model, p)
         # parameters of this rank's offloaded stages get host memory, never the device's
@@ -589,7 +591,7 @@ class DistributedCompiledModel:
             if not self.plan.train:
                 raise PlanError("this model was compiled from an inference plan (train=False), which has no backward")
             self._cap.check_modes(self.model)
-            check_shared_statistics(self.model, self._shared_modules)
+            check_shared_statistics(self.model, self._shared_modules, self._shared_writes)
             self._check_loaded("train")
             if not callable(loss_fn) or isinstance(loss_fn, type):
                 raise RuntimeMismatchError(f"loss_fn must be callable as loss_fn(output, target) -> scalar tensor "
@@ -664,7 +666,7 @@ class DistributedCompiledModel:
         def check() -> tuple[list, list[int], int]:
             self._check_loaded("run inference")
             self._cap.check_modes(self.model)
-            check_shared_statistics(self.model, self._shared_modules)
+            check_shared_statistics(self.model, self._shared_modules, self._shared_writes)
             return self._split(args, kwargs)
 
         per_mb, sizes, _ = self._agree_on_call("inference", args, kwargs, check)
