@@ -5,8 +5,8 @@ once per rank; each rank appends what happened in each phase to `rank{r}.json`. 
 group runs every phase, in order:
 
 * BatchNorm with m = 4 (with and without recomputation): the buffers after `step`, gathered by
-  `state_dict()` and written by `save_checkpoint`, equal eager run on the microbatches in
-  order; the MicrobatchStatisticsWarning comes once, on rank 0 (before: once per rank);
+  `state_dict()` and written by `save_checkpoint`, and after a training-mode call, equal eager
+  run on the microbatches in order; the MicrobatchStatisticsWarning comes once, on rank 0 (before: once per rank);
 * a BatchNorm used by stages on both ranks: a training-mode step or call is refused on both
   ranks naming the module (before: each rank updated its own copy, rank 0's running_mean
   was 0.053 off eager's); in eval mode it runs and equals eager; under torch.export (the
@@ -148,6 +148,14 @@ def _worker(cfg_path: str, rank: int) -> None:
             res["ck_err"] = _max_err(fxpipe.load_checkpoint(ck), want)
             moved = _bn_model().state_dict()
             res["moved"] = max((want[k].double() - moved[k].double()).abs().max().item() for k in want)
+        # inference in training mode updates the statistics per microbatch too, as locally
+        with torch.no_grad():
+            got = cm(x)
+            want_out = torch.cat([ref(xc) for xc in x.tensor_split(4)])
+        sd = cm.state_dict()
+        res["call_out_err"] = (got - want_out).abs().max().item()
+        if rank == 0:
+            res["call_sd_err"] = _max_err(sd, ref.state_dict())
         record(f"bn{int(rec)}", **res)
 
     # a BatchNorm on both ranks: refused in training mode, equal to eager in eval mode
@@ -262,7 +270,8 @@ def test_batchnorm_modes_and_refusals_on_two_ranks(tmp_path):
             assert e["recompute"] == [bool(rec)] * 2, e
         e = logs[0][f"bn{rec}"]
         assert e["moved"] > 1e-2, e  # the step did update the statistics
-        assert e["sd_err"] < 1e-6 and e["ck_err"] < 1e-6, e
+        assert e["sd_err"] < 1e-6 and e["ck_err"] < 1e-6 and e["call_sd_err"] < 1e-6, e
+        assert logs[0][f"bn{rec}"]["call_out_err"] < 1e-5 and logs[1][f"bn{rec}"]["call_out_err"] < 1e-5
         for ph in logs:
             assert abs(ph[f"bn{rec}"]["loss"] - ph[f"bn{rec}"]["want_loss"]) < 1e-5, ph[f"bn{rec}"]
 
