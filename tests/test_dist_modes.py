@@ -16,8 +16,9 @@ group runs every phase, in order:
   rank 0's next one), and after `train()` on rank 0 both compute eager's output;
 * one rank with a module in another mode, or with a target of the wrong batch size: refused
   on both ranks at once (before: not noticed, or the other rank hung until the timeout);
-* inputs of another feature shape or dtype than planned: refused on both ranks, the group
-  stays usable (before: a stage failed midway and every later call was refused);
+* inputs of another feature shape or dtype than planned, or a call under torch.autocast:
+  refused on both ranks, the group stays usable (before: a stage failed midway and every
+  later call was refused);
   `buffers()` / `named_buffers()` exist (this rank's), as on the local CompiledModel.
 """
 
@@ -215,6 +216,8 @@ def _worker(cfg_path: str, rank: int) -> None:
     # midway and the process group was lost for good); buffers() as parameters()
     attempt("features", lambda: cm(torch.randn(16, 9)))
     attempt("dtype", lambda: cm.step(x.double(), target=t, loss_fn=F.mse_loss))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # refused up front (before: lost the group midway)
+        attempt("autocast", lambda: cm(x))
     attempt("usable", lambda: cm(x))
     record("buffers", mine=sorted(k for k, _ in cm.named_buffers()), n=len(list(cm.buffers())))
     record("end")
@@ -311,6 +314,8 @@ def test_batchnorm_modes_and_refusals_on_two_ranks(tmp_path):
             e = ph[phase]
             assert not e["ok"] and e["type"] == "RuntimeMismatchError" and what in e["msg"], e
             assert "only the batch size may change" in e["msg"], e
+        e = ph["autocast"]
+        assert not e["ok"] and e["type"] == "RuntimeMismatchError" and "torch.autocast" in e["msg"], e
         assert ph["usable"]["ok"], ph["usable"]
         assert ph["buffers"]["n"] == len(ph["buffers"]["mine"])
     mine = logs[0]["buffers"]["mine"] + logs[1]["buffers"]["mine"]

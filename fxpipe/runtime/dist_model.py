@@ -119,6 +119,19 @@ def check_launch(n: int) -> tuple[int, int]:
     return world, rank
 
 
+def _check_no_autocast(what: str) -> None:
+    """Refuse a call under torch.autocast (the local runtime supports it): boundary messages are
+    laid out from the plan's dtypes, and autocast changes them (a bf16 linear output where the
+    plan says fp32), which used to fail midway and lose the process group."""
+    from fxpipe.runtime.local import _caller_autocast
+
+    if _caller_autocast():
+        raise RuntimeMismatchError(
+            f"{what} was called under torch.autocast, which the distributed backend does not support (its boundary "
+            "messages are laid out from the plan's dtypes, and autocast changes them): call it outside autocast, "
+            "cast the model and inputs instead (model.to(torch.bfloat16) before compiling), or use backend='local'")
+
+
 def _params_of(obj: Any) -> list[torch.Tensor]:
     """The parameters a stage's module or attribute target holds."""
     if isinstance(obj, nn.Module):
@@ -588,6 +601,7 @@ class DistributedCompiledModel:
 
         def check() -> tuple[list, list[int], int, list]:
             _check_grad_enabled()
+            _check_no_autocast("step")
             if not self.plan.train:
                 raise PlanError("this model was compiled from an inference plan (train=False), which has no backward")
             self._cap.check_modes(self.model)
@@ -664,6 +678,7 @@ class DistributedCompiledModel:
         self._check_usable()
 
         def check() -> tuple[list, list[int], int]:
+            _check_no_autocast("cm(...)")
             self._check_loaded("run inference")
             self._cap.check_modes(self.model)
             check_shared_statistics(self.model, self._shared_modules, self._shared_writes)
