@@ -218,6 +218,7 @@ def _worker(cfg_path: str, rank: int) -> None:
     attempt("dtype", lambda: cm.step(x.double(), target=t, loss_fn=F.mse_loss))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # refused up front (before: lost the group midway)
         attempt("autocast", lambda: cm(x))
+    attempt("trace", lambda: cm.step(x, target=t, loss_fn=F.mse_loss, trace=str(folder / "run.json")))
     attempt("usable", lambda: cm(x))
     record("buffers", mine=sorted(k for k, _ in cm.named_buffers()), n=len(list(cm.buffers())))
     record("end")
@@ -316,6 +317,8 @@ def test_batchnorm_modes_and_refusals_on_two_ranks(tmp_path):
             assert "only the batch size may change" in e["msg"], e
         e = ph["autocast"]
         assert not e["ok"] and e["type"] == "RuntimeMismatchError" and "torch.autocast" in e["msg"], e
+        e = ph["trace"]  # before: "this call does not fit Sequential.forward(...)" (taken as a model input)
+        assert not e["ok"] and e["type"] == "RuntimeMismatchError" and "local backend only" in e["msg"], e
         assert ph["usable"]["ok"], ph["usable"]
         assert ph["buffers"]["n"] == len(ph["buffers"]["mine"])
     mine = logs[0]["buffers"]["mine"] + logs[1]["buffers"]["mine"]

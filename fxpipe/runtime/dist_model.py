@@ -589,17 +589,24 @@ class DistributedCompiledModel:
     def _last_rank(self) -> int:
         return self.stage_rank[-1]
 
-    def step(self, *args: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor], **kwargs: Any) -> torch.Tensor:
+    def step(self, *args: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor], trace: str | None = None,
+             measure_memory: bool = False, **kwargs: Any) -> torch.Tensor:
         """One pipelined forward+backward on every rank; returns the loss on every rank.
 
         Same contract as `CompiledModel.step` (loss_fn is a per-sample mean over a microbatch;
         gradients accumulate into `.grad` as in eager); a failed step leaves `.grad` as it was.
+        `trace` / `measure_memory` (recording a step) are the local backend's only: refused
+        here by name rather than taken for model inputs, as they would be otherwise.
         """
         from fxpipe.api import _check_grad_enabled, _check_trainable, _split_target, _unflatten
 
         self._check_usable()
 
         def check() -> tuple[list, list[int], int, list]:
+            if trace is not None or measure_memory is not False:
+                raise RuntimeMismatchError(
+                    "step(trace=..., measure_memory=...) records a step of the local backend only; the distributed "
+                    "backend does not record steps: leave them out, or record with backend='local' on one machine")
             _check_grad_enabled()
             _check_no_autocast("step")
             if not self.plan.train:
