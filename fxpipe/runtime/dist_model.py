@@ -67,7 +67,8 @@ from fxpipe.passes.split_stages import build_stage_module, resolve_attr, split_s
 from fxpipe.runtime.checkpoint import (INDEX_NAME, check_compatible, copy_into, make_index, read_index,
                                        read_tensors, remove_stale_shards, tensor_table, write_index, write_shard)
 from fxpipe.runtime.distributed import BoundaryLayout, DistRuntime, PipelineFailure, grad_layout, requires_grad_flow
-from fxpipe.runtime.local import StageRunner, _StepState
+from fxpipe.runtime.local import StageRunner, _StepState, _draws_random
+from fxpipe.runtime.seeded_rng import seed_random_ops
 from fxpipe.runtime.offload import keep_weights_on_host
 from fxpipe.runtime.program import compile_program
 from fxpipe.runtime.weight_grad import with_split_backward
@@ -264,9 +265,11 @@ class DistributedCompiledModel:
             threads = max(1, int(getattr(devs[rank], "threads", 1) or 1))
         elif not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise PlanError(f"threads must be a positive integer, got {threads!r}")
+        seeded = self._seed_random_stages(runners)
         self._rt = DistRuntime(runners, rank, world, self.stage_rank, self._layout, self.device, group=None,
                                threads=threads, timeout=self.timeout,
                                prefetch=(4 if dist.get_backend() == "gloo" else 0) if prefetch is None else prefetch)
+        self._rt._seeded = seeded
         names = [d.name for d in devs]
         self._train_sched = p.schedule
         self._train_prog = compile_program(p.schedule, rank, names)
@@ -276,6 +279,27 @@ class DistributedCompiledModel:
         self._vals: dict[int, dict[str, Any]] = {}
         self._layouts: dict[tuple[str, int, int], BoundaryLayout] = {}
         self._grad_flags: dict[tuple[bool, ...], dict[str, bool]] = {}
+
+    def _seed_random_stages(self, runners: list[StageRunner | None]) -> bool:
+        """Dropout as in the local runtime: where random-drawing stages sit on two or more CPU
+        devices of the plan, their random ops draw from a generator per (stage, microbatch),
+        seeded from one base seed per call drawn from the caller's generator (`run_program`), so
+        a seeded step draws the local runtime's masks (before: each rank's own generator, loss
+        1.1575 where the local backend gave 1.1530). Decided over every stage of the plan (not
+        only this rank's), as the local runtime decides over its workers; the same on every rank."""
+        devs = self.plan.cluster.devices
+        def draws(sg: Any) -> bool:  # the stage's graph over the model's own objects (no device move)
+            objs = {t: resolve_attr(self.model, self._cap.gm, t) for t in sg.attrs + sg.modules}
+            return _draws_random(fx.GraphModule(objs, sg.graph))
+
+        drawing = {self.stage_rank[s] for s, sg in enumerate(self.stage_graphs)
+                   if devs[self.stage_rank[s]].kind == "cpu" and draws(sg)}
+        if len(drawing) < 2:
+            return False
+        for r in runners:
+            if r is not None and r.device.type == "cpu" and r.uses_rng:
+                seed_random_ops(r.module)
+        return True
 
     # ---- checks ------------------------------------------------------------------------
     @staticmethod

@@ -376,6 +376,10 @@ class DistRuntime(LocalRuntime):
                     sizes: Sequence[int]) -> _StepState:
         """Run this rank's program for one step; raises PipelineFailure naming what it waited on."""
         self.state = state
+        # as LocalRuntime.run: one base seed per call from the caller's generator (every rank
+        # draws it, so the caller's generator advances as with the local backend)
+        if self._seeded and len(state.inputs) > 1:
+            state.rng_base = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         self._sizes = list(sizes)
         self._local.clear()
         self._sends.clear()
