@@ -268,8 +268,8 @@ class DistributedCompiledModel:
         seeded = self._seed_random_stages(runners)
         self._rt = DistRuntime(runners, rank, world, self.stage_rank, self._layout, self.device, group=None,
                                threads=threads, timeout=self.timeout,
-                               prefetch=(4 if dist.get_backend() == "gloo" else 0) if prefetch is None else prefetch)
-        self._rt._seeded = seeded
+                               prefetch=(4 if dist.get_backend() == "gloo" else 0) if prefetch is None else prefetch,
+                               seeded=seeded)
         names = [d.name for d in devs]
         self._train_sched = p.schedule
         self._train_prog = compile_program(p.schedule, rank, names)
@@ -288,6 +288,7 @@ class DistributedCompiledModel:
         1.1575 where the local backend gave 1.1530). Decided over every stage of the plan (not
         only this rank's), as the local runtime decides over its workers; the same on every rank."""
         devs = self.plan.cluster.devices
+
         def draws(sg: Any) -> bool:  # the stage's graph over the model's own objects (no device move)
             objs = {t: resolve_attr(self.model, self._cap.gm, t) for t in sg.attrs + sg.modules}
             return _draws_random(fx.GraphModule(objs, sg.graph))
