@@ -14,8 +14,9 @@ group runs every phase, in order:
 * a forward reading `self.training` (fx), with one module put in eval mode on rank 0 only:
   refused on both ranks (before: rank 0 refused alone and rank 1's call was paired with
   rank 0's next one), and after `train()` on rank 0 both compute eager's output;
-* one rank with a module in another mode, or with a target of the wrong batch size: refused
-  on both ranks at once (before: not noticed, or the other rank hung until the timeout);
+* one rank with a module in another mode, a parameter frozen (before: ignored, the owning
+  rank trained it anyway), or a target of the wrong batch size: refused on both ranks at once
+  (before: not noticed, or the other rank hung until the timeout);
 * inputs of another feature shape or dtype than planned, or a call under torch.autocast:
   refused on both ranks, the group stays usable (before: a stage failed midway and every
   later call was refused);
@@ -230,6 +231,10 @@ def _worker(cfg_path: str, rank: int) -> None:
         model[4].eval()
     attempt("submodule_mode", lambda: cm.step(x, target=t, loss_fn=F.mse_loss))
     model.train()
+    if rank == 1:  # frozen on one rank only: the ranks would disagree on which gradients cross
+        model[0].weight.requires_grad_(False)
+    attempt("frozen", lambda: cm.step(x, target=t, loss_fn=F.mse_loss))
+    model[0].weight.requires_grad_(True)
     attempt("bad_target", lambda: cm.step(x, target=t[:12] if rank == 1 else t, loss_fn=F.mse_loss))
     attempt("after", lambda: cm.step(x, target=t, loss_fn=F.mse_loss))
     # as the local runtime: inputs other than planned refused up front (before: a stage failed
@@ -331,6 +336,8 @@ def test_batchnorm_modes_and_refusals_on_two_ranks(tmp_path):
         e = ph["submodule_mode"]
         assert not e["ok"] and e["type"] == "RuntimeMismatchError" and "made different calls" in e["msg"], e
         assert "train/eval mode (of every module)" in e["msg"], e
+        e = ph["frozen"]
+        assert not e["ok"] and "made different calls" in e["msg"] and "same parameters frozen" in e["msg"], e
         e = ph["bad_target"]
         assert not e["ok"] and e["type"] == "RuntimeMismatchError" and e["s"] < TIMEOUT, e
         assert ("batch size 16" in e["msg"]) and (r == 1 or "rank 1 refused this step" in e["msg"]), e
