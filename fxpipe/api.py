@@ -21,7 +21,7 @@ from fxpipe.compiler.capture import Captured
 from fxpipe.compiler.cluster import Cluster, Device
 from fxpipe.compiler.pipeline import MICROBATCHES_UNSET, simulate_plan, Compilation, build_from_plan, build_plan, microbatch_sizes
 from fxpipe.compiler.plan import Plan
-from fxpipe.compiler.stateful import warn_per_microbatch_state
+from fxpipe.compiler.stateful import check_shared_statistics, shared_buffer_writes, warn_per_microbatch_state
 from fxpipe.errors import FxpipeError, PlanError, RuntimeMismatchError
 from fxpipe.passes.emit_schedule import Schedule, emit_schedule
 from fxpipe.passes.simulate_schedule import Timeline, _device_peak_inflight
@@ -183,11 +183,15 @@ def compile(model: nn.Module, devices: Sequence[str | Device] | Cluster | None =
 
 def _make_compiled(model: nn.Module, comp: Compilation, timeout: float, backend: str,
                    rebuild: Callable[[Plan], Compilation] | None = None) -> Any:
-    warn_per_microbatch_state(model, comp.captured.gm, comp.plan.microbatches)
     if backend == "distributed":
-        from fxpipe.runtime.dist_model import DistributedCompiledModel
+        from fxpipe.runtime.dist_model import DistributedCompiledModel, check_launch
+
+        # every rank compiles the same model: one warning (rank 0's) rather than one per rank
+        if check_launch(len(comp.plan.cluster.devices))[1] == 0:
+            warn_per_microbatch_state(model, comp.captured.gm, comp.plan.microbatches)
 
         return DistributedCompiledModel(model, comp, timeout=timeout, rebuild=rebuild)
+    warn_per_microbatch_state(model, comp.captured.gm, comp.plan.microbatches)
     return CompiledModel(model, comp, timeout=timeout)
 
 
@@ -224,6 +228,8 @@ class CompiledModel:
         self.devices = [_runnable_device(d, i) for i, d in enumerate(p.cluster.devices)]
         _refuse_meta_model(model)
         self.stage_graphs: list[StageGraph] = split_stages(self._cap.gm, [s.units for s in p.stages])
+        self._shared_writes = shared_buffer_writes(self._cap.gm, [s.units for s in p.stages],
+                                                   [sg.attrs for sg in self.stage_graphs])
         self._replicas: list[tuple[torch.Tensor, torch.Tensor]] = []  # (canonical, replica)
         self._module_replicas: list[tuple[nn.Module, nn.Module]] = []  # (user's module, another stage's copy)
         self.last_timeline: Timeline | None = None  # the last recorded step (step(trace=...) / measure_memory)
@@ -302,19 +308,11 @@ class CompiledModel:
             raise RuntimeMismatchError(f"input tensors disagree on the batch size (dim 0): shapes {batch}; "
                                        "every tensor input must have the same batch size as dim 0")
         b = next(iter(batch.values()))[0]
-        for name, t, ref in zip(self._cap.input_names, flat, self._ref_inputs()):
-            if ref is not None and (t.dtype != ref.dtype or tuple(t.shape[1:]) != tuple(ref.shape[1:])):
-                raise RuntimeMismatchError(
-                    f"input {name!r} has shape {tuple(t.shape)} and dtype {t.dtype}, but the plan was made for "
-                    f"(batch, {', '.join(map(str, ref.shape[1:]))}) of {ref.dtype}; only the batch size may change: recompile for new shapes")
+        _check_like_planned(self._cap, flat)
         sizes = microbatch_sizes(b, self.plan.microbatches)
         chunks = [torch.tensor_split(t, self.plan.microbatches) if t.dim() else [t] * self.plan.microbatches for t in flat]
         per_mb = [[c[i] for c in chunks] for i in range(self.plan.microbatches)]
         return per_mb, sizes, b
-
-    def _ref_inputs(self) -> list[torch.Tensor | None]:
-        vals = {n.target: n.meta.get("fxpipe.val") for n in self._cap.gm.graph.nodes if n.op == "placeholder"}
-        return [vals.get(n) for n in self._cap.input_names]
 
     def _sync_replicas(self) -> None:
         with torch.no_grad():
@@ -326,17 +324,8 @@ class CompiledModel:
 
     def _check_replicated_statistics(self) -> None:
         """Refuse a call in which a module that several stages use would update running
-        statistics: each stage updates its own copy, so all updates but the owner's would be
-        lost (eager updates the one module once per use)."""
-        for canon, _ in self._module_replicas:
-            for mod in canon.modules():
-                if mod.training and getattr(mod, "track_running_stats", False) is True:
-                    name = next((k for k, v in self.model.named_modules() if v is mod), type(mod).__name__)
-                    raise RuntimeMismatchError(
-                        f"module {name!r} ({type(mod).__name__}) is used by more than one stage and updates its "
-                        "running statistics in training mode; each stage runs its own copy, so the updates of all "
-                        f"but one would be lost. Put it in eval mode (model.{name}.eval(): statistics frozen), or "
-                        "give each use its own module")
+        statistics (`check_shared_statistics`): each stage updates its own copy."""
+        check_shared_statistics(self.model, [canon for canon, _ in self._module_replicas], self._shared_writes)
 
     def _reduce_replica_grads(self) -> None:
         with torch.no_grad():
@@ -664,6 +653,19 @@ def _unflatten(spec: pytree.TreeSpec, flat: list) -> Any:
     if isinstance(out, immutable_list):
         return list(out)
     return out
+
+
+def _check_like_planned(cap: Captured, flat: Sequence[torch.Tensor]) -> None:
+    """RuntimeMismatchError unless the call's tensor inputs have the planned dtypes and shapes
+    but for dim 0: the stages and boundary buffers are built for them (both backends)."""
+    vals = {n.target: n.meta.get("fxpipe.val") for n in cap.gm.graph.nodes if n.op == "placeholder"}
+    for name, t in zip(cap.input_names, flat):
+        ref = vals.get(name)
+        if isinstance(ref, torch.Tensor) and (t.dtype != ref.dtype or tuple(t.shape[1:]) != tuple(ref.shape[1:])):
+            raise RuntimeMismatchError(
+                f"input {name!r} has shape {tuple(t.shape)} and dtype {t.dtype}, but the plan was made for "
+                f"(batch, {', '.join(map(str, ref.shape[1:]))}) of {ref.dtype}; only the batch size may change: "
+                "recompile for new shapes")
 
 
 def _check_grad_enabled() -> None:

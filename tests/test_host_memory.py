@@ -162,3 +162,31 @@ def test_stages_on_two_nodes_use_their_own_hosts():
     assert math.fsum(u.used for u in uses) == pytest.approx(4 * w)
     saved = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
     assert saved.host_usage() == uses
+
+
+def test_a_loaded_plan_that_overfills_a_host_is_refused_before_it_runs(tmp_path: Path, monkeypatch):
+    # planned without a known host size, then run on nodes with less: before, compile(plan=...)
+    # never looked at host memory (the device check came first here; on GPUs the run would start)
+    import torch.distributed as dist
+
+    model = _mlp()
+    x = torch.randn(16, 512)
+    w = _weights(model)
+    plan = fxpipe.plan(model, Cluster((_gpu("cuda:0", w / 2.5, None), _gpu("cuda:1", w / 2.5, None))), (x,),
+                       microbatches=2)
+    (use,) = plan.host_usage()
+    assert use.used == pytest.approx(4 * w) and not math.isfinite(use.capacity)
+    d = plan.to_dict()
+    for dev in d["cluster"]["devices"]:
+        dev["host_memory"] = 3 * w
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(d))
+    want = rf"offloaded stages \[0, 1\] need {use.used / GiB:.2f} GiB, its host has {3 * w / GiB:.2f} GiB.*Re-plan"
+    for given in (str(path), Plan.load(path)):
+        with pytest.raises(PlanError, match=want):
+            fxpipe.compile(model, plan=given, example_inputs=(x,))
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}.items():
+        monkeypatch.setenv(k, v)  # as torchrun would
+    with pytest.raises(PlanError, match=want):
+        fxpipe.compile(model, plan=str(path), example_inputs=(x,), backend="distributed", timeout=5)
+    assert not dist.is_initialized()  # refused before any rendezvous

@@ -266,3 +266,37 @@ def test_module_shared_by_two_stages_follows_eval_and_refuses_lost_statistics() 
     model.bn.eval()  # frozen statistics, the rest in train mode: allowed, and equal
     ref.bn.eval()
     torch.testing.assert_close(cm(x), ref(x), rtol=RTOL, atol=ATOL)
+
+
+class _NormAtBothEnds(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn, self.c = nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 4)
+        self.b = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.bn(self.b(self.bn(self.a(x)))))
+
+
+@pytest.mark.filterwarnings("ignore::fxpipe.errors.MicrobatchStatisticsWarning")
+def test_buffer_an_export_graph_updates_on_two_stages_is_refused() -> None:
+    """torch.export writes a training-mode BatchNorm's statistics in the graph (batch_norm on
+    get_attr buffers, num_batches_tracked.add_), not through a module, so the shared-module
+    check did not see it: both backends ran and lost the second stage's updates (state dict
+    2.0 off eager's: num_batches_tracked). Refused per call now; in eval mode it runs."""
+    torch.manual_seed(0)
+    model = _NormAtBothEnds().train()
+    ref = copy.deepcopy(model)
+    x, t = torch.randn(16, 8), torch.randn(16, 4)
+    cm = fxpipe.compile(model, ["cpu"] * 2, (x,), microbatches=2, capture_method="export")
+    assert cm.plan.capture_path == "export" and not any(sg.modules for sg in cm.stage_graphs)
+    assert all("bn.running_mean" in sg.attrs for sg in cm.stage_graphs)
+    with pytest.raises(RuntimeMismatchError, match=r"buffer 'bn\.(num_batches_tracked|running_mean)' is updated in "
+                                                   r"place.*used by stages \[0, 1\]"):
+        cm.step(x, target=t, loss_fn=F.mse_loss)
+    with pytest.raises(RuntimeMismatchError, match="updated in place"):
+        cm(x)
+    ref.eval()
+    cm = fxpipe.compile(copy.deepcopy(ref), ["cpu"] * 2, (x,), microbatches=2, capture_method="export")
+    assert all("bn.running_mean" in sg.attrs for sg in cm.stage_graphs)
+    torch.testing.assert_close(cm(x), ref(x), rtol=RTOL, atol=ATOL)  # no update in eval: runs

@@ -828,10 +828,24 @@ def build_from_plan(
     """Capture `model` and attach a saved `plan` to it instead of planning again.
 
     Refuses (PlanError) a plan made for another model (graph fingerprint) or one whose units
-    this fxpipe groups differently, before anything is placed on a device.
+    this fxpipe groups differently, and one whose offloaded stages overfill a node's host
+    memory, before anything is placed on a device.
     """
     if not isinstance(plan, Plan):
         raise PlanError(f"plan must be a fxpipe.Plan or the path of a plan file, got {type(plan).__name__}")
+    # planning checks host memory after the partition; a loaded plan (edited, made for another
+    # cluster file, or by an fxpipe before the check) is checked here, before it runs
+    over = over_host_memory(plan.host_usage())
+    if over:
+        gib = 1024**3
+        where = "; ".join(
+            f"{'devices of unknown node (taken as one machine)' if h.node < 0 else f'node {h.node}'}: offloaded "
+            f"stages {list(h.stages)} need {h.used / gib:.2f} GiB, its host has {h.capacity / gib:.2f} GiB"
+            for h in over)
+        raise PlanError(f"the plan's offloaded stages do not fit in the host memory of their devices ({where}): an "
+                        "offloaded stage keeps its params, grads and optimizer state in its node's host memory. "
+                        "Re-plan for this cluster (fxpipe.plan(..., offload='auto') finds a plan within it), or give "
+                        "the devices' true host_memory in the plan's cluster if it is larger")
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     prog = _Progress(progress)
     # units are grouped for the plan's stage count (2 per device when interleaved), as when planning

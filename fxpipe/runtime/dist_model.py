@@ -16,7 +16,8 @@ Contracts:
   stages on several ranks (tied embeddings) gets its gradient summed across those ranks
   (all_reduce on a subgroup of exactly those ranks) before `step` returns, so its copies
   stay equal under any deterministic optimizer.
-* `parameters()` are this rank's stages' parameters only (feed them to the optimizer).
+* `parameters()` / `buffers()` are this rank's stages' parameters / buffers only (feed the
+  parameters to the optimizer).
 * `state_dict()` gathers the original keys to rank 0 (each tensor from the lowest rank
   whose stages use it; tensors no stage uses from rank 0); the other ranks get `{}`.
 * `__call__` (inference) returns the model's output on every rank.
@@ -31,8 +32,13 @@ Contracts:
   buffers (not in any state dict) are refused at compile time with their names.
 * Ranks must agree: compile compares the traced model, example input shapes, plan and a
   sample of the weights (differing weights block step/call until a load); every step/call
-  compares the call (kind, input shapes, train mode), so a mismatch is an error on every
-  rank, and a rank that never calls fails the others within `timeout`.
+  compares the call (kind, input shapes, every module's train/eval mode, frozen parameters)
+  and whether each rank's own checks passed, so a mismatch or any rank's refusal is an error
+  on every rank, and a rank that never calls fails the others within `timeout`.
+* Train/eval and BatchNorm as in the local runtime: modes the graph fixed are checked per
+  call (`Captured.check_modes`); a module used by several stages is refused in a call that
+  would update its running statistics; other buffers are updated once per microbatch in
+  order on the rank owning their stage.
 * After a PipelineFailure (dead or hung peer, or any failure midway through a step) the
   process group is unusable: later calls on this rank are refused; exit the process
   (torchrun restarts the job).
@@ -53,6 +59,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxpipe.compiler.pipeline import Compilation, microbatch_sizes
+from fxpipe.compiler.stateful import check_shared_statistics, shared_buffer_writes
 from fxpipe.errors import FxpipeError, PlanError, RuntimeMismatchError
 from fxpipe.passes.emit_schedule import emit_schedule
 from fxpipe.passes.propagate_shapes import VAL, propagate_shapes
@@ -60,7 +67,8 @@ from fxpipe.passes.split_stages import build_stage_module, resolve_attr, split_s
 from fxpipe.runtime.checkpoint import (INDEX_NAME, check_compatible, copy_into, make_index, read_index,
                                        read_tensors, remove_stale_shards, tensor_table, write_index, write_shard)
 from fxpipe.runtime.distributed import BoundaryLayout, DistRuntime, PipelineFailure, grad_layout, requires_grad_flow
-from fxpipe.runtime.local import StageRunner, _StepState
+from fxpipe.runtime.local import StageRunner, _StepState, _draws_random
+from fxpipe.runtime.seeded_rng import seed_random_ops
 from fxpipe.runtime.offload import keep_weights_on_host
 from fxpipe.runtime.program import compile_program
 from fxpipe.runtime.weight_grad import with_split_backward
@@ -110,6 +118,19 @@ def check_launch(n: int) -> tuple[int, int]:
         world, rank = int(env["WORLD_SIZE"]), int(env["RANK"])
     DistributedCompiledModel._check_world(world, n)
     return world, rank
+
+
+def _check_no_autocast(what: str) -> None:
+    """Refuse a call under torch.autocast (the local runtime supports it): boundary messages are
+    laid out from the plan's dtypes, and autocast changes them (a bf16 linear output where the
+    plan says fp32), which used to fail midway and lose the process group."""
+    from fxpipe.runtime.local import _caller_autocast
+
+    if _caller_autocast():
+        raise RuntimeMismatchError(
+            f"{what} was called under torch.autocast, which the distributed backend does not support (its boundary "
+            "messages are laid out from the plan's dtypes, and autocast changes them): call it outside autocast, "
+            "cast the model and inputs instead (model.to(torch.bfloat16) before compiling), or use backend='local'")
 
 
 def _params_of(obj: Any) -> list[torch.Tensor]:
@@ -180,16 +201,28 @@ class DistributedCompiledModel:
         self.stage_rank = [s.device for s in p.stages]
         self.local_stages = [s for s, r in enumerate(self.stage_rank) if r == rank]
         users: dict[int, set[int]] = {}  # id(tensor) -> ranks whose stages use it
+        stages_of: dict[int, set[int]] = {}  # id(tensor) -> stages that use it
         tensors: dict[int, torch.Tensor] = {}
-        for sg, r in zip(self.stage_graphs, self.stage_rank):
+        modules: list[tuple[nn.Module, list[torch.Tensor]]] = []
+        for s, (sg, r) in enumerate(zip(self.stage_graphs, self.stage_rank)):
             for target in sg.attrs + sg.modules:
                 obj = resolve_attr(model, self._cap.gm, target)
                 ts = list(obj.parameters()) + list(obj.buffers()) if isinstance(obj, nn.Module) else \
                     [obj] if isinstance(obj, torch.Tensor) else []
+                if isinstance(obj, nn.Module):
+                    modules.append((obj, ts))
                 for t in ts:
                     users.setdefault(id(t), set()).add(r)
+                    stages_of.setdefault(id(t), set()).add(s)
                     tensors[id(t)] = t
         self._users = users
+        # modules more than one stage uses (the local runtime's module replicas): on other ranks
+        # their buffers are other tensors, on one rank updated stage after stage, not in eager's
+        # order; `check_shared_statistics` refuses calls that would update their statistics
+        self._shared_modules = list({id(m): m for m, ts in modules
+                                     if any(len(stages_of[id(t)]) > 1 for t in ts)}.values())
+        self._shared_writes = shared_buffer_writes(self._cap.gm, [s.units for s in p.stages],
+                                                   [sg.attrs for sg in self.stage_graphs])
         self._unloaded: set[int] = set()  # ids of tensors materialized from meta, not yet loaded
         self._check_offload_sharing(model, p)
         # parameters of this rank's offloaded stages get host memory, never the device's
@@ -232,9 +265,11 @@ class DistributedCompiledModel:
             threads = max(1, int(getattr(devs[rank], "threads", 1) or 1))
         elif not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise PlanError(f"threads must be a positive integer, got {threads!r}")
+        seeded = self._seed_random_stages(runners)
         self._rt = DistRuntime(runners, rank, world, self.stage_rank, self._layout, self.device, group=None,
                                threads=threads, timeout=self.timeout,
-                               prefetch=(4 if dist.get_backend() == "gloo" else 0) if prefetch is None else prefetch)
+                               prefetch=(4 if dist.get_backend() == "gloo" else 0) if prefetch is None else prefetch,
+                               seeded=seeded)
         names = [d.name for d in devs]
         self._train_sched = p.schedule
         self._train_prog = compile_program(p.schedule, rank, names)
@@ -244,6 +279,28 @@ class DistributedCompiledModel:
         self._vals: dict[int, dict[str, Any]] = {}
         self._layouts: dict[tuple[str, int, int], BoundaryLayout] = {}
         self._grad_flags: dict[tuple[bool, ...], dict[str, bool]] = {}
+
+    def _seed_random_stages(self, runners: list[StageRunner | None]) -> bool:
+        """Dropout as in the local runtime: where random-drawing stages sit on two or more CPU
+        devices of the plan, their random ops draw from a generator per (stage, microbatch),
+        seeded from one base seed per call drawn from the caller's generator (`run_program`), so
+        a seeded step draws the local runtime's masks (before: each rank's own generator, loss
+        1.1575 where the local backend gave 1.1530). Decided over every stage of the plan (not
+        only this rank's), as the local runtime decides over its workers; the same on every rank."""
+        devs = self.plan.cluster.devices
+
+        def draws(sg: Any) -> bool:  # the stage's graph over the model's own objects (no device move)
+            objs = {t: resolve_attr(self.model, self._cap.gm, t) for t in sg.attrs + sg.modules}
+            return _draws_random(fx.GraphModule(objs, sg.graph))
+
+        drawing = {self.stage_rank[s] for s, sg in enumerate(self.stage_graphs)
+                   if devs[self.stage_rank[s]].kind == "cpu" and draws(sg)}
+        if len(drawing) < 2:
+            return False
+        for r in runners:
+            if r is not None and r.device.type == "cpu" and r.uses_rng:
+                seed_random_ops(r.module)
+        return True
 
     # ---- checks ------------------------------------------------------------------------
     @staticmethod
@@ -339,27 +396,57 @@ class DistributedCompiledModel:
                 err = e
         self._agree(err, "adopting rank 0's plan")
 
-    def _check_same_call(self, kind: str, args: tuple, kwargs: dict) -> None:
-        """Every rank must make the same call (step or inference) with inputs of the same
-        shapes in the same mode: a rank that calls differently would otherwise post other
-        messages than its peers (gloo aborts the process on a size mismatch) or none at all.
-        One tiny all_gather on the host per call; a rank that never calls times out on it."""
-        if self._values_differ is not None:
-            raise PlanError(self._values_differ)
-        flat = self._cap.flat_inputs(args, kwargs)
-        sig = (kind, [(tuple(t.shape), str(t.dtype), bool(t.requires_grad)) for t in flat], self.model.training)
-        mine = torch.tensor([self._digest(sig)], dtype=torch.int64)
-        allv = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+    def _agree_on_call(self, kind: str, args: tuple, kwargs: dict, check: Callable[[], Any]) -> Any:
+        """Run this rank's checks of a call (`check`, whose result is returned) and agree with
+        every other rank that all passed and that all make the same call: kind, input shapes,
+        dtypes and requires_grad, every module's train/eval mode and every parameter's
+        requires_grad. A rank that calls differently would otherwise post other messages than
+        its peers (gloo aborts the process on a size mismatch) or none at all, and a rank
+        whose checks refuse the call alone would leave its peers' call to be paired with its
+        next one. So a refusal on any rank is raised on every rank (the same error type, naming
+        the rank), before any message of the call; the group stays usable. One tiny all_gather
+        on the host per call (plus one more after a refusal); a rank that never calls times
+        out on it."""
+        err: BaseException | None = None
+        result, sig = None, None
+        try:
+            if self._values_differ is not None:
+                raise PlanError(self._values_differ)
+            result = check()
+            flat = self._cap.flat_inputs(args, kwargs)
+            sig = (kind, [(tuple(t.shape), str(t.dtype), bool(t.requires_grad)) for t in flat],
+                   self.model.training, [m.training for m in self.model.modules()],
+                   [q.requires_grad for q in self.model.parameters()])
+        except Exception as e:  # any rank's refusal must reach every rank: none may run the call alone
+            err = e
+        mine = torch.tensor([self._digest(sig), 0 if err is None else 1], dtype=torch.int64)
+        allv = [torch.zeros(2, dtype=torch.int64) for _ in range(self.world)]
         self._collective(lambda: dist.all_gather(allv, mine, group=self._ctrl),
                          f"checking that every rank makes the same call ({kind}); every rank must call it together")
+        refused = [r for r, v in enumerate(allv) if v[1].item()]
+        if refused:
+            why = [None] * self.world
+            own = None if err is None else (type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            self._collective(lambda: dist.all_gather_object(why, own, group=self._ctrl),
+                             f"learning why rank{'s' if len(refused) > 1 else ''} {refused} refused the call")
+            if err is not None:
+                raise err
+            import fxpipe.errors
+
+            name, msg = why[refused[0]]
+            cls = getattr(fxpipe.errors, name, None)
+            cls = cls if isinstance(cls, type) and issubclass(cls, FxpipeError) else RuntimeMismatchError
+            raise cls(f"rank {refused[0]} refused this {kind} call, so no rank ran it ({name}: {msg})")
         by: dict[int, list[int]] = {}
         for r, v in enumerate(allv):
-            by.setdefault(int(v.item()), []).append(r)
+            by.setdefault(int(v[0].item()), []).append(r)
         if len(by) > 1:
             raise RuntimeMismatchError(
                 f"the ranks made different calls (ranks grouped by call: {sorted(by.values())}; rank {self.rank}: "
                 f"{kind} with inputs {[s for s, _, _ in sig[1]]}, {'train' if sig[2] else 'eval'} mode): every rank "
-                "must call step / cm(...) together, with inputs of the same shapes, in the same train/eval mode")
+                "must call step / cm(...) together, with inputs of the same shapes, in the same train/eval mode "
+                "(of every module) and with the same parameters frozen")
+        return result
 
     def _check_usable(self) -> None:
         """After a step, call or collective failed midway, peers may still be blocked in it or
@@ -493,6 +580,8 @@ class DistributedCompiledModel:
 
     # ---- running -----------------------------------------------------------------------
     def _split(self, args: tuple, kwargs: dict) -> tuple[list[list[torch.Tensor]], list[int], int]:
+        from fxpipe.api import _check_like_planned
+
         try:
             self._cap.signature.bind(*args, **kwargs)
         except TypeError as e:
@@ -503,6 +592,7 @@ class DistributedCompiledModel:
         if len(bs) != 1:
             raise RuntimeMismatchError(f"input tensors disagree on the batch size (dim 0): {sorted(bs)}")
         b = bs.pop()
+        _check_like_planned(self._cap, flat)  # else a stage fails midway and the group is lost
         m = self.plan.microbatches
         sizes = microbatch_sizes(b, m)
         chunks = [torch.tensor_split(t, m) if t.dim() else [t] * m for t in flat]
@@ -524,28 +614,41 @@ class DistributedCompiledModel:
     def _last_rank(self) -> int:
         return self.stage_rank[-1]
 
-    def step(self, *args: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor], **kwargs: Any) -> torch.Tensor:
+    def step(self, *args: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor], trace: str | None = None,
+             measure_memory: bool = False, **kwargs: Any) -> torch.Tensor:
         """One pipelined forward+backward on every rank; returns the loss on every rank.
 
         Same contract as `CompiledModel.step` (loss_fn is a per-sample mean over a microbatch;
         gradients accumulate into `.grad` as in eager); a failed step leaves `.grad` as it was.
+        `trace` / `measure_memory` (recording a step) are the local backend's only: refused
+        here by name rather than taken for model inputs, as they would be otherwise.
         """
         from fxpipe.api import _check_grad_enabled, _check_trainable, _split_target, _unflatten
 
-        _check_grad_enabled()
         self._check_usable()
-        self._cap.check_modes(self.model)  # on every rank alike, before any message
-        if not self.plan.train:
-            raise PlanError("this model was compiled from an inference plan (train=False), which has no backward")
-        self._check_loaded("train")
-        if not callable(loss_fn):
-            raise RuntimeMismatchError(f"loss_fn must be callable as loss_fn(output, target) -> scalar tensor, "
-                                       f"got {type(loss_fn).__name__}")
-        per_mb, sizes, b = self._split(args, kwargs)
-        self._check_same_call("step", args, kwargs)
-        _check_trainable(self.model, per_mb)  # the whole model's flags: every rank decides alike
+
+        def check() -> tuple[list, list[int], int, list]:
+            if trace is not None or measure_memory is not False:
+                raise RuntimeMismatchError(
+                    "step(trace=..., measure_memory=...) records a step of the local backend only; the distributed "
+                    "backend does not record steps: leave them out, or record with backend='local' on one machine")
+            _check_grad_enabled()
+            _check_no_autocast("step")
+            if not self.plan.train:
+                raise PlanError("this model was compiled from an inference plan (train=False), which has no backward")
+            self._cap.check_modes(self.model)
+            check_shared_statistics(self.model, self._shared_modules, self._shared_writes)
+            self._check_loaded("train")
+            if not callable(loss_fn) or isinstance(loss_fn, type):
+                raise RuntimeMismatchError(f"loss_fn must be callable as loss_fn(output, target) -> scalar tensor "
+                                           f"(an instance, not a class), got {loss_fn!r}")
+            per_mb, sizes, b = self._split(args, kwargs)
+            _check_trainable(self.model, per_mb)  # the whole model's flags: every rank decides alike
+            return per_mb, sizes, b, _split_target(target, self.plan.microbatches, b)
+
+        # every rank checks, then all agree before any message: a refusal is raised on every rank
+        per_mb, sizes, b, targets = self._agree_on_call("step", args, kwargs, check)
         self._rt.needs_grad = self._boundary_grads(args, kwargs)
-        targets = _split_target(target, self.plan.microbatches, b)
         state = _StepState(inputs=per_mb, train=True, targets=targets, loss_fn=loss_fn,
                            scales=[x / b for x in sizes], out_unflatten=lambda flat: _unflatten(self._cap.out_spec, flat))
         params = list(self.parameters())
@@ -605,10 +708,15 @@ class DistributedCompiledModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Pipelined inference on every rank: equals `model(*args, **kwargs)` on every rank."""
         self._check_usable()
-        self._check_loaded("run inference")
-        self._cap.check_modes(self.model)
-        per_mb, sizes, _ = self._split(args, kwargs)
-        self._check_same_call("inference", args, kwargs)
+
+        def check() -> tuple[list, list[int], int]:
+            _check_no_autocast("cm(...)")
+            self._check_loaded("run inference")
+            self._cap.check_modes(self.model)
+            check_shared_statistics(self.model, self._shared_modules, self._shared_writes)
+            return self._split(args, kwargs)
+
+        per_mb, sizes, _ = self._agree_on_call("inference", args, kwargs, check)
         try:
             return self._infer(args, kwargs, per_mb, sizes)
         except BaseException as e:
@@ -647,6 +755,13 @@ class DistributedCompiledModel:
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((k, q) for k, q in self.model.named_parameters() if self._mine(q))
+
+    def buffers(self) -> Iterator[torch.Tensor]:
+        """This rank's stages' buffers (BatchNorm statistics live on the rank owning the stage)."""
+        return (b for b in self.model.buffers() if self._mine(b))
+
+    def named_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return ((k, b) for k, b in self.model.named_buffers() if self._mine(b))
 
     def train(self, mode: bool = True) -> "DistributedCompiledModel":
         """`model.train(mode)` on this rank (call it on every rank alike, as every step)."""

@@ -350,9 +350,12 @@ class DistRuntime(LocalRuntime):
 
     def __init__(self, stages: Sequence[StageRunner | None], rank: int, world: int, stage_rank: Sequence[int],
                  layout: Callable[[str, int, int], BoundaryLayout], device: torch.device, group: Any = None,
-                 threads: int = 1, timeout: float = 300.0, prefetch: int = 4):
+                 threads: int = 1, timeout: float = 300.0, prefetch: int = 4, seeded: bool = False):
         local = [st for st in stages if st is not None]
         super().__init__(local, [threads] * world, timeout=timeout)
+        # the plan's random-drawing CPU stages span two or more devices: draw a base seed per
+        # call (the caller decided it over every rank's stages and rewrote this rank's)
+        self._seeded = seeded
         self.stages = list(stages)
         self.rank, self.world = rank, world
         self.stage_rank = list(stage_rank)
@@ -376,6 +379,10 @@ class DistRuntime(LocalRuntime):
                     sizes: Sequence[int]) -> _StepState:
         """Run this rank's program for one step; raises PipelineFailure naming what it waited on."""
         self.state = state
+        # as LocalRuntime.run: one base seed per call from the caller's generator (every rank
+        # draws it, so the caller's generator advances as with the local backend)
+        if self._seeded and len(state.inputs) > 1:
+            state.rng_base = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         self._sizes = list(sizes)
         self._local.clear()
         self._sends.clear()
