@@ -21,10 +21,9 @@ from __future__ import annotations
 from typing import Sequence
 
 from fxpipe.errors import ScheduleError
-from fxpipe.passes.schedule_ir import (_COMPUTE, _FREES, SCHEDULE_FORMAT_VERSION, Instr, Op, Schedule, _index,
-                                       _is_int)
+from fxpipe.passes.schedule_ir import _FREES, SCHEDULE_FORMAT_VERSION, Instr, Op, Schedule, _index
 from fxpipe.passes.schedule_orders import _interleaved_orders, _merge_onto_devices, _stage_orders
-from fxpipe.passes.validate_schedule import _msg_key, validate_schedule
+from fxpipe.passes.validate_schedule import validate_schedule
 
 __all__ = [
     "Op",
@@ -40,9 +39,6 @@ __all__ = [
 #: Kinds `emit_schedule` knows how to build.
 SCHEDULE_KINDS: tuple[str, ...] = ("gpipe", "1f1b", "interleaved", "zb-h1", "forward")
 
-# Private helpers other passes import from here (load_schedule: `_COMPUTE`, `_is_int`;
-# simulate_schedule: `_msg_key`); named once so the re-export is explicit.
-_REEXPORTED = (_COMPUTE, _is_int, _msg_key)
 
 
 # ---- emission -----------------------------------------------------------------------------

@@ -49,7 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from fxpipe.errors import ScheduleError
-from fxpipe.passes.emit_schedule import _COMPUTE, Instr, Op, Schedule, _is_int, validate_schedule
+from fxpipe.passes.schedule_ir import _COMPUTE, Instr, Op, Schedule, _is_int
+from fxpipe.passes.validate_schedule import validate_schedule
 
 __all__ = ["load_schedule"]
 

@@ -335,7 +335,7 @@ def replica_bytes(replicas: Sequence[tuple[float, Sequence[int]]], start: int, e
     """Bytes of the replicas a stage of units ``[start, end)`` holds: one per shared tensor
     that the stage reads and an earlier stage read first (the runtime gives the first stage
     reading a tensor the original, every later one a copy). Summed in `replicas` order, as
-    the DP does (`partition_stages._replica_rows`), so both give the same float."""
+    the DP does (`stage_tables._replica_rows`), so both give the same float."""
     acc = 0.0
     for b, units in replicas:
         if units[0] < start and any(start <= u < end for u in units):

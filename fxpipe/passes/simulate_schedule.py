@@ -41,7 +41,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from fxpipe.errors import ScheduleError
-from fxpipe.passes.emit_schedule import Instr, Op, Schedule, _msg_key, validate_schedule
+from fxpipe.passes.schedule_ir import Instr, Op, Schedule
+from fxpipe.passes.validate_schedule import _msg_key, validate_schedule
 
 __all__ = ["Event", "Timeline", "simulate_schedule"]
 
