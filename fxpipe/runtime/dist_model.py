@@ -580,7 +580,7 @@ class DistributedCompiledModel:
 
     # ---- running -----------------------------------------------------------------------
     def _split(self, args: tuple, kwargs: dict) -> tuple[list[list[torch.Tensor]], list[int], int]:
-        from fxpipe.api import _check_like_planned
+        from fxpipe.runtime.call_checks import _check_like_planned
 
         try:
             self._cap.signature.bind(*args, **kwargs)
@@ -623,7 +623,8 @@ class DistributedCompiledModel:
         `trace` / `measure_memory` (recording a step) are the local backend's only: refused
         here by name rather than taken for model inputs, as they would be otherwise.
         """
-        from fxpipe.api import _check_grad_enabled, _check_trainable, _split_target, _unflatten
+        from fxpipe.runtime.batching import _split_target, _unflatten
+        from fxpipe.runtime.call_checks import _check_grad_enabled, _check_trainable
 
         self._check_usable()
 
@@ -724,7 +725,7 @@ class DistributedCompiledModel:
             raise
 
     def _infer(self, args: tuple, kwargs: dict, per_mb: list, sizes: list[int]) -> Any:
-        from fxpipe.api import _concat, _inference_outputs, _unflatten
+        from fxpipe.runtime.batching import _concat, _inference_outputs, _unflatten
 
         state = _StepState(inputs=per_mb, train=False)
         with torch.no_grad():
