@@ -42,15 +42,18 @@ Contracts:
 * After a PipelineFailure (dead or hung peer, or any failure midway through a step) the
   process group is unusable: later calls on this rank are refused; exit the process
   (torchrun restarts the job).
+
+The model's parts by concern: the cross-rank agreement (plan and per-call checks, failures
+spread to every rank) is the mixin in runtime/rank_agreement.py; this rank's tensors (meta
+materialization, state dict, sharded checkpoints) the mixin in runtime/rank_state.py; the
+static message layouts runtime/boundary_shapes.py.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import sys
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -60,17 +63,21 @@ from torch import nn
 
 from fxpipe.compiler.pipeline import Compilation, microbatch_sizes
 from fxpipe.compiler.stateful import check_shared_statistics, shared_buffer_writes
-from fxpipe.errors import FxpipeError, PlanError, RuntimeMismatchError
+from fxpipe.errors import PlanError, RuntimeMismatchError
 from fxpipe.passes.emit_schedule import emit_schedule
-from fxpipe.passes.propagate_shapes import VAL, propagate_shapes
+from fxpipe.passes.propagate_shapes import VAL
 from fxpipe.passes.split_stages import build_stage_module, resolve_attr, split_stages
-from fxpipe.runtime.checkpoint import (INDEX_NAME, check_compatible, copy_into, make_index, read_index,
-                                       read_tensors, remove_stale_shards, tensor_table, write_index, write_shard)
-from fxpipe.runtime.distributed import BoundaryLayout, DistRuntime, PipelineFailure, grad_layout, requires_grad_flow
+from fxpipe.runtime.batching import _concat, _inference_outputs, _split_target, _unflatten
+from fxpipe.runtime.boundary_shapes import BoundaryShapes
+from fxpipe.runtime.call_checks import _check_grad_enabled, _check_like_planned, _check_trainable
+from fxpipe.runtime.checkpoint import tensor_table
+from fxpipe.runtime.distributed import DistRuntime, PipelineFailure, requires_grad_flow
 from fxpipe.runtime.local import StageRunner, _StepState, _draws_random
 from fxpipe.runtime.seeded_rng import seed_random_ops
 from fxpipe.runtime.offload import keep_weights_on_host
 from fxpipe.runtime.program import compile_program
+from fxpipe.runtime.rank_agreement import RankAgreement
+from fxpipe.runtime.rank_state import RankState
 from fxpipe.runtime.weight_grad import with_split_backward
 
 __all__ = ["DistributedCompiledModel", "PipelineFailure", "check_launch"]
@@ -139,7 +146,7 @@ def _params_of(obj: Any) -> list[torch.Tensor]:
         return list(obj.parameters())
     return [obj] if isinstance(obj, nn.Parameter) else []
 
-class DistributedCompiledModel:
+class DistributedCompiledModel(RankAgreement, RankState):
     """One rank's share of a pipelined model (see the module docstring).
 
     Args:
@@ -266,7 +273,8 @@ class DistributedCompiledModel:
         elif not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise PlanError(f"threads must be a positive integer, got {threads!r}")
         seeded = self._seed_random_stages(runners)
-        self._rt = DistRuntime(runners, rank, world, self.stage_rank, self._layout, self.device, group=None,
+        self._shapes = BoundaryShapes(self._cap, p.microbatches, self.stage_graphs)  # static message layouts
+        self._rt = DistRuntime(runners, rank, world, self.stage_rank, self._shapes.layout, self.device, group=None,
                                threads=threads, timeout=self.timeout,
                                prefetch=(4 if dist.get_backend() == "gloo" else 0) if prefetch is None else prefetch,
                                seeded=seeded)
@@ -276,8 +284,6 @@ class DistributedCompiledModel:
         self._infer_sched = emit_schedule("forward", p.num_stages, p.microbatches, stage_device=p.schedule.stage_device,
                                           train=False)
         self._infer_prog = compile_program(self._infer_sched, rank, names)
-        self._vals: dict[int, dict[str, Any]] = {}
-        self._layouts: dict[tuple[str, int, int], BoundaryLayout] = {}
         self._grad_flags: dict[tuple[bool, ...], dict[str, bool]] = {}
 
     def _seed_random_stages(self, runners: list[StageRunner | None]) -> bool:
@@ -310,207 +316,6 @@ class DistributedCompiledModel:
                             f"the distributed backend runs one rank per plan device; launch with "
                             f"--nproc_per_node={n} (or plan for {world} devices)")
 
-    @staticmethod
-    def _digest(obj: Any) -> int:
-        return int.from_bytes(hashlib.sha256(repr(obj).encode()).digest()[:7], "little")
-
-    def _plan_digest(self) -> int:
-        p = self.plan
-        return self._digest(([s.units for s in p.stages], [s.device for s in p.stages], p.microbatches, p.schedule.kind,
-                             [[str(i) for i in prog] for prog in p.schedule.programs], p.fingerprint))
-
-    def _input_shapes(self) -> list[str]:
-        # the graph's shapes are a microbatch's; the batch size tells 30 from 32 samples in 4 microbatches
-        return [f"batch {self._cap.batch_size}", f"devices {sorted(d.name for d in self.plan.cluster.devices)}"] + [
-            f"{n.name}: {tuple(v.shape)} {v.dtype}" if isinstance(v := n.meta.get(VAL), torch.Tensor)
-            else f"{n.name}: {v!r}"
-            for n in self._cap.gm.graph.nodes if n.op == "placeholder"]
-
-    def _values_digest(self) -> int:
-        """A cheap digest of the model's parameters (a few strided samples each): ranks that
-        built the model from different seeds hold different weights, which the plan check
-        cannot see (the plan depends on shapes only). Meta tensors count by shape only.
-        Buffers are left out: one made with torch.empty and filled by forward differs
-        between processes harmlessly."""
-        parts = []
-        for k, t in self.model.named_parameters():
-            if t.is_meta or t.numel() == 0:
-                parts.append((k, tuple(t.shape)))
-                continue
-            flat = t.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, min(16, flat.numel()), device=flat.device).long()
-            parts.append((k, bytes(flat[idx].cpu().contiguous().view(torch.uint8).numpy())))  # any dtype, exact
-        return self._digest(parts)
-
-    def _check_same_plan(self) -> None:
-        """Every rank must trace the same model with the same example inputs and plan alike;
-        compare the three (and the model's values) so the error names what differs."""
-        mine = torch.tensor([self._digest(self.plan.fingerprint), self._digest(self._input_shapes()),
-                             self._plan_digest(), self._values_digest()], dtype=torch.int64)
-        allv = [torch.zeros(4, dtype=torch.int64) for _ in range(self.world)]
-        self._collective(lambda: dist.all_gather(allv, mine, group=self._ctrl), "checking that every rank has the same plan")
-        if self._rebuild is not None and len({int(v[2].item()) for v in allv}) > 1 and \
-                len({(int(v[0].item()), int(v[1].item())) for v in allv}) == 1:
-            # the same model, inputs and devices planned otherwise (each rank measured its own
-            # CPU or profiled itself): every rank runs rank 0's plan
-            self._adopt_plan_of_rank0(int(allv[0][2].item()))
-            mine[2] = self._plan_digest()
-            self._collective(lambda: dist.all_gather(allv, mine, group=self._ctrl),
-                             "checking that every rank has the same plan")
-
-        def groups(i: int) -> list[list[int]] | None:
-            by: dict[int, list[int]] = {}
-            for r, v in enumerate(allv):
-                by.setdefault(int(v[i].item()), []).append(r)
-            return sorted(by.values()) if len(by) > 1 else None
-
-        if (g := groups(0)) is not None:
-            raise PlanError(f"the ranks traced different models (graph fingerprints differ; ranks grouped by model: "
-                            f"{g}): every rank must build the same model (same code, config and constructor arguments)")
-        if (g := groups(1)) is not None:
-            raise PlanError(f"the ranks compiled with different example inputs or devices (ranks grouped by them: {g}; "
-                            f"rank {self.rank}'s: {self._input_shapes()[:5]}): give every rank the same example_inputs "
-                            "and devices (the boundary messages are laid out from the inputs' shapes)")
-        if (g := groups(2)) is not None:
-            raise PlanError(f"the ranks planned differently (ranks grouped by plan: {g}); "
-                            "planning must be the same on every rank: plan once (fxpipe.plan(...).save('plan.json')) "
-                            "and give every rank that plan file")
-        if (g := groups(3)) is not None:
-            # not an error yet: loading a checkpoint or state dict next makes them agree
-            self._values_differ = (
-                f"the ranks built the model with different values (ranks grouped by weights: {g}), so its stages "
-                "would not form one model; call torch.manual_seed(same seed) before building the model on every "
-                "rank, or call cm.load_checkpoint(folder) / cm.load_state_dict(sd) on every rank first")
-
-    def _adopt_plan_of_rank0(self, digest0: int) -> None:
-        from fxpipe.compiler.plan import Plan
-
-        obj = [self.plan.to_dict() if self.rank == 0 else None]
-        self._collective(lambda: dist.broadcast_object_list(obj, src=0, group=self._ctrl), "receiving rank 0's plan")
-        err: BaseException | None = None
-        if self._plan_digest() != digest0:
-            try:
-                comp = self._rebuild(Plan.from_dict(obj[0], "rank 0's plan"))
-                self.plan, self._cap = comp.plan, comp.captured
-            except FxpipeError as e:
-                err = e
-        self._agree(err, "adopting rank 0's plan")
-
-    def _agree_on_call(self, kind: str, args: tuple, kwargs: dict, check: Callable[[], Any]) -> Any:
-        """Run this rank's checks of a call (`check`, whose result is returned) and agree with
-        every other rank that all passed and that all make the same call: kind, input shapes,
-        dtypes and requires_grad, every module's train/eval mode and every parameter's
-        requires_grad. A rank that calls differently would otherwise post other messages than
-        its peers (gloo aborts the process on a size mismatch) or none at all, and a rank
-        whose checks refuse the call alone would leave its peers' call to be paired with its
-        next one. So a refusal on any rank is raised on every rank (the same error type, naming
-        the rank), before any message of the call; the group stays usable. One tiny all_gather
-        on the host per call (plus one more after a refusal); a rank that never calls times
-        out on it."""
-        err: BaseException | None = None
-        result, sig = None, None
-        try:
-            if self._values_differ is not None:
-                raise PlanError(self._values_differ)
-            result = check()
-            flat = self._cap.flat_inputs(args, kwargs)
-            sig = (kind, [(tuple(t.shape), str(t.dtype), bool(t.requires_grad)) for t in flat],
-                   self.model.training, [m.training for m in self.model.modules()],
-                   [q.requires_grad for q in self.model.parameters()])
-        except Exception as e:  # any rank's refusal must reach every rank: none may run the call alone
-            err = e
-        mine = torch.tensor([self._digest(sig), 0 if err is None else 1], dtype=torch.int64)
-        allv = [torch.zeros(2, dtype=torch.int64) for _ in range(self.world)]
-        self._collective(lambda: dist.all_gather(allv, mine, group=self._ctrl),
-                         f"checking that every rank makes the same call ({kind}); every rank must call it together")
-        refused = [r for r, v in enumerate(allv) if v[1].item()]
-        if refused:
-            why = [None] * self.world
-            own = None if err is None else (type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-            self._collective(lambda: dist.all_gather_object(why, own, group=self._ctrl),
-                             f"learning why rank{'s' if len(refused) > 1 else ''} {refused} refused the call")
-            if err is not None:
-                raise err
-            import fxpipe.errors
-
-            name, msg = why[refused[0]]
-            cls = getattr(fxpipe.errors, name, None)
-            cls = cls if isinstance(cls, type) and issubclass(cls, FxpipeError) else RuntimeMismatchError
-            raise cls(f"rank {refused[0]} refused this {kind} call, so no rank ran it ({name}: {msg})")
-        by: dict[int, list[int]] = {}
-        for r, v in enumerate(allv):
-            by.setdefault(int(v[0].item()), []).append(r)
-        if len(by) > 1:
-            raise RuntimeMismatchError(
-                f"the ranks made different calls (ranks grouped by call: {sorted(by.values())}; rank {self.rank}: "
-                f"{kind} with inputs {[s for s, _, _ in sig[1]]}, {'train' if sig[2] else 'eval'} mode): every rank "
-                "must call step / cm(...) together, with inputs of the same shapes, in the same train/eval mode "
-                "(of every module) and with the same parameters frozen")
-        return result
-
-    def _check_usable(self) -> None:
-        """After a step, call or collective failed midway, peers may still be blocked in it or
-        have its messages in flight, which the next step's receives (same tags) would take as
-        its own: refuse every later collective on this rank rather than hang or mix steps."""
-        if self._broken is not None:
-            raise PipelineFailure(f"rank {self.rank}: an earlier step or collective failed midway ({self._broken}); "
-                                  "the process group is no longer in step across ranks: exit the process on every "
-                                  "rank and restart (torchrun restarts the job; resume from a checkpoint)")
-
-    def _mark_broken(self, e: BaseException) -> None:
-        if self._broken is None:
-            self._broken = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-
-    def _collective(self, fn: Callable[[], Any], what: str) -> Any:
-        try:
-            return fn()
-        except FxpipeError as e:
-            self._mark_broken(e)
-            raise
-        except Exception as e:
-            self._mark_broken(e)
-            raise PipelineFailure(f"rank {self.rank} failed while {what}: {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:300] if str(e) else ''} (a peer died or is stuck)") from None
-
-    def _materialize(self, used: dict[int, torch.Tensor]) -> None:
-        """Give this rank's meta tensors real (uninitialized) memory on its device, in place.
-
-        A model built on the meta device is planned whole, but each rank allocates only the
-        tensors its stages use (rank 0 also those no stage uses, so a checkpoint keeps them);
-        every other tensor stays on meta. `torch.utils.swap_tensors` keeps each tensor's
-        identity, so tied parameters stay tied and the optimizer sees the model's own objects.
-        The values come from `load_checkpoint` / `load_state_dict`; until then `step` refuses."""
-        # checked over every stage (not only this rank's), so all ranks refuse alike, before any collective
-        in_sd = {id(t) for t in self._table.tensors.values()}
-        names = {id(t): k for k, t in list(self.model.named_parameters(remove_duplicate=False))
-                 + list(self.model.named_buffers(remove_duplicate=False))}
-        lost = sorted({names.get(i, "a graph constant") for i, t in used.items() if t.is_meta and i not in in_sd})
-        if lost:
-            raise PlanError(
-                f"{lost[:5]} {'is' if len(lost) == 1 else 'are'} on the meta device but not in the "
-                "model's state_dict (non-persistent buffers, e.g. rotary inv_freq, are never in a checkpoint), so "
-                "no checkpoint can fill them and fxpipe does not guess how the model computes them: give them "
-                "real values before compiling (e.g. rebuild the buffer on the CPU and assign it to the module)")
-        mine = [t for i, t in used.items() if self.rank in self._users[i]]
-        if self.rank == 0:
-            mine += [t for t in self._table.tensors.values() if id(t) not in self._users]
-        meta = {id(t): t for t in mine if t.is_meta}
-        for i, t in meta.items():
-            where = "cpu" if i in self._host_ids else self.device
-            real = torch.empty(t.shape, dtype=t.dtype, device=where)
-            if isinstance(t, nn.Parameter):
-                real = nn.Parameter(real, requires_grad=t.requires_grad)
-            torch.utils.swap_tensors(t, real)
-            self._unloaded.add(i)
-
-    def _check_loaded(self, what: str) -> None:
-        if self._unloaded:
-            names = [k for k, t in self._table.tensors.items() if id(t) in self._unloaded]
-            raise RuntimeMismatchError(
-                f"rank {self.rank} cannot {what}: {len(self._unloaded)} of its tensors were allocated from the meta "
-                f"device and hold no values yet (e.g. {names[:3]}); call cm.load_checkpoint(folder) or "
-                "cm.load_state_dict(sd) on every rank first")
-
     def _check_offload_sharing(self, model: nn.Module, p: Any) -> None:
         """A tensor this rank's offloaded stages keep on the host cannot also be read on the
         device by a resident stage of the same rank: refuse that plan by name."""
@@ -535,53 +340,8 @@ class DistributedCompiledModel:
             moved.add(id(obj))
         return obj
 
-    # ---- static shapes -----------------------------------------------------------------
-    def _values_at(self, n: int) -> dict[str, Any]:
-        """Original node name -> its meta value when a microbatch has n samples."""
-        if n in self._vals:
-            return self._vals[n]
-        gm = self._cap.gm
-        planned = microbatch_sizes(self._cap.batch_size, self.plan.microbatches)[0]
-        if n == planned:
-            vals = {node.name: node.meta.get(VAL) for node in gm.graph.nodes}
-        else:
-            g = fx.Graph()
-            out = g.graph_copy(gm.graph, {})
-            g.output(out)
-            copy = fx.GraphModule(gm, g)
-            ins = []
-            for node in copy.graph.nodes:
-                if node.op == "placeholder":
-                    v = node.meta.get(VAL)
-                    if isinstance(v, torch.Tensor) and v.dim() > 0:
-                        v = torch.empty((n, *v.shape[1:]), dtype=v.dtype, device="meta")
-                    ins.append(v)
-            propagate_shapes(copy, ins)
-            vals = {node.name: node.meta.get(VAL) for node in copy.graph.nodes}
-        self._vals[n] = vals
-        return vals
-
-    def _layout(self, kind: str, s: int, n: int) -> BoundaryLayout:
-        """Layout of ("act", s): stage s's received values; ("grad", s): gradients of stage s's sent ones."""
-        key = (kind, s, n)
-        if key not in self._layouts:
-            vals = self._values_at(n)
-            if kind == "act":
-                names = self.stage_graphs[s].recv
-                self._layouts[key] = BoundaryLayout([vals[x] for x in names], f"activations into stage {s} ({n} samples)")
-            elif kind == "grad":
-                names = self.stage_graphs[s].send
-                self._layouts[key] = grad_layout([vals[x] for x in names], f"gradients out of stage {s + 1} ({n} samples)")
-            else:  # the model's flat outputs
-                out = [a for a in self._cap.gm.graph.nodes if a.op == "output"][0].args[0]
-                self._layouts[key] = BoundaryLayout([vals[a.name] if isinstance(a, fx.Node) else a for a in out],
-                                                    f"outputs ({n} samples)")
-        return self._layouts[key]
-
     # ---- running -----------------------------------------------------------------------
     def _split(self, args: tuple, kwargs: dict) -> tuple[list[list[torch.Tensor]], list[int], int]:
-        from fxpipe.api import _check_like_planned
-
         try:
             self._cap.signature.bind(*args, **kwargs)
         except TypeError as e:
@@ -623,8 +383,6 @@ class DistributedCompiledModel:
         `trace` / `measure_memory` (recording a step) are the local backend's only: refused
         here by name rather than taken for model inputs, as they would be otherwise.
         """
-        from fxpipe.api import _check_grad_enabled, _check_trainable, _split_target, _unflatten
-
         self._check_usable()
 
         def check() -> tuple[list, list[int], int, list]:
@@ -724,15 +482,13 @@ class DistributedCompiledModel:
             raise
 
     def _infer(self, args: tuple, kwargs: dict, per_mb: list, sizes: list[int]) -> Any:
-        from fxpipe.api import _concat, _inference_outputs, _unflatten
-
         state = _StepState(inputs=per_mb, train=False)
         with torch.no_grad():
             self._rt.run_program(self._infer_prog[1], self._infer_sched.programs, state, sizes)
         last = self._last_rank()
         results = []
         for mb, n in enumerate(sizes):
-            lay = self._layout("out", 0, n)
+            lay = self._shapes.layout("out", 0, n)
             if self.rank == last:
                 buf = lay.pack(state.results[mb], self.device).clone()
             else:
@@ -784,132 +540,6 @@ class DistributedCompiledModel:
             elif q.grad is not None:
                 q.grad.zero_()
 
-    def _owner(self, t: torch.Tensor) -> int:
-        rs = self._users.get(id(t))
-        return min(rs) if rs else 0
-
-    def _needed(self) -> list[str]:
-        """The state_dict keys whose tensors live on this rank (rank 0: also those no stage uses)."""
-        return [k for k, t in self._table.tensors.items()
-                if self._mine(t) or (self.rank == 0 and id(t) not in self._users)]
-
-    def _agree(self, error: BaseException | None, what: str) -> None:
-        """Every rank learns whether any rank failed `what`; all raise if one did."""
-        flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
-        allv = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
-        self._collective(lambda: dist.all_gather(allv, flag, group=self._ctrl), what)
-        bad = [r for r, v in enumerate(allv) if v.item()]
-        if error is not None:
-            raise error
-        if bad:
-            raise RuntimeMismatchError(f"rank{'s' if len(bad) > 1 else ''} {bad} failed while {what} (see "
-                                       f"{'their' if len(bad) > 1 else 'its'} error); rank {self.rank} stopped too")
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The original model's state dict on rank 0 (each tensor from its owner rank); {} elsewhere.
-
-        Every rank must call it (it is a collective)."""
-        self._check_usable()
-        self._check_loaded("gather the state dict")
-        objs = self._table.tensors
-        sd = self.model.state_dict()
-        per_rank: dict[int, list[str]] = {}
-        for k, c in self._table.canonical.items():
-            if k == c:
-                per_rank.setdefault(self._owner(objs[k]), []).append(k)
-        gathered: dict[str, torch.Tensor] = {}
-        for r in range(1, self.world):
-            ks = per_rank.get(r, [])
-            if not ks:
-                continue
-            lay = BoundaryLayout([objs[k].detach() for k in ks], f"state of rank {r}")
-            if self.rank == r:
-                buf = lay.pack([objs[k].detach() for k in ks], self.device).clone()
-                self._collective(lambda: dist.send(buf, dst=0, group=self._data), "sending its state to rank 0")
-            elif self.rank == 0:
-                buf = lay.empty(self.device)
-                self._collective(lambda: dist.recv(buf, src=r, group=self._data), f"receiving the state of rank {r}")
-                for k, v in zip(ks, lay.unpack(buf)):
-                    gathered[k] = v.clone()
-        if self.rank != 0:
-            return {}
-        return {k: gathered.get(self._table.canonical[k], v) if k in objs else v for k, v in sd.items()}
-
-    def load_state_dict(self, sd: dict[str, torch.Tensor], strict: bool = True) -> Any:
-        """Load a full state dict, given on every rank; each rank copies only the tensors its
-        stages use (in place). strict: missing or unexpected keys raise RuntimeMismatchError."""
-        from torch.nn.modules.module import _IncompatibleKeys
-
-        objs = self._table.tensors
-        extra = set(self.model.state_dict(keep_vars=True)) - set(objs)  # non-tensor extra state
-        missing = [k for k in objs if k not in sd]
-        unexpected = [k for k in sd if k not in objs and k not in extra]
-        if strict and (missing or unexpected):
-            raise RuntimeMismatchError(f"the state dict does not fit {type(self.model).__name__}: missing keys "
-                                       f"{missing[:5]} ({len(missing)}), unexpected keys {unexpected[:5]} "
-                                       f"({len(unexpected)}); pass strict=False to load the keys that match")
-        for k in self._needed():
-            if k in sd:
-                copy_into(objs[k], sd[k])
-                self._unloaded.discard(id(objs[k]))
-        self._values_differ = None  # every rank loads the same state dict (the contract above)
-        return _IncompatibleKeys(missing, unexpected)
-
-    def save_checkpoint(self, folder: str | os.PathLike) -> None:
-        """Write a sharded checkpoint (runtime/checkpoint.py): every rank writes the tensors it
-        owns (the lowest rank whose stages use a tensor; rank 0 also those no stage uses) under
-        their original keys to its own file, then rank 0 writes the index. A collective: call
-        it on every rank; `folder` must be one every rank sees. When it returns, on any rank,
-        the checkpoint is complete."""
-        self._check_usable()
-        self._check_loaded("save a checkpoint")
-        folder = Path(folder)
-        n = self.world
-        objs, canon = self._table.tensors, self._table.canonical
-        owner = {k: self._owner(objs[k]) for k in objs if canon[k] == k}
-        err: BaseException | None = None
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            if self.rank == 0:  # a folder whose save did not finish has no index
-                (folder / INDEX_NAME).unlink(missing_ok=True)
-        except OSError as e:
-            err = FxpipeError(f"rank {self.rank} cannot create the checkpoint folder {folder}: {e.strerror or e}")
-        self._agree(err, f"preparing checkpoint folder {folder}")
-        try:
-            write_shard(folder, self.rank, n, {k: objs[k] for k, r in owner.items() if r == self.rank})
-        except FxpipeError as e:
-            err = e
-        self._agree(err, f"writing its shard of checkpoint {folder}")
-        if self.rank == 0:
-            try:
-                index = make_index(self._table, owner, n, self.plan.fingerprint, type(self.model).__name__, n)
-                remove_stale_shards(folder, index.files)
-                write_index(folder, index)
-            except FxpipeError as e:
-                err = e
-        self._agree(err, f"writing the index of checkpoint {folder}")
-
-    def load_checkpoint(self, folder: str | os.PathLike) -> None:
-        """Load a checkpoint saved under any plan and device count (or by the local
-        CompiledModel): each rank reads the index and only the tensors its stages use,
-        memory-mapped, from whichever files hold them. A checkpoint of another model (graph
-        fingerprint, keys, shapes, dtypes) is refused on every rank before anything changes.
-        A collective: call it on every rank."""
-        self._check_usable()
-        err: BaseException | None = None
-        values: dict[str, torch.Tensor] = {}
-        try:
-            index = read_index(folder)
-            check_compatible(index, self._table, self.plan.fingerprint, folder, type(self.model).__name__)
-            values = read_tensors(folder, index, self._needed())
-        except FxpipeError as e:
-            err = e
-        self._agree(err, f"loading checkpoint {os.fspath(folder)!r}")
-        self._values_differ = None
-        for k, v in values.items():
-            t = self._table.tensors[k]
-            copy_into(t, v)
-            self._unloaded.discard(id(t))
 
     def code(self, train: bool = True) -> str:
         """The generated program this rank runs."""
