@@ -57,7 +57,7 @@ def test_auto_picks_the_fastest_fitting_candidate_and_its_rows_are_real_plans():
         else:  # auto refines only its best few cuts (AUTO_REFINE); by hand every cut is refined
             assert alone.predicted["step_ms"] <= r["step_ms"] * (1 + 1e-12)
     # the summary names the choice
-    assert f"auto: chose schedule {plan.schedule.kind} with {plan.microbatches} microbatches" in plan.summary()
+    assert f"auto: chose schedule {plan.schedule.kind} with {plan.microbatches} microbatch{'es' if plan.microbatches != 1 else ''}" in plan.summary()
 
 
 def test_auto_microbatches_only_with_a_fixed_schedule():
@@ -114,7 +114,7 @@ def test_auto_plan_round_trips_and_inspect_why_lists_the_runner_ups(tmp_path: Pa
                  "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     plan = Plan.load(out)
-    assert f"auto: chose schedule {plan.schedule.kind} with {plan.microbatches} microbatches" in printed
+    assert f"auto: chose schedule {plan.schedule.kind} with {plan.microbatches} microbatch{'es' if plan.microbatches != 1 else ''}" in printed
     assert len(plan.predicted["auto"]) == 4 * 4  # 4 schedules x m in 1, 2, 4, 8
     assert main(["inspect", str(out), "--why"]) == 0
     why = capsys.readouterr().out
