@@ -334,7 +334,7 @@ def _cmd_plan(a: argparse.Namespace) -> int:
         raise CliError("--virtual-stages cannot be given with --schedule auto (it tries interleaved with 2); "
                        "give --schedule interleaved to choose the number")
     if a.profile:
-        from fxpipe.api import _runnable_device
+        from fxpipe.runtime.compiled_model import _runnable_device
 
         for i, d in enumerate(devices.devices):
             try:
