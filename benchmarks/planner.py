@@ -245,7 +245,7 @@ def bench_auto(c: Config) -> list[dict]:
 
     import transformers as tf
 
-    import fxpipe.compiler.pipeline as pipeline
+    import fxpipe.compiler.auto_plan as auto_plan
 
     cfg = tf.LlamaConfig(hidden_size=c.auto_hidden, intermediate_size=c.auto_ffn, num_hidden_layers=c.auto_layers,
                          num_attention_heads=c.auto_heads, num_key_value_heads=c.auto_heads, vocab_size=c.vocab)
@@ -255,14 +255,14 @@ def bench_auto(c: Config) -> list[dict]:
     cl = Cluster.preset("h100", c.gpus, per_node=c.per_node)
     rows = []
     for prune in (False, True):
-        pipeline.AUTO_PRUNE = prune
+        auto_plan.AUTO_PRUNE = prune
         try:
             load = os.getloadavg()[0]
             t0, c0 = time.perf_counter(), time.process_time()
             plan = fxpipe.plan(model, cl, (x,), schedule="auto", microbatches="auto")
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         finally:
-            pipeline.AUTO_PRUNE = True
+            auto_plan.AUTO_PRUNE = True
         cands = plan.predicted["auto"]
         rows.append({"prune": prune, "wall_s": wall, "cpu_s": cpu, "load_1min": load,
                      "candidates": len(cands), "planned": sum(1 for r in cands if not r.get("skipped")),

@@ -2,55 +2,49 @@
 
 Reading `build_plan` top to bottom tells the whole compiler: capture, shapes, units, costs,
 partition, schedule, simulate, plan. `FXPIPE_DUMP=dir` writes each step's text form.
+
+The machinery the passes lean on lives beside it: the options they are given
+(`plan_options.py`), how stages are priced and simulated (`stage_pricing.py`), the searches
+over cuts by simulated step (`cut_refinement.py`), auto mode's candidate search
+(`auto_plan.py`) and progress lines (`progress.py`). Their public names are importable
+from here as before.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import math
 import os
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import torch
 from torch import nn
 
+from fxpipe.compiler.auto_plan import AUTO_MICROBATCHES, _plan_auto, auto_microbatch_counts
 from fxpipe.compiler.capture import Captured, capture, samples_mixed
 from fxpipe.compiler.cluster import Cluster, Device
-from fxpipe.compiler.plan import OPTIMIZER_STATE_FACTOR, Plan, StagePlan, graph_fingerprint
-from fxpipe.errors import PlanError, ScheduleError
-from fxpipe.passes.annotate_costs import CostTable, annotate_costs, device_offload_unit_times, device_unit_times
-from fxpipe.passes.check_host_memory import HostUse, host_shares, host_usage, over_host_memory, replicas
-from fxpipe.passes.emit_schedule import Op, Schedule, emit_schedule, peak_inflight, validate_schedule
+from fxpipe.compiler.cut_refinement import _refine_cut, _step_among_tied_orders
+from fxpipe.compiler.plan import OPTIMIZER_STATE_FACTOR, Plan, graph_fingerprint
+from fxpipe.compiler.plan_options import (MICROBATCHES_UNSET, SCHEDULES, _mode_for, _offload_for, _resolve_schedule,
+                                          _stage_devices, check_options, custom_schedule, microbatch_sizes,
+                                          normalize_inputs, offload_mode, recompute_mode, virtual_stage_count)
+from fxpipe.compiler.progress import _Progress
+from fxpipe.compiler.stage_pricing import (_problem, _simulate, _splits_backward, _stage_plans, plan_costs,
+                                           simulate_plan)
+from fxpipe.errors import PlanError
+from fxpipe.passes.annotate_costs import CostTable, annotate_costs
+from fxpipe.passes.check_host_memory import HostUse, host_usage, over_host_memory
+from fxpipe.passes.emit_schedule import Schedule, emit_schedule, peak_inflight, validate_schedule
 from fxpipe.passes.group_units import Units, group_units
-from fxpipe.passes.load_schedule import load_schedule
 from fxpipe.passes.fuse_elementwise import fuse_elementwise
-from fxpipe.passes.place_stages import Placement, class_orders, device_classes, place_stages
-from fxpipe.passes.partition_stages import (Partition, PartitionProblem, evaluate_partition, memory_shortfall,
-                                            optimal_bottleneck, params_partition, partition_stages,
-                                            step_candidates, uniform_partition)
+from fxpipe.passes.place_stages import place_stages
+from fxpipe.passes.partition_stages import PartitionProblem, params_partition, step_candidates, uniform_partition
 from fxpipe.passes.profile_units import profile_units
 from fxpipe.passes.propagate_shapes import propagate_shapes
-from fxpipe.passes.simulate_schedule import Timeline, simulate_schedule
-from fxpipe.passes.step_bound import costs_step_lower_bound
-from fxpipe.runtime.offload import DEFAULT_MIN_UNIT_BYTES
 
 __all__ = ["build_plan", "build_from_plan", "check_options", "Compilation", "normalize_inputs", "microbatch_sizes",
            "SCHEDULES", "simulate_plan", "virtual_stage_count", "custom_schedule", "plan_costs", "MICROBATCHES_UNSET",
            "AUTO_MICROBATCHES", "auto_microbatch_counts", "recompute_mode", "offload_mode"]
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
-# auto mode's candidates; the order is also the tie-break (simpler schedules first)
-AUTO_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
-# Auto mode skips candidates whose step's lower bound loses to a plan found; benchmarks set
-# it False to plan every candidate and check the choice is the same.
-AUTO_PRUNE = True
-AUTO_REFINE = 3  # auto mode refines the cut (`_refine_cut`) of this many of its fastest candidates
-AUTO_MICROBATCHES = (1, 2, 4, 8, 16, 32)  # and on, doubling, up to 2 per device (`auto_microbatch_counts`)
 
 
 @dataclass
@@ -62,61 +56,6 @@ class Compilation:
     units: Units
 
 
-def normalize_inputs(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
-    """Accept a tensor, a tuple of args, or a dict of kwargs as example inputs."""
-    kwargs = dict(example_kwargs or {})
-    if example_inputs is None:
-        args: tuple = ()
-    elif isinstance(example_inputs, torch.Tensor):
-        args = (example_inputs,)
-    elif isinstance(example_inputs, dict):
-        args, kwargs = (), {**example_inputs, **kwargs}
-    elif isinstance(example_inputs, (list, tuple)):
-        args = tuple(example_inputs)
-    else:
-        raise PlanError(f"example_inputs must be a tensor, a tuple of arguments or a dict of keyword arguments, "
-                        f"got {type(example_inputs).__name__}")
-    if not args and not kwargs:
-        raise PlanError("example_inputs are required: pass a real batch, e.g. example_inputs=(x,)")
-    return args, kwargs
-
-
-def microbatch_sizes(batch: int, m: int) -> list[int]:
-    """Sizes of m microbatches of a batch (torch.tensor_split's: the first ones one larger)."""
-    if batch < 1:  # "use microbatches <= 0" below would be no advice at all
-        raise PlanError(f"the batch is empty (dim 0 of the inputs is {batch}); give at least one sample per "
-                        f"microbatch ({m} here)")
-    if m > batch:
-        raise PlanError(f"{m} microbatches asked for a batch of {batch} samples: each microbatch needs at least "
-                        f"one sample; use microbatches <= {batch} or a larger batch")
-    return [batch // m + (1 if i < batch % m else 0) for i in range(m)]
-
-
-class _Progress:
-    """One line per phase on stderr with its time; silent when disabled."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.timings: dict[str, float] = {}
-        self._t = time.perf_counter()
-
-    def start(self, what: str) -> None:
-        self._t = time.perf_counter()
-        if self.enabled:
-            print(f"fxpipe: {what} ...", end="", file=sys.stderr, flush=True)
-
-    def note(self, text: str) -> None:
-        """One line of context between phases (e.g. which auto candidate runs next)."""
-        if self.enabled:
-            print(f"fxpipe: {text}", file=sys.stderr, flush=True)
-
-    def done(self, key: str, extra: str = "") -> None:
-        dt = time.perf_counter() - self._t
-        self.timings[key] = round(self.timings.get(key, 0.0) + dt, 4)  # auto mode repeats phases
-        if self.enabled:
-            print(f" {dt:.2f}s{(' ' + extra) if extra else ''}", file=sys.stderr, flush=True)
-
-
 def _dump(name: str, text: str) -> None:
     d = os.environ.get("FXPIPE_DUMP")
     if d:
@@ -126,85 +65,6 @@ def _dump(name: str, text: str) -> None:
         except OSError as e:  # a debugging aid must not fail with a traceback after planning
             raise PlanError(f"FXPIPE_DUMP={d!r}: cannot write {name}.txt there ({e.strerror or e}); set FXPIPE_DUMP "
                             "to a folder that can be created, or unset it") from None
-
-
-def auto_microbatch_counts(batch: int, n_devices: int) -> list[int]:
-    """The m auto mode tries: 1, 2, 4, ... up to max(32, 2 x devices), at most the batch (many
-    devices need many microbatches to fill the pipeline; more than 2 per device gains little).
-
-        >>> auto_microbatch_counts(64, 64), auto_microbatch_counts(16, 2)
-        ([1, 2, 4, 8, 16, 32, 64], [1, 2, 4, 8, 16])
-    """
-    top = min(batch, max(AUTO_MICROBATCHES[-1], 2 * n_devices))
-    return [1 << k for k in range(top.bit_length()) if 1 << k <= top]
-
-
-def _stage_devices(schedule: str, p: int, v: int) -> tuple[int, ...]:
-    """Stage -> device: one stage per device, or v round-robin virtual stages (interleaved)."""
-    return tuple(s % p for s in range(p * v)) if schedule == "interleaved" else tuple(range(p))
-
-
-def virtual_stage_count(schedule: str, virtual_stages: Any) -> int:
-    """v: 2 by default for the interleaved schedule, 1 (and only 1) for the others."""
-    if virtual_stages is None:
-        return 2 if schedule == "interleaved" else 1
-    if not isinstance(virtual_stages, int) or isinstance(virtual_stages, bool) or virtual_stages < 1:
-        raise PlanError(f"virtual_stages must be a positive integer, got {virtual_stages!r}")
-    if virtual_stages > 1 and schedule != "interleaved":
-        raise PlanError(f"virtual_stages={virtual_stages} needs schedule='interleaved' (schedule {schedule!r} runs "
-                        "one stage per device)")
-    return virtual_stages
-
-
-def recompute_mode(recompute: Any) -> str:
-    """The partitioner's mode for the `recompute` option: True -> "on", False -> "off", "auto"."""
-    if recompute is True:
-        return "on"
-    if recompute is False:
-        return "off"
-    if isinstance(recompute, str) and recompute == "auto":
-        return "auto"
-    raise PlanError(f"recompute must be True (every stage recomputes its activations in backward), False (none) "
-                    f"or 'auto' (only stages that would not fit otherwise), got {recompute!r}")
-
-
-def offload_mode(offload: Any) -> str:
-    """The partitioner's mode for the `offload` option ("off", "on" or "auto"), checked."""
-    if isinstance(offload, str) and offload in ("off", "on", "auto"):
-        return offload
-    raise PlanError(f"offload must be 'auto' (a stage streams its weights from host memory only when it would not "
-                    f"fit otherwise), 'off' (never) or 'on' (every stage), got {offload!r}")
-
-
-def check_options(*, microbatches: Any, schedule: Any, optimizer: Any, train: Any, recompute: Any = False,
-                  offload: Any = "off") -> None:
-    """Refuse bad planning options before any work is done (PlanError says what to pass).
-
-    `schedule` and `microbatches` may be "auto" (auto mode picks them)."""
-    if not isinstance(schedule, str) or schedule not in SCHEDULES + ("auto",):
-        raise PlanError(f"unknown schedule {schedule!r}: use one of {', '.join(map(repr, SCHEDULES + ('auto',)))}")
-    if not isinstance(optimizer, str) or optimizer not in OPTIMIZER_STATE_FACTOR:
-        raise PlanError(f"unknown optimizer {optimizer!r}: use one of {', '.join(map(repr, OPTIMIZER_STATE_FACTOR))} "
-                        "(it decides how much optimizer state the memory model counts per parameter)")
-    if microbatches != "auto" and (not isinstance(microbatches, int) or isinstance(microbatches, bool)
-                                   or microbatches < 1):
-        raise PlanError(f"microbatches must be a positive integer (e.g. microbatches=4) or 'auto', "
-                        f"got {microbatches!r} of type {type(microbatches).__name__}")
-    if not isinstance(train, bool):
-        raise PlanError(f"train must be True or False, got {train!r}")
-    mode = recompute_mode(recompute)
-    if mode == "on" and not train:
-        raise PlanError("recompute=True needs train=True: a forward-only plan keeps no activations to recompute; "
-                        "leave recompute out")
-    if mode == "on" and schedule == "zb-h1":
-        raise PlanError("recompute=True cannot be combined with schedule='zb-h1': its split backward (BI then BW) "
-                        "would recompute each forward twice, and fxpipe's BI/BW runtime does not support it; use "
-                        "schedule='1f1b' (or 'gpipe', 'interleaved') with recompute, or recompute='auto'")
-    off = offload_mode(offload)
-    if off == "on" and schedule == "zb-h1":
-        raise PlanError("offload='on' cannot be combined with schedule='zb-h1': its split backward (BI then BW) "
-                        "would stream each unit's weights twice, and fxpipe's BI/BW runtime does not stream them; "
-                        "use schedule='1f1b' (or 'gpipe', 'interleaved') with offload, or offload='auto'")
 
 
 def _front(model: nn.Module, args: tuple, kwargs: dict, p: int, m: int, capture_method: str,
@@ -292,50 +152,6 @@ def _too_few_units(cap: Captured, units: Units, p: int) -> str:
     return msg
 
 
-class _Unset:
-    """The default of `microbatches`: 4, or what a custom schedule says (None is a bad value)."""
-
-    def __repr__(self) -> str:
-        return "4 (or the schedule's)"
-
-
-MICROBATCHES_UNSET: Any = _Unset()
-
-
-def custom_schedule(schedule: Any) -> Schedule | None:
-    """The user's own schedule when `schedule` is one (a Schedule, or the path of a .json/.csv
-    file, read by `load_schedule`), None when it names a built-in kind."""
-    if isinstance(schedule, Schedule):
-        validate_schedule(schedule)
-        return schedule
-    if isinstance(schedule, os.PathLike) or (
-            isinstance(schedule, str) and schedule not in SCHEDULES and Path(schedule).suffix.lower() in (".json", ".csv")):
-        return load_schedule(schedule)
-    return None
-
-
-def _resolve_schedule(schedule: Any, microbatches: Any, p: int, train: bool,
-                      virtual_stages: Any) -> tuple[str, Schedule | None, Any]:
-    """(kind, user schedule or None, m): a user schedule decides the stage count and m."""
-    user = custom_schedule(schedule)
-    given = microbatches is not MICROBATCHES_UNSET
-    if user is None:
-        return schedule, None, microbatches if given else 4
-    if given and microbatches != user.num_microbatches:
-        raise PlanError(f"microbatches={microbatches!r} was given but the schedule runs {user.num_microbatches} "
-                        "microbatches; leave microbatches out (the schedule decides it) or write the schedule for "
-                        f"{microbatches}")
-    if user.num_devices != p:
-        raise PlanError(f"the schedule has programs for {user.num_devices} devices but the cluster has {p} devices; "
-                        f"give {user.num_devices} devices or write the schedule for {p}")
-    if user.train != train:
-        raise PlanError(f"the schedule is a {'training' if user.train else 'forward-only'} schedule but "
-                        f"train={train} was asked for")
-    if virtual_stages is not None:
-        raise PlanError("virtual_stages is decided by a custom schedule's stage_device; leave it out")
-    return user.kind, user, user.num_microbatches
-
-
 def build_plan(
     model: nn.Module,
     devices: Sequence[str | Device] | Cluster,
@@ -414,19 +230,6 @@ def build_plan(
         return Compilation(plan, cap, units)
     return _plan_auto(model, cluster, args, kwargs, kind, m, auto_s, auto_m, train, optimizer, capture_method,
                       leaf_modules, virtual_stages, profile, progress, fuse, mode, prog, off)
-
-
-def _mode_for(mode: str, kind: str, train: bool) -> str:
-    """Recompute mode per schedule: none when forward-only, none with the split backward
-    (zb-h1's runtime does not recompute; check_options refuses recompute=True there)."""
-    return "off" if not train or kind == "zb-h1" else mode
-
-
-def _offload_for(off: str, kind: str, user: Schedule | None = None) -> str:
-    """Offload mode per schedule: none with the split backward (zb-h1, or a user schedule with
-    BI/BW): its runtime does not stream weights (check_options refuses offload='on' there)."""
-    split = kind == "zb-h1" or (user is not None and _splits_backward(user))
-    return "off" if split else off
 
 
 def _profiled(costs: CostTable, model: nn.Module, cap: Captured, args: tuple, kwargs: dict, m: int, cluster: Cluster,
@@ -578,243 +381,6 @@ def _host_message(over: Sequence[HostUse], retry: PlanError) -> str:
             f"(or Cluster.preset(..., host_memory=...)) if the default is too small.")
 
 
-_TIED_ORDERS = 128  # distinct device orders up to which orders tied on the bottleneck are simulated
-
-
-def _step_among_tied_orders(placement: Placement, make_problem: Callable[[Sequence[int]], PartitionProblem],
-                            cluster: Cluster, sched: Schedule, costs: CostTable, stage_device: Sequence[int],
-                            train: bool, inflight: Sequence[int]) -> Placement:
-    """Of the device orders with the chosen order's bottleneck (what placement compares, ties
-    going to the order listed), the one whose optimal cut simulates to the shortest step.
-
-    Where the slower devices sit changes the fill and drain, which the bottleneck does not
-    see: Llama-2-7B on 4 H100 + 4 L4, 1F1B, m=16 predicted 5953 ms listed 'h100*4,l4*4' and
-    6245 ms listed 'l4*4,h100*4'. Only for clusters with at most `_TIED_ORDERS` distinct
-    orders (one bounded DP per order, one more DP and a simulation per tied one)."""
-    orders = list(itertools.islice(class_orders(device_classes(cluster)), _TIED_ORDERS + 1))
-    if not 1 < len(orders) <= _TIED_ORDERS:
-        return placement
-    best_b = placement.partition.bottleneck
-
-    def step(order: Sequence[int], part: Partition) -> float:
-        sub = cluster.subset(order)
-        return _simulate(sched, _stage_plans(part, costs, sub, stage_device, train, inflight), costs, sub).step_time
-
-    best = (step(placement.order, placement.partition), placement.order, placement.problem, placement.partition)
-    for order in orders:
-        if order == placement.order:
-            continue
-        prob = make_problem(order)
-        if not optimal_bottleneck(prob) <= best_b * (1 + 1e-12):
-            continue
-        t_part = partition_stages(prob, bottleneck=best_b)
-        t = step(order, t_part)
-        if t < best[0] * (1 - 1e-9):
-            best = (t, order, prob, t_part)
-    if best[1] == placement.order:
-        return placement
-    others = ((placement.order, best_b),) + tuple((o, b) for o, b in placement.runner_ups if o != best[1])
-    return dataclasses.replace(placement, order=best[1], problem=best[2], partition=best[3],
-                               runner_ups=others[:len(placement.runner_ups) or 1])
-
-
-def _refine_cut(problem: PartitionProblem, best: tuple, sched: Schedule, costs: CostTable, cluster: Cluster,
-                stage_device: Sequence[int], train: bool, inflight: Sequence[int], budget: int) -> tuple[tuple, int]:
-    """Hill-climb from the best simulated cut: move one cut by one unit (by 2 or 3 only when
-    no one-unit move helps: units without work make plateaus), keep the first move that fits
-    and predicts a shorter step, until no move helps or `budget` simulations are spent.
-    Returns ((partition, stages, timeline), simulations)."""
-    part, stages, tl = best
-    p, n, spent = len(part.bounds), problem.n, 0
-    size = 1
-    while size <= 3 and spent < budget:
-        improved = False
-        for k in range(p - 2, -1, -1):  # cut after stage k, from the last one back
-            for delta in (size, -size):
-                cuts = [e for _, e in part.bounds[:-1]]
-                cuts[k] += delta
-                lo = cuts[k - 1] if k else 0
-                hi = cuts[k + 1] if k + 1 < len(cuts) else n
-                if not lo < cuts[k] < hi or spent >= budget:
-                    continue
-                c = evaluate_partition(problem, tuple(zip([0] + cuts, cuts + [n])), method=part.method)
-                if not c.fits:
-                    continue
-                spent += 1
-                st_c = _stage_plans(c, costs, cluster, stage_device, train, inflight)
-                tl_c = _simulate(sched, st_c, costs, cluster)
-                if tl_c.step_time < tl.step_time * (1 - 1e-9):
-                    part, stages, tl, improved = c, st_c, tl_c, True
-                    break
-            if improved:
-                break
-        size = 1 if improved else size + 1
-    return (part, stages, tl), spent
-
-
-def _plan_auto(model: nn.Module, cluster: Cluster, args: tuple, kwargs: dict, kind: Any, m: Any, auto_s: bool,
-               auto_m: bool, train: bool, optimizer: str, capture_method: str, leaf_modules: tuple[type, ...],
-               virtual_stages: Any, profile: bool, progress: bool, fuse: bool, mode: str,
-               prog: _Progress, off: str = "off") -> Compilation:
-    """Auto mode: plan every (schedule, m) candidate on one capture, keep the fastest that fits.
-
-    Shapes and costs depend on the microbatch size and units on the stage count, so they are
-    recomputed per distinct (size, stages) pair; the capture (the slow part) is shared."""
-    p = len(cluster)
-    # forward-only, every kind emits the same "forward" schedule: one candidate per m
-    kinds = (list(AUTO_SCHEDULES) if train else ["gpipe"]) if auto_s else [kind]
-    if auto_s and mode == "on":
-        kinds = [k for k in kinds if k != "zb-h1"]  # refused with recompute=True (check_options)
-    if auto_s and off == "on":
-        kinds = [k for k in kinds if k != "zb-h1"]  # refused with offload='on' (check_options)
-    v_given = virtual_stages
-    # capture once, analysed first for the smallest candidate (m=1 always fits a batch)
-    first_m = 1 if auto_m else m
-    first_devices = _stage_devices(kinds[0], p, virtual_stage_count(kinds[0], v_given if kinds[0] == "interleaved" else None))
-    fused_dropout = _fused_dropout(cluster)
-    cap, units0, costs0 = _front(model, args, kwargs, len(first_devices), first_m, capture_method, leaf_modules, prog,
-                                 fuse=fuse, fused_dropout=fused_dropout)
-    ms = auto_microbatch_counts(cap.batch_size, p) if auto_m else [m]
-    if not auto_m:
-        microbatch_sizes(cap.batch_size, m)  # refuses m > batch with the usual message
-    # _front checked only m=1: a model that relates the samples of dim 0 (sequence first)
-    # is exact only unsplit, so auto keeps m=1 for it and says why the others were dropped
-    mixed_rows: list[dict[str, Any]] = []
-    mixed = samples_mixed(model, cap, args, kwargs) if auto_m and any(c > 1 for c in ms) else None
-    if mixed:
-        why = (f"not tried: {type(model).__name__} does not compute the samples along dim 0 independently "
-               f"({mixed}); only microbatches=1 is exact")[:200]
-        mixed_rows = [{"schedule": k, "microbatches": c, "fits": False, "why": why} for k in kinds for c in ms if c > 1]
-        ms = [1]
-    analysed: dict[tuple[int, int], tuple[Units, CostTable]] = {}
-    analysed[(microbatch_sizes(cap.batch_size, first_m)[0], len(first_devices))] = (units0, costs0)
-    last_key = next(iter(analysed))
-
-    def analysis(size: int, n_stages: int, m_: int, stage_device: Sequence[int]) -> tuple[Units, CostTable]:
-        nonlocal last_key
-        key = (size, n_stages)
-        if key not in analysed:
-            u, c = _analyse(cap, args, kwargs, size, n_stages, prog, fused_dropout=fused_dropout)
-            analysed[key] = (u, _profiled(c, model, cap, args, kwargs, m_, cluster, stage_device, train, profile, progress, prog))
-            last_key = key
-        return analysed[key]
-
-    if profile:  # the first analysis was not profiled yet
-        k0 = next(iter(analysed))
-        analysed[k0] = (units0, _profiled(costs0, model, cap, args, kwargs, first_m, cluster, first_devices, train, profile,
-                                          progress, prog))
-    candidates = []  # (kind, m, stage -> device)
-    for kind_ in kinds:
-        v = virtual_stage_count(kind_, v_given if kind_ == "interleaved" else None)
-        candidates += [(kind_, m_, _stage_devices(kind_, p, v)) for m_ in ms]
-    # Each candidate's step has a lower bound from its unit costs alone (`step_lower_bound`):
-    # planning the candidates in the order of their bounds, one whose bound exceeds the best
-    # step planned so far cannot win and is skipped (a 64-GPU model: most of the candidates).
-    bounds: list[float] = []
-    # the progress lines below would otherwise repeat "shapes ... units+costs ..." unexplained
-    prog.note(f"auto: {len(candidates)} candidates; pricing each microbatch size and stage count for a lower "
-              "bound on its step")
-    for kind_, m_, stage_device in candidates:
-        try:
-            _, costs = analysis(microbatch_sizes(cap.batch_size, m_)[0], len(stage_device), m_, stage_device)
-        except (PlanError, ScheduleError):
-            bounds.append(0.0)  # planned anyway: its own planning says what is wrong
-            continue
-        bounds.append(costs_step_lower_bound(costs, cluster.devices, kind_, m_, train, len(stage_device)))
-    rows: list[dict[str, Any] | None] = [None] * len(candidates)
-    plans: list[tuple[Plan, Units, tuple[int, int]]] = []
-    planned: list[int] = []  # the candidate of each plan
-    failures: list[tuple[float, int, int, str, PlanError]] = []
-    best_step = math.inf
-    for done, i in enumerate(sorted(range(len(candidates)), key=lambda i: (bounds[i], i))):
-        kind_, m_, stage_device = candidates[i]
-        size = microbatch_sizes(cap.batch_size, m_)[0]
-        row: dict[str, Any] = {"schedule": kind_, "microbatches": m_}
-        rows[i] = row
-        # a relative margin: the simulator sums the same times in another order
-        if AUTO_PRUNE and bounds[i] > best_step * (1.0 + 1e-6):
-            row.update(fits=False, skipped=True, lower_bound_ms=bounds[i] * 1e3,
-                       why=f"not planned: its step is at least {bounds[i] * 1e3:.3f} ms (lower bound), slower "
-                           f"than a plan already found ({best_step * 1e3:.3f} ms)")
-            continue
-        prog.note(f"auto candidate {done + 1}/{len(candidates)}: schedule {kind_}, {m_} microbatch"
-                  f"{'es' if m_ != 1 else ''}")
-        try:
-            units, costs = analysis(size, len(stage_device), m_, stage_device)
-            plan = _plan_one(kind_, None, m_, stage_device, cap, units, costs, cluster, model, train, optimizer,
-                             _mode_for(mode, kind_, train), fuse, prog, _offload_for(off, kind_), refine=False)
-        except (PlanError, ScheduleError) as e:
-            row.update(fits=False, why=str(e).splitlines()[0][:200])
-            err = e if isinstance(e, PlanError) else PlanError(str(e))
-            failures.append((_shortfall(cap, analysed.get((size, len(stage_device))), cluster, kind_, m_,
-                                        stage_device, train, optimizer, _mode_for(mode, kind_, train),
-                                        _offload_for(off, kind_)), m_, AUTO_SCHEDULES.index(kind_)
-                             if kind_ in AUTO_SCHEDULES else len(AUTO_SCHEDULES),
-                             f"schedule={kind_!r}, microbatches={m_}", err))
-            continue
-        row.update(schedule=plan.schedule.kind, fits=True, step_ms=plan.predicted["step_ms"],
-                   recompute_stages=sum(1 for st in plan.stages if st.recompute),
-                   offload_stages=sum(1 for st in plan.stages if st.offload))
-        plans.append((plan, units, (size, len(stage_device))))
-        planned.append(i)
-        best_step = min(best_step, plan.predicted["step_ms"] / 1e3)
-    # the cut refinement (`_refine_cut`, a few dozen simulations) only for the best few: it
-    # improves a step by a few percent, so a candidate far behind would not win with it
-    if plans:
-        prog.note(f"auto: refining the cuts of the {min(AUTO_REFINE, len(plans))} fastest")
-    for j in sorted(range(len(plans)), key=lambda j: plans[j][0].predicted["step_ms"])[:AUTO_REFINE]:
-        i = planned[j]
-        kind_, m_, stage_device = candidates[i]
-        units, costs = analysis(plans[j][2][0], len(stage_device), m_, stage_device)
-        plan = _plan_one(kind_, None, m_, stage_device, cap, units, costs, cluster, model, train, optimizer,
-                         _mode_for(mode, kind_, train), fuse, prog, _offload_for(off, kind_))
-        if plan.predicted["step_ms"] < plans[j][0].predicted["step_ms"]:
-            plans[j] = (plan, units, plans[j][2])
-            rows[i]["step_ms"] = plan.predicted["step_ms"]
-    skipped = sum(1 for r in rows if r and r.get("skipped"))
-    if skipped:
-        prog.note(f"auto: {skipped} of {len(candidates)} candidates skipped (their lower bound exceeds a plan found)")
-    rows = [r for r in rows if r is not None]
-    if not plans:
-        failures.sort(key=lambda f: f[:3])  # closest first; ties: fewer microbatches, simpler schedule
-        short, _, _, what, err = failures[0]
-        raise PlanError(f"no candidate of auto mode fits ({len(rows)} tried: schedules "
-                        f"{', '.join(kinds)}; microbatches {', '.join(map(str, ms))}); the closest is {what}: {err}")
-    order = {k: i for i, k in enumerate(AUTO_SCHEDULES)}
-
-    def rank(item: tuple[Plan, Units, tuple[int, int]]) -> tuple:
-        pl = item[0]
-        # step times that differ only by float rounding count as ties
-        return (round(pl.predicted["step_ms"], 9), pl.microbatches, order.get(pl.schedule.kind, 99))
-
-    best, units, key = min(plans, key=rank)
-    if key != last_key:  # the graph's shapes must be those of the chosen microbatch size
-        prog.note(f"auto: shapes for the chosen {best.microbatches} microbatch"
-                  f"{'es' if best.microbatches != 1 else ''}")
-        units, _ = _analyse(cap, args, kwargs, key[0], key[1], prog, fused_dropout=fused_dropout)
-    predicted = dict(best.predicted, auto=rows + mixed_rows)
-    plan = best.with_(predicted=predicted, timings=prog.timings)
-    _dump("plan", plan.summary())
-    _dump("schedule", plan.schedule.listing())
-    return Compilation(plan, cap, units)
-
-
-def _shortfall(cap: Captured, analysed: tuple[Units, CostTable] | None, cluster: Cluster, kind: str, m: int,
-               stage_device: Sequence[int], train: bool, optimizer: str, mode: str, off: str = "off") -> float:
-    """How far a failed auto candidate is from fitting (what its worst stage lacks, as a fraction
-    of that stage's memory, in the given device order: an interleaved stage has half a device,
-    so bytes would favour it); inf when it failed for another reason than memory."""
-    if analysed is None:
-        return math.inf
-    try:
-        sched = emit_schedule(kind, len(stage_device), m, stage_device=stage_device, train=train)
-        prob = _problem(analysed[1], cluster, stage_device, peak_inflight(sched), train, optimizer, mode,
-                        split_backward=_splits_backward(sched), offload=off)
-        return memory_shortfall(prob, relative=True)
-    except (PlanError, ScheduleError):
-        return math.inf
-
-
 def build_from_plan(
     model: nn.Module,
     plan: Plan,
@@ -858,52 +424,6 @@ def build_from_plan(
     return Compilation(plan, cap, units)
 
 
-def simulate_plan(plan: Plan) -> Timeline:
-    """Play a plan's schedule against its cost model (see `fxpipe.simulate`)."""
-    return _simulate(plan.schedule, plan.stages, plan_costs(plan), plan.cluster)
-
-
-def plan_costs(plan: Plan) -> CostTable:
-    """The plan's cost table with its measured times (kept in `predicted["measured_costs"]`)."""
-    measured = plan.predicted.get("measured_costs")
-    if not measured or plan.costs.measured_fwd:
-        return plan.costs
-    try:
-        return plan.costs.with_measured(measured["fwd_s"], measured["bwd_s"], measured.get("bi_fraction"))
-    except (KeyError, TypeError, ValueError) as e:
-        raise PlanError(f"the plan's predicted.measured_costs is damaged ({e}); re-plan with profile=True") from None
-
-
-def _simulate(sched: Schedule, stages: Sequence[StagePlan], costs: CostTable, cluster: Cluster) -> Timeline:
-    # a recomputing stage keeps only its incoming boundary per microbatch in flight
-    act = [(costs.boundary_bytes[s.units[0] - 1] if s.units[0] > 0 else 0.0) if s.recompute
-           else sum(costs.activation_bytes[s.units[0]:s.units[1]]) for s in stages]
-    # one that also streams keeps the values crossing its streamed units and rebuilds one unit
-    # at a time (`_combined_bytes`, as the partitioner prices it)
-    both = _combined_bytes(costs, any(s.recompute and s.offload for s in stages))
-    rebuilt = [sum(costs.activation_bytes[s.units[0]:s.units[1]]) for s in stages]
-    for i, s in enumerate(stages):
-        if s.recompute and s.offload:
-            a, b = s.units
-            act[i] += sum(both["unit_cut_bytes"][a:b]) + sum(costs.boundary_bytes[a:b - 1])
-            rebuilt[i] = max(both["unit_recompute_peak"][a:b])
-    # BI: the measured share of each unit's backward (half when not profiled); BW the rest.
-    # A split backward keeps all saved tensors through BI, so its transient adds in full.
-    split = any(i.op.name == "BWD_INPUT" for prog in sched.programs for i in prog)
-    # The first stage has no differentiable input: its BI computes nothing and its BW the whole
-    # backward (runtime/weight_grad.py), whatever the units' own split.
-    bi = [0.0 if s.units[0] == 0 else sum(costs.bwd_input_time(u, cluster.devices[s.device]) for u in range(*s.units))
-          for s in stages]
-    bw = [max(0.0, s.bwd_ms / 1e3 - x) for s, x in zip(stages, bi)]
-    # a backward's gradient buffers (a recomputing stage first rebuilds its activations)
-    trans = [costs.stage_transient(*s.units, split=split)
-             + (rebuilt[i] if s.recompute else 0.0) for i, s in enumerate(stages)]
-    return simulate_schedule(sched, [s.fwd_ms / 1e3 for s in stages], [s.bwd_ms / 1e3 for s in stages],
-                             [s.send_ms / 1e3 for s in stages], bwd_input_time=bi, bwd_weight_time=bw,
-                             activation_bytes=act, transient_bytes=trans if sched.train else [0.0] * len(stages),
-                             kept_bytes=[costs.stage_kept(*s.units) if sched.train else 0.0 for s in stages])
-
-
 def _fingerprint(model: nn.Module, cap: Captured) -> str:
     params = {k: v for k, v in list(model.named_parameters()) + list(model.named_buffers())}
     return graph_fingerprint(cap.gm, params)
@@ -915,108 +435,3 @@ def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
             return f"{i}: {x!r} in the plan, {y!r} here"
     i = min(len(a), len(b))
     return f"{i}: the {'plan' if len(a) < len(b) else 'model'} ends there"
-
-
-def _splits_backward(sched: Schedule) -> bool:
-    """Whether the schedule runs backward as BI + BW (zero bubble): BI keeps saved tensors."""
-    return any(i.op is Op.BWD_INPUT for prog in sched.programs for i in prog)
-
-
-def _problem(costs: CostTable, cluster: Cluster, stage_device: Sequence[int], inflight: Sequence[int], train: bool,
-             optimizer: str, recompute: str = "off", split_backward: bool = False,
-             offload: str = "off", host_limits: bool = False) -> PartitionProblem:
-    """Positions are stages; stage s runs on device stage_device[s]. A device holding k
-    stages (interleaved) gives each 1/k of its memory. A recomputing stage pays one more
-    forward per microbatch (`recompute`: the partitioner's mode). Training stages also need
-    their worst backward transient (gradients alive during one unit's backward). An
-    offloading stage (`offload`: the partitioner's mode) pays each unit's weight copy over the
-    device's host link where the compute does not hide it; on a CPU the host memory is the
-    device's own, so offloading there frees nothing. A stage reading a tied weight first read
-    by an earlier stage holds a replica (`check_host_memory.replicas`). `host_limits`: each
-    position may keep at most an equal share of its node's host memory when it offloads
-    (`host_shares`; `_plan_one` asks for it when the plan without it overfills a host)."""
-    n = len(costs.unit_names)
-    devs = [cluster.devices[d] for d in stage_device]
-    times = device_unit_times(costs, devs, train)
-    direction = 2.0 if train else 1.0  # activations forward, gradients back
-    links = [cluster.link(a, b) if a != b else None for a, b in zip(stage_device, stage_device[1:])]
-    btime = tuple(tuple((l.transfer_time(costs.boundary_bytes[k]) * direction if l is not None else 0.0) for l in links)
-                  for k in range(n - 1))
-    factor = OPTIMIZER_STATE_FACTOR[optimizer] if train else 0.0
-    static = tuple(pb + (tb * (1.0 + factor) if train else 0.0) for pb, tb in zip(costs.param_bytes, costs.trainable_bytes))
-    act = costs.activation_bytes if train else tuple(0.0 for _ in range(n))
-    share = [stage_device.count(d) for d in stage_device]
-    return PartitionProblem(
-        unit_names=costs.unit_names, unit_time=tuple(map(tuple, times)), boundary_time=btime,
-        unit_static_bytes=static, unit_activation_bytes=act, boundary_bytes=costs.boundary_bytes,
-        inflight=tuple(inflight), device_memory=tuple(d.memory / k for d, k in zip(devs, share)),
-        device_names=tuple(f"{d.name}" if k == 1 else f"{d.name} (stage {s})" for s, (d, k) in enumerate(zip(devs, share))),
-        unit_recompute_time=tuple(map(tuple, device_unit_times(costs, devs, False))) if recompute != "off" else (),
-        recompute=recompute, unit_transient_bytes=costs.transient_bytes if train else (),
-        split_backward=split_backward and train, unit_param_bytes=_streamed_bytes(costs, train),
-        unit_offload_time=tuple(map(tuple, device_offload_unit_times(costs, devs, train, times))) if offload != "off" else (),
-        offload=offload, host_memory_is_device=tuple(d.kind == "cpu" for d in devs),
-        replicas=replicas(costs, train, factor),
-        host_memory=host_shares(cluster.devices, stage_device) if host_limits and offload != "off" else (),
-        **_combined_bytes(costs, train and recompute != "off" and offload != "off"))
-
-
-def _combined_bytes(costs: CostTable, both: bool) -> dict[str, tuple[float, ...]]:
-    """What a stage that offloads and recomputes keeps (`PartitionProblem.unit_cut_bytes`,
-    `unit_recompute_peak`); nothing when the modes cannot combine. The runtime streams units
-    of at least DEFAULT_MIN_UNIT_BYTES of weights, merging smaller neighbours, so a streamed
-    unit around unit u may reach back into u-1 and on until that many bytes: its activations
-    are priced as all of those units' (conservative). A table from before `cut_bytes` prices
-    each unit's whole activations as kept (as conservative)."""
-    if not both:
-        return {}
-    n = len(costs.unit_names)
-    act = costs.activation_bytes
-    cut = costs.cut_bytes if costs.cut_bytes else act
-    peak = []
-    for u in range(n):
-        total, w, v = (act[u - 1] if u > 0 else 0.0), 0.0, u
-        while v < n:
-            total += act[v]
-            w += costs.param_bytes[v]
-            v += 1
-            if w >= DEFAULT_MIN_UNIT_BYTES:
-                break
-        peak.append(total)
-    return {"unit_cut_bytes": tuple(cut), "unit_recompute_peak": tuple(peak)}
-
-
-def _streamed_bytes(costs: CostTable, train: bool) -> tuple[float, ...]:
-    """Device bytes per unit of an offloaded stage: its weights, plus in training its weight
-    gradients, which are made on the device and copied back to the host (on an H100,
-    counting the weights alone under-predicted a streamed stage's peak by ~3x)."""
-    if not train:
-        return tuple(costs.param_bytes)
-    return tuple(pb + tb for pb, tb in zip(costs.param_bytes, costs.trainable_bytes))
-
-
-def _stage_plans(part: Partition, costs: CostTable, cluster: Cluster, stage_device: Sequence[int], train: bool,
-                 inflight: Sequence[int]) -> list[StagePlan]:
-    out = []
-    p = len(part.bounds)
-    for s, (a, b) in enumerate(part.bounds):
-        d = stage_device[s]
-        dev = cluster.devices[d]
-        rc = bool(part.recompute[s]) if part.recompute else False
-        off = bool(part.offload[s]) if part.offload else False
-        if off:  # each unit at least as long as its weights' copy over the host link
-            fwd = sum(costs.offload_fwd_time(u, dev) for u in range(a, b))
-            bwd = sum(costs.offload_bwd_time(u, dev) for u in range(a, b))
-        else:
-            fwd = sum(costs.fwd_time(u, dev) for u in range(a, b))
-            bwd = sum(costs.bwd_time(u, dev) for u in range(a, b))
-        if rc:  # the forward runs again inside the backward (an offloaded one: with the weights its backward fetched)
-            bwd += sum(costs.fwd_time(u, dev) for u in range(a, b)) if off else fwd
-        send_bytes = costs.boundary_bytes[b - 1] if s < p - 1 else 0.0
-        nxt = stage_device[s + 1] if s < p - 1 else d
-        send = cluster.link(d, nxt).transfer_time(send_bytes) if nxt != d else 0.0
-        out.append(StagePlan(index=s, device=d, units=(a, b), param_bytes=sum(costs.param_bytes[a:b]),
-                             fwd_ms=fwd * 1e3, bwd_ms=bwd * 1e3 if train else 0.0, send_ms=send * 1e3,
-                             send_bytes=send_bytes, memory_bytes=part.stage_memory[s], inflight=int(inflight[s]),
-                             recompute=rc, offload=off))
-    return out
