@@ -320,7 +320,7 @@ def restaged(plan: Plan) -> Plan:
     are kept as written), so they are recomputed with the planner's own functions; the plan
     records which stages changed in `predicted["restaged"]` and `summary()` says so.
     """
-    from fxpipe.compiler.pipeline import _problem, _simulate, _splits_backward, _stage_plans, plan_costs
+    from fxpipe.compiler.stage_pricing import _problem, _simulate, _splits_backward, _stage_plans, plan_costs
     from fxpipe.passes.emit_schedule import peak_inflight
     from fxpipe.passes.partition_problem import Partition
     from fxpipe.passes.partition_stages import stage_memory, stage_time

@@ -67,7 +67,7 @@ def stage_memory_split(plan: Plan, s: int) -> dict[str, float]:
     host = 0.0
     if st.offload:
         # the unit computing and the one being prefetched, and in training their weight
-        # gradients on the way back to the host (as `compiler/pipeline._streamed_bytes`)
+        # gradients on the way back to the host (as `compiler/stage_pricing._streamed_bytes`)
         per_unit = [pb + (tb if plan.train else 0.0) for pb, tb in zip(c.param_bytes, c.trainable_bytes)]
         held = weight_buffer(per_unit, a, b)
         if plan.cluster.devices[st.device].kind == "cpu":  # its host memory is its own: nothing leaves

@@ -1,7 +1,7 @@
 """The partitioner's IR: a partition problem (units, positions, costs, memory) and its result.
 
-`passes/partition_stages.py` solves a `PartitionProblem` and returns a `Partition`; the
-pipeline (`compiler/pipeline.py`) builds the problem from a cost table and a device order.
+`passes/partition_stages.py` solves a `PartitionProblem` and returns a `Partition`;
+`compiler/stage_pricing.py` builds the problem from a cost table and a device order.
 Validation happens once here, so the solver and its helpers index without checks.
 """
 
