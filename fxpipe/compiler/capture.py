@@ -14,6 +14,12 @@ shape so later passes never ask which path was used:
 Deep models whose parameters are on the meta device (or with `method="repeat"`) are captured
 by repetition (`compiler/repeat_capture.py`): two of their identical blocks are traced and
 the second is copied for the others, which gives the same graph in a fraction of the time.
+
+This module holds the tracing; around it: `call_binding` (a call -> the forward's arguments,
+the batch size), `capture_checks` (the graph re-run at a second batch size, values then
+gradients), `capture_modes` (train/eval modes the graph fixed), `capture_errors` (the message
+when every path fails) and `sample_independence` (`samples_mixed`, asked by the pipeline;
+`bind_inputs` and `samples_mixed` are still importable from here).
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
-import traceback
 from dataclasses import dataclass, field, is_dataclass
 from typing import Any, Callable, Iterator
 
@@ -30,8 +35,13 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from fxpipe.compiler.grad_check import gradient_problem, keep_autograd_functions
+from fxpipe.compiler.call_binding import batch_size, bind_inputs, same_constant
+from fxpipe.compiler.capture_checks import check_second_size
+from fxpipe.compiler.capture_errors import explain_failure, first_line
+from fxpipe.compiler.capture_modes import depends_on_modes, fixed_modes
+from fxpipe.compiler.grad_check import keep_autograd_functions
 from fxpipe.compiler.repeat_capture import KEEP, RepeatUnsupported, find_block_list, replicate_blocks, truncated_model
+from fxpipe.compiler.sample_independence import samples_mixed
 from fxpipe.errors import TraceError
 
 __all__ = ["Captured", "capture", "bind_inputs", "samples_mixed"]
@@ -107,7 +117,7 @@ class Captured:
                 f"the model was compiled with tensor inputs {list(self.input_names)} but this call "
                 f"does not give {missing}; call it with the same arguments as example_inputs")
         for name, value in bound.items():
-            if name in self.constants and not _same_constant(value, self.constants[name]):
+            if name in self.constants and not same_constant(value, self.constants[name]):
                 raise RuntimeMismatchError(
                     f"argument {name!r} was {self.constants[name]!r} when the model was compiled and is "
                     f"{value!r} now; non-tensor arguments are baked into the graph: recompile to change it")
@@ -122,33 +132,6 @@ class Captured:
             out.append(v)
         return out
 
-
-def _same_constant(a: Any, b: Any) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:
-        return a is b
-
-
-def bind_inputs(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """Bind a call to the model's forward signature (defaults not applied)."""
-    try:
-        ba = sig.bind(*args, **kwargs)
-    except TypeError as e:
-        from fxpipe.errors import RuntimeMismatchError
-
-        raise RuntimeMismatchError(f"inputs do not match the model's forward{sig}: {e}") from None
-    out = dict(ba.arguments)
-    for name, p in sig.parameters.items():
-        if p.kind == inspect.Parameter.VAR_KEYWORD and name in out:
-            out.update(out.pop(name))
-        elif p.kind == inspect.Parameter.VAR_POSITIONAL and name in out:
-            if out[name]:
-                from fxpipe.errors import RuntimeMismatchError
-
-                raise RuntimeMismatchError(f"forward(*{name}) with positional varargs is not supported; pass them by name")
-            out.pop(name)
-    return out
 
 
 def capture(
@@ -195,7 +178,7 @@ def capture(
             "takes them so and builds the container")
     if not tensors:
         raise TraceError("example_inputs contain no tensor: give at least one input tensor whose dim 0 is the batch")
-    batch = _batch_size(tensors)
+    batch = batch_size(tensors)
     on_meta = any(p.is_meta for p in model.parameters()) or any(t.is_meta for t in tensors.values())
     t0 = time.perf_counter()
     skipped = ""
@@ -206,16 +189,16 @@ def capture(
         try:
             cap = _capture_repeated(model, leaf_modules, check and not on_meta, tensors, constants)
             cap.seconds = time.perf_counter() - t0
-            cap.modes = _fixed_modes(model, cap)
+            cap.modes = fixed_modes(model, cap)
             return cap
         except Exception as e:  # noqa: BLE001 - any failure of the shortcut means: capture it all
             if method == "repeat":
-                why = str(e) if isinstance(e, RepeatUnsupported) else _first_line(e)
+                why = str(e) if isinstance(e, RepeatUnsupported) else first_line(e)
                 raise TraceError(
                     f"capture_method='repeat' cannot capture {type(model).__name__}: {why}. It needs a "
                     "ModuleList/Sequential of >= 4 identical blocks traced the same way; use capture_method="
                     "'auto' to capture the whole model") from e
-            skipped = f"repeat capture not used ({_first_line(e)}); captured the whole model"
+            skipped = f"repeat capture not used ({first_line(e)}); captured the whole model"
         method = "auto"
     try:
         cap = _capture_full(model, sig, tensors, constants, batch, method, leaf_modules, check and not on_meta)
@@ -232,11 +215,11 @@ def capture(
             cap = _capture_full(model, sig, meta_tensors, constants, batch, method, leaf_modules, check=False)
         except TraceError:
             raise first from None
-        cap.notes.append(f"captured with the example inputs on the meta device ({_first_line(first)} with them "
+        cap.notes.append(f"captured with the example inputs on the meta device ({first_line(first)} with them "
                          "on their own device)")
     if skipped:
         cap.notes.append(skipped)
-    cap.modes = _fixed_modes(model, cap)
+    cap.modes = fixed_modes(model, cap)
     return cap
 
 
@@ -261,51 +244,19 @@ def _capture_full(model: nn.Module, sig: inspect.Signature, tensors: dict[str, t
             cap = Captured(gm, path, tuple(tensors), constants, out_spec, sig, batch,
                            time.perf_counter() - t0)
             if path == "fx":
-                cap.mode_dependent = _mode_dependent(model, tensors, constants, leaf_modules, gm.code)
+                cap.mode_dependent = depends_on_modes(
+                    model, lambda: _trace_fx(model, tensors, constants, leaf_modules)[0], gm.code)
             if check:
-                problem = _check_second_size(model, cap, tensors, constants)
+                problem = check_second_size(model, cap, tensors, constants)
                 if problem:
                     errors[path] = TraceError(problem)
                     continue
             if "fx" in errors:
-                cap.notes.append(f"fx symbolic_trace failed ({_first_line(errors['fx'])}); used torch.export")
+                cap.notes.append(f"fx symbolic_trace failed ({first_line(errors['fx'])}); used torch.export")
             return cap
     finally:
         restore()
-    raise TraceError(_explain(model, errors))
-
-
-def _fixed_modes(model: nn.Module, cap: Captured) -> dict[str, bool]:
-    """`Captured.modes`: every module's mode under export; under fx, when the graph depends
-    on a mode, those of the modules fx traced through (a call_module node, and what is inside
-    it, follows its current mode)."""
-    named = list(model.named_modules())
-    if cap.path != "fx":
-        return {name: mod.training for name, mod in named}
-    if not cap.mode_dependent:
-        return {}
-    called = {n.target for n in cap.gm.graph.nodes if n.op == "call_module"}
-    return {name: mod.training for name, mod in named
-            if not any(name == c or name.startswith(c + ".") for c in called)}
-
-
-def _mode_dependent(model: nn.Module, tensors: dict[str, torch.Tensor], constants: dict[str, Any],
-                    leaf_modules: tuple[type, ...], code: str) -> bool:
-    """Whether fx's graph depends on the modules' train/eval modes: traced once more with
-    every mode flipped, it differs. fx sees `self.training` as a plain bool, so a forward
-    reading it is otherwise baked in unnoticed; one more trace is cheap next to the checks."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        for m, training in modes:
-            m.training = not training  # the attribute, not .train(): that would set all alike
-        try:
-            other, _ = _trace_fx(model, tensors, constants, leaf_modules)
-        except Exception:  # noqa: BLE001 - traceable in one mode only: it depends on the mode
-            return True
-        return other.code != code
-    finally:
-        for m, training in modes:
-            m.training = training
+    raise TraceError(explain_failure(model, errors))
 
 
 def _capture_repeated(model: nn.Module, leaf_modules: tuple[type, ...], check: bool,
@@ -313,7 +264,7 @@ def _capture_repeated(model: nn.Module, leaf_modules: tuple[type, ...], check: b
     """Capture the first KEEP blocks (fx, else export) and replicate block 1 for the rest."""
     blocks = find_block_list(model)
     small = truncated_model(model, blocks, KEEP)
-    cap = _capture_full(small, inspect.signature(small.forward), tensors, constants, _batch_size(tensors), "auto",
+    cap = _capture_full(small, inspect.signature(small.forward), tensors, constants, batch_size(tensors), "auto",
                         leaf_modules, check=False)
     cap.gm = replicate_blocks(cap.gm, model, blocks, KEEP)
     where = blocks.path or type(model).__name__
@@ -321,7 +272,7 @@ def _capture_repeated(model: nn.Module, leaf_modules: tuple[type, ...], check: b
     cap.notes.append(f"captured {KEEP} of the {len(blocks.keys)} identical blocks of {where} and copied block "
                      f"{blocks.keys[1]} for the others")
     if check:  # a real model: the replicated graph must agree with the whole model's eager run
-        problem = _check_second_size(model, cap, tensors, constants)
+        problem = check_second_size(model, cap, tensors, constants)
         if problem:
             raise RepeatUnsupported(problem)
     return cap
@@ -471,237 +422,6 @@ def _reorder_placeholders(g: fx.Graph, order: list[str]) -> None:
         else:
             anchor.append(node)
         anchor = node
-
-
-# ---- checks and messages ----------------------------------------------------------------
-
-def _rows(t: torch.Tensor, rows: Any) -> torch.Tensor:
-    """Samples `rows` of a batch input; a 0-d tensor (a temperature) is not batched, so whole,
-    as the runtime passes it to every microbatch."""
-    return t if t.dim() == 0 else t[rows]
-
-
-def _batch_size(tensors: dict[str, torch.Tensor]) -> int:
-    sizes = {k: t.shape[0] for k, t in tensors.items() if t.dim() > 0}
-    if not sizes:
-        raise TraceError("no input tensor has a batch dimension (dim 0); pipelining splits dim 0 into microbatches")
-    values = set(sizes.values())
-    if len(values) > 1:
-        raise TraceError(f"input tensors disagree on the batch size (dim 0): {sizes}; every tensor input must be batch-first")
-    return values.pop()
-
-
-def _call_quietly(gm: fx.GraphModule, *args: Any) -> Any:
-    """Call `gm` without fx's wrapper, which prints a traceback of the generated code to stderr
-    before re-raising: a failure here is an expected answer of a check (the next capture path
-    is tried), not something to show the user."""
-    return nn.Module.__call__(gm, *args)
-
-
-def _check_second_size(model, cap: Captured, tensors, constants) -> str | None:
-    """Run the graph at a smaller batch and compare with eager: catches shapes baked in at trace time.
-
-    Batch 1 first. A size that eager itself refuses (BatchNorm1d in training mode needs more
-    than one value per channel) says nothing about the graph, so the next size is tried, and
-    the check is skipped when eager accepts none of them.
-    """
-    for size in (s for s in (1, 2) if s < cap.batch_size):
-        small = {k: _rows(v, slice(size)) for k, v in tensors.items()}
-        # Both runs update buffers a training-mode model mutates (BatchNorm running stats and
-        # num_batches_tracked); a check must leave the user's model as it found it.
-        saved = _snapshot_buffers(model, cap.gm)
-        try:
-            # same seed for both runs: dropout in a training-mode model draws the same masks
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                try:
-                    want = pytree.tree_leaves(model(**small, **constants))
-                except Exception:
-                    continue  # the model itself does not run at this size
-                # The graph must start from the buffers eager started from: a forward that
-                # updates a buffer it then reads (an EMA subtracted from the output) would
-                # otherwise see eager's update and differ for no fault of the trace.
-                _restore_buffers(saved)
-                torch.manual_seed(0)
-                try:
-                    got = _call_quietly(cap.gm, *small.values())
-                except Exception as e:
-                    return (f"the {cap.path} graph fails at batch size {size} where the model runs ({_first_line(e)}): "
-                            "shapes were specialised to the example batch")
-        finally:
-            _restore_buffers(saved)
-        want = [w for w in want if isinstance(w, torch.Tensor)]
-        got = [g for g in got if isinstance(g, torch.Tensor)]
-        if len(got) != len(want):
-            return f"the {cap.path} graph returns {len(got)} tensors where the model returns {len(want)}"
-        for i, (a, b) in enumerate(zip(got, want)):
-            if a.shape != b.shape or not torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4):
-                if _same_with_grad(model, small, constants, got):
-                    return (f"{type(model).__name__} computes its output {i} differently under torch.no_grad than "
-                            f"with gradients on (nn.TransformerEncoder's fast path in eval mode zeroes padded "
-                            f"positions), and the {cap.path} graph follows the gradient path, so pipelined "
-                            "inference would differ from eager's; switch the fast path off before compiling "
-                            "(torch.backends.mha.set_fastpath_enabled(False): eager then computes the same "
-                            "either way), or use capture_method='fx', which runs torch.nn modules as they are")
-                return (f"the {cap.path} graph's output {i} differs from eager at batch size {size} (shape "
-                        f"{tuple(a.shape)} vs {tuple(b.shape)}): the trace specialised on the example batch")
-        # equal values can still differentiate differently (grad-mode regions, custom Functions)
-        return _check_gradients(model, cap, small, constants)
-    return None
-
-
-def _check_gradients(model: nn.Module, cap: Captured, small: dict[str, torch.Tensor],
-                     constants: dict[str, Any]) -> str | None:
-    saved = _snapshot_buffers(model, cap.gm)
-
-    def seeded(f: Callable[[], Any]) -> Callable[[], Any]:
-        def run() -> Any:  # each run from the same buffers and RNG state, as the value check
-            _restore_buffers(saved)
-            torch.manual_seed(0)
-            return f()
-        return run
-
-    try:
-        with torch.random.fork_rng(devices=[]):
-            return gradient_problem(model, cap.gm, cap.path, seeded(lambda: model(**small, **constants)),
-                                    seeded(lambda: _call_quietly(cap.gm, *small.values())))
-    finally:
-        _restore_buffers(saved)
-
-
-def _same_with_grad(model: nn.Module, small: dict[str, torch.Tensor], constants: dict[str, Any],
-                    got: list[torch.Tensor]) -> bool:
-    """Whether eager run with gradients on gives the graph's outputs `got`: then a mismatch
-    under no_grad is the model's own grad-mode branch (a fused inference fast path), not a
-    shape the trace baked in."""
-    saved = _snapshot_buffers(model)
-    try:
-        with torch.enable_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            want = [w.detach() for w in pytree.tree_leaves(model(**small, **constants)) if isinstance(w, torch.Tensor)]
-    except Exception:
-        return False
-    finally:
-        _restore_buffers(saved)
-    return len(want) == len(got) and all(
-        a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4) for a, b in zip(got, want))
-
-
-def samples_mixed(model: nn.Module, cap: Captured, args: tuple, kwargs: dict) -> str | None:
-    """Why `model` does not compute the samples along dim 0 independently, or None.
-
-    Microbatching is exact only for a model whose output for samples 0 and 1 together is its
-    output for each alone, concatenated. A sequence-first model (nn.LSTM, nn.MultiheadAttention
-    and nn.Transformer default to batch_first=False) passes every shape check with time as
-    dim 0, and split into microbatches it silently computes something else. Eager runs, in
-    eval mode (dropout off, BatchNorm on running statistics: neither is the model's doing), on
-    samples (0, 1), on (1, 0), and on each alone. The swapped pair has the same shapes, so the
-    same kernels and roundings: an independent model gives the same rows, in any dtype. The
-    runs alone also catch a dependence on the batch size, but batch 1 may take other kernels,
-    which in 16 bits round differently, so they are compared only in 32 bits and up. None also
-    when that cannot be judged (meta tensors, a batch of 1, a model that refuses those sizes).
-    An output with a dimension other than 0 that grows with the batch (CLIP's (batch, batch)
-    `logits_per_image`, XLNet's (seq, batch, d) `mems`) is reported too: per-microbatch results
-    are blocks of it, and their concatenation along dim 0 is the wrong shape and values. Only
-    here, where m > 1 is asked for: with one microbatch nothing is concatenated, so such a
-    model (a contrastive loss over the whole batch) compiles exactly.
-    """
-    bound = bind_inputs(cap.signature, args, kwargs)
-    tensors = {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
-    if cap.batch_size < 2 or any(t.is_meta for t in tensors.values()) or any(q.is_meta for q in model.parameters()):
-        return None
-    modes = [(m, m.training) for m in model.modules()]
-    saved = _snapshot_buffers(model)
-    try:
-        model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            runs = [pytree.tree_flatten_with_path(model(**{k: _rows(v, list(rows)) for k, v in tensors.items()},
-                                                        **cap.constants))[0]
-                    for rows in ((0, 1), (1, 0), (0,), (1,))]
-    except Exception:  # noqa: BLE001 - a size the model refuses says nothing either way
-        return None
-    finally:
-        for m, training in modes:
-            m.training = training
-        _restore_buffers(saved)
-    for (path, both), (_, swapped), (_, a), (_, b) in zip(*runs):
-        if (isinstance(both, torch.Tensor) and isinstance(a, torch.Tensor) and both.dim() == a.dim() > 1
-                and both.shape[1:] != a.shape[1:]):
-            return (f"its output {pytree.keystr(path) or '(the tensor)'} has shape {tuple(both.shape)} for samples "
-                    f"0 and 1 together and {tuple(a.shape)} for sample 0 alone: a dimension other than 0 grows "
-                    "with the batch, so the output relates samples to each other (as CLIP's logits_per_image = "
-                    "image x text similarity does) or has its batch elsewhere than dim 0 (XLNet's mems are "
-                    "(seq, batch, d)), and per-microbatch results cannot be concatenated into it")
-        if isinstance(both, torch.Tensor) and both.dim() == 0 and both.is_floating_point() and a.dim() == 0:
-            # a 0-d output the model reduced itself is combined as a mean weighted by each
-            # microbatch's share; one outside the range of the per-sample values is no weighted
-            # mean (a sum, a max-minus-min) and would come out silently scaled
-            lo, hi = torch.minimum(a, b).float(), torch.maximum(a, b).float()
-            tol = 1e-4 + 1e-3 * torch.maximum(a.abs(), b.abs()).float()
-            if both.float() < lo - tol or both.float() > hi + tol:
-                return (f"its 0-d output {pytree.keystr(path) or '(the tensor)'} for samples 0 and 1 together "
-                        f"({both.item():.4g}) is not a mean of their values alone ({a.item():.4g}, {b.item():.4g}), "
-                        "and fxpipe combines microbatches' 0-d outputs as means weighted by their share of the "
-                        "batch; return it per sample (shape (batch,)) or as a mean over the batch")
-            continue
-        if not (isinstance(both, torch.Tensor) and both.dim() > 0 and both.is_floating_point()
-                and both.shape[0] == 2 and swapped.shape == both.shape and a.shape[0] == b.shape[0] == 1):
-            continue
-        others = [swapped.flip(0)]
-        alone = torch.cat([a, b])
-        if torch.finfo(both.dtype).bits > 16 and alone.shape == both.shape:
-            others.append(alone)
-        for other in others:
-            if not torch.allclose(both.float(), other.float(), rtol=1e-3, atol=1e-4):
-                diff = (both.float() - other.float()).abs().max().item()
-                how = "in the other order" if other is others[0] else "each alone"
-                return (f"its output {pytree.keystr(path) or '(the tensor)'} for samples 0 and 1 together differs "
-                        f"from the same samples run {how} by up to {diff:.3g} (in eval mode)")
-    return None
-
-
-def _snapshot_buffers(*modules: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for mod in modules:
-        for b in mod.buffers():
-            if id(b) not in seen and not b.is_meta:
-                seen[id(b)] = (b, b.detach().clone())
-    return list(seen.values())
-
-
-def _restore_buffers(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    with torch.no_grad():
-        for b, copy in saved:
-            b.copy_(copy)
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {s[0] if s else ''}"[:300]
-
-
-def _user_frame(e: BaseException) -> str:
-    """The deepest frame of the traceback that is not torch's own code: where the user's model is."""
-    frames = traceback.extract_tb(e.__traceback__)
-    user = [f for f in frames if "site-packages/torch" not in f.filename and "/fxpipe/" not in f.filename]
-    if not user:
-        return ""
-    f = user[-1]
-    return f"{f.filename}:{f.lineno} in {f.name}: {f.line}"
-
-
-def _explain(model: nn.Module, errors: dict[str, BaseException]) -> str:
-    lines = [f"could not capture {type(model).__name__} as a graph."]
-    for path, e in errors.items():
-        where = _user_frame(e)
-        # fxpipe's own diagnosis is one line with its fix: keep it whole
-        why = f"TraceError: {e}" if type(e) is TraceError and "\n" not in str(e) else _first_line(e)
-        lines.append(f"  {path}: {why}" + (f"\n      at {where}" if where else ""))
-    lines.append(
-        "What to try: make control flow independent of tensor values (use torch.where / torch.cond), "
-        "mark the offending submodule as a leaf (leaf_modules=(MyBlock,)) so fx does not look inside it, "
-        "pass non-tensor arguments as constants, or give an example batch of at least 2.")
-    return "\n".join(lines)
 
 
 def _disable_hf_cache(model: nn.Module) -> Callable[[], None]:

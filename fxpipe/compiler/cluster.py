@@ -4,6 +4,12 @@ A `Cluster` is an ordered tuple of `Device`s and the `Link`s between them. Plann
 needs the devices to exist: speeds and memory are numbers, taken from a calibration (CPU),
 from torch's device properties (CUDA) or from a JSON file.
 
+This module holds the types and the cluster file format; around it: `gpu_presets` (spec
+numbers of common GPUs), `device_strings` ("cpu", "cuda:0", "h100" -> devices, used by
+`Cluster.from_devices`), `local_machine` (CPU calibration, RAM) and `json_files`
+(`read_json_file`, shared with plan files). `GiB`, `CUDA_PRESETS`, `NODE_LINK_PRESETS`,
+`cpu_calibration` and `read_json_file` are still importable from here.
+
 Example:
     >>> c = Cluster.from_devices(["cpu", "cpu"])
     >>> c.link(0, 1).bandwidth > 0
@@ -12,52 +18,23 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
+from fxpipe.compiler.gpu_presets import CUDA_PRESETS, GiB, NODE_LINK_PRESETS
+from fxpipe.compiler.json_files import read_json_file
+from fxpipe.compiler.local_machine import cpu_calibration
 from fxpipe.errors import PlanError
 
 __all__ = ["Device", "Link", "NodeLink", "Cluster", "cpu_calibration", "CUDA_PRESETS", "NODE_LINK_PRESETS",
-           "DEFAULT_HOST_BANDWIDTH", "host_groups"]
-
-GiB = 1024**3
-
-# Dense fp32 peak and memory bandwidth of common GPUs (spec sheets, non-tensor-core fp32
-# would be far lower; we take TF32 tensor-core rates since torch uses them for fp32 matmul
-# only when allowed, so the fp32 column is the conservative SIMT rate).
-# host_bandwidth: pinned host <-> device copies over the GPU's host link, per direction
-# (PCIe gen5 x16 for H100/H200 SXM, gen4 x16 for A100 and L4), at about 80% of the link's rate.
-# host_memory: the node's RAM usable for offloaded stages (pinned weights, grads, optimizer
-# state), shared by the node's GPUs: 80% of a typical 8-GPU node (DGX H100/H200 2 TiB, A100
-# nodes 1 TiB, 8 x L4 cloud nodes 384 GiB), the rest left to the OS, data loading and Python.
-CUDA_PRESETS: dict[str, dict[str, float]] = {
-    "h100": {"peak_flops": 67e12, "mem_bandwidth": 3.35e12, "memory": 80 * GiB, "host_bandwidth": 50e9,
-             "host_memory": 0.8 * 2048 * GiB},
-    "h200": {"peak_flops": 67e12, "mem_bandwidth": 4.8e12, "memory": 141 * GiB, "host_bandwidth": 50e9,
-             "host_memory": 0.8 * 2048 * GiB},
-    "a100": {"peak_flops": 19.5e12, "mem_bandwidth": 2.0e12, "memory": 80 * GiB, "host_bandwidth": 25e9,
-             "host_memory": 0.8 * 1024 * GiB},
-    "l4": {"peak_flops": 30e12, "mem_bandwidth": 0.3e12, "memory": 24 * GiB, "host_bandwidth": 25e9,
-           "host_memory": 0.8 * 384 * GiB},
-}
+           "DEFAULT_HOST_BANDWIDTH", "host_groups", "GiB"]
 
 # host_bandwidth of a device that does not give one: a CUDA (or meta, planning-only) device
 # is priced as a PCIe gen4 x16 link; a CPU's "host" is its own memory, so a copy at its
 # memory bandwidth (offloading there frees nothing; the planner never chooses it on its own).
 DEFAULT_HOST_BANDWIDTH = 25e9
-
-# Link between two GPUs of the same node (bytes/s, seconds): NVLink-class for the SXM parts,
-# PCIe-class for L4. Between nodes `Cluster.preset` defaults to 25e9 B/s (200 Gb/s) and 2e-5 s.
-NODE_LINK_PRESETS: dict[str, tuple[float, float]] = {
-    "h100": (450e9, 5e-6),
-    "h200": (450e9, 5e-6),
-    "a100": (300e9, 5e-6),
-    "l4": (32e9, 5e-6),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,15 +377,18 @@ class Cluster:
             raise PlanError("devices is empty: pass at least one device, e.g. devices=['cpu', 'cpu']")
         if memory is not None and (not _is_number(memory) or not math.isfinite(memory) or memory <= 0):
             raise PlanError(f"memory must be a positive number of bytes per device, got {memory!r}")
+        # device_strings builds Devices and Clusters, so it imports this module: imported here
+        from fxpipe.compiler.device_strings import device_from_string, device_kind, preset_cluster
+
         if any(isinstance(d, str) and d.split(":")[0].lower() in CUDA_PRESETS for d in devices):
-            return _preset_cluster(devices, memory)
-        n_cpu = sum(1 for d in devices if isinstance(d, str) and _kind(d) == "cpu")
+            return preset_cluster(devices, memory)
+        n_cpu = sum(1 for d in devices if isinstance(d, str) and device_kind(d) == "cpu")
         out: list[Device] = []
         for d in devices:
             if isinstance(d, Device):
                 out.append(d)
             elif isinstance(d, str):
-                out.append(_device_from_string(d, n_cpu, memory))
+                out.append(device_from_string(d, n_cpu, memory))
             else:
                 raise PlanError(f"device {d!r} is neither a string like 'cpu'/'cuda:0' nor a fxpipe.Device")
         return Cluster(tuple(out))
@@ -517,93 +497,6 @@ def _parse_entries(raw: Any, where: str, name: str, required: tuple[str, ...], o
     return out
 
 
-def read_json_file(path: str | os.PathLike, what: str, hint: str = "") -> Any:
-    """Parse a JSON file; every way it can fail (missing, unreadable, not JSON) is a PlanError
-    naming `what` and the path."""
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise PlanError(f"{what} {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise PlanError(f"cannot read {what} {path}: {e}") from None
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as e:
-        if text.strip() and text.lstrip()[0] not in "{[":
-            # not a damaged JSON file but another kind of file (a model's .py, a checkpoint)
-            raise PlanError(f"{what} {path} is not a JSON file (it starts with {text.lstrip()[:20]!r}); give the "
-                            f"{what} fxpipe wrote (JSON)") from None
-        raise PlanError(f"{what} {path} is not valid JSON: {e}{hint}") from None
-
-
-def _kind(name: str) -> str:
-    return name.split(":")[0]
-
-
-def _device_from_string(name: str, n_cpu: int, memory: float | None) -> Device:
-    import torch
-
-    kind = _kind(name)
-    if kind not in ("cpu", "cuda", "meta"):
-        raise PlanError(f"unknown device {name!r}: use 'cpu', 'cuda', 'cuda:N', 'meta' (planning only), a GPU "
-                        f"preset for offline planning ({', '.join(map(repr, CUDA_PRESETS))}), or a fxpipe.Device "
-                        "for anything else")
-    try:
-        torch.device(name)
-    except RuntimeError:
-        raise PlanError(f"device {name!r} is not a valid torch device string; write e.g. 'cpu', 'cuda:0' or 'meta'") from None
-    if kind == "cpu":
-        cal = cpu_calibration()
-        threads = max(1, (os.cpu_count() or 1) // max(1, n_cpu))
-        mem = memory if memory is not None else _host_memory() / max(1, n_cpu)
-        return Device(name, "cpu", cal["flops_per_thread"] * threads, cal["copy_bandwidth"],
-                      mem, cal["launch_overhead"], threads, host_memory=_host_memory())
-    if kind == "cuda":
-        idx = torch.device(name).index or 0
-        if not torch.cuda.is_available():
-            raise PlanError(f"device {name!r} does not exist: CUDA is not available on this machine; "
-                            "use 'cpu' devices, or plan offline for GPUs with a GPU preset (devices=['h100'] * 2, "
-                            "`fxpipe plan --devices 'h100*2'`; also 'h200', 'a100', 'l4'), a cluster file "
-                            "(`fxpipe plan --cluster FILE.json`) or a Cluster of fxpipe.Device values")
-        n = torch.cuda.device_count()
-        if idx >= n:
-            raise PlanError(f"device {name!r} does not exist: this machine has {n} CUDA device(s); "
-                            f"use {'cuda:0' if n == 1 else f'cuda:0 .. cuda:{n - 1}'}")
-        props = torch.cuda.get_device_properties(idx)
-        preset = next((v for k, v in CUDA_PRESETS.items() if k in props.name.lower()), CUDA_PRESETS["a100"])
-        mem = memory if memory is not None else props.total_memory * 0.9
-        return Device(f"cuda:{idx}", "cuda", preset["peak_flops"], preset["mem_bandwidth"], mem, 8e-6, 1,
-                      host_bandwidth=preset["host_bandwidth"], host_memory=_host_memory())
-    if kind == "meta":
-        return Device(name, "meta", 1e12, 1e11, memory or 16 * GiB, 5e-6, 1)
-    raise AssertionError(f"unreachable: device kind {kind!r}")
-
-
-def _preset_cluster(devices: Sequence[Any], memory: float | None) -> "Cluster":
-    """GPUs named by preset ('h100' x 64, 'a100', ...) for offline planning: `Cluster.preset`
-    per run of one kind, 8 to a node, runs joined by `Cluster.concat`'s default network."""
-    runs: list[list[str]] = []
-    for d in devices:
-        key = d.lower() if isinstance(d, str) else None
-        if key is not None and key.split(":")[0] in CUDA_PRESETS and key not in CUDA_PRESETS:
-            raise PlanError(f"device {d!r}: a GPU preset names a kind of GPU, not one device; write "
-                            f"{key.split(':')[0]!r} once per GPU (e.g. '{key.split(':')[0]}*8' on the CLI)")
-        if key not in CUDA_PRESETS:
-            what = f"{d!r}" if isinstance(d, str) else f"fxpipe.Device {getattr(d, 'name', d)!r}"
-            raise PlanError(f"device {what} mixed with GPU presets ({', '.join(map(repr, CUDA_PRESETS))}): presets "
-                            "describe GPUs for offline planning and cannot sit beside other devices; list only "
-                            "presets (e.g. 'h100*8,a100*8' on the CLI), or write a cluster file with every device")
-        if runs and runs[-1][0] == key:
-            runs[-1].append(key)
-        else:
-            runs.append([key])
-    cluster = None
-    for run in runs:
-        part = Cluster.preset(run[0], len(run), memory=memory)
-        cluster = part if cluster is None else Cluster.concat(cluster, part)
-    return cluster
-
-
 def _default_link(a: Device, b: Device, i: int, j: int) -> Link:
     if a.kind == "cpu" and b.kind == "cpu":
         # Same process, same memory: a "transfer" hands over a reference; price a copy anyway
@@ -612,77 +505,3 @@ def _default_link(a: Device, b: Device, i: int, j: int) -> Link:
     if a.kind == "cuda" and b.kind == "cuda":
         return Link(i, j, 50e9, 10e-6)  # conservative PCIe/NVLink-agnostic default
     return Link(i, j, 12e9, 15e-6)  # host <-> device over PCIe
-
-
-def _host_memory() -> float:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8
-    except (ValueError, OSError, AttributeError):
-        return 8 * GiB
-
-
-_CAL_CACHE: dict[str, float] | None = None
-
-
-def cpu_calibration() -> dict[str, float]:
-    """Measure (once, then cache on disk) one CPU thread's matmul FLOP/s and copy bandwidth.
-
-    The cache lives in $FXPIPE_CACHE_DIR (default ~/.cache/fxpipe) keyed by torch version and
-    core count; delete it to re-measure.
-    """
-    global _CAL_CACHE
-    if _CAL_CACHE is not None:
-        return _CAL_CACHE
-    import torch
-
-    cache_dir = Path(os.environ.get("FXPIPE_CACHE_DIR", Path.home() / ".cache" / "fxpipe"))
-    key = f"cpu-{torch.__version__}-{os.cpu_count()}"
-    path = cache_dir / "calibration.json"
-    try:
-        data = json.loads(path.read_text())
-        if key in data:
-            _CAL_CACHE = data[key]
-            return _CAL_CACHE
-    except (OSError, ValueError):
-        data = {}
-    _CAL_CACHE = _measure_cpu()
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        data[key] = _CAL_CACHE
-        path.write_text(json.dumps(data, indent=1))
-    except OSError:
-        pass  # a read-only home only costs a re-measure next time
-    return _CAL_CACHE
-
-
-def _measure_cpu() -> dict[str, float]:
-    import time
-
-    import torch
-
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        a = torch.randn(384, 384)
-        b = torch.randn(384, 384)
-        for _ in range(2):
-            a @ b
-        reps, t0 = 6, time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        flops = 2 * 384**3 * reps / (time.perf_counter() - t0)
-        src = torch.randn(4 * 1024 * 1024)  # 16 MiB
-        dst = torch.empty_like(src)
-        dst.copy_(src)
-        reps, t0 = 5, time.perf_counter()
-        for _ in range(reps):
-            dst.copy_(src)
-        bw = 2 * src.numel() * 4 * reps / (time.perf_counter() - t0)
-        x = torch.randn(8)
-        reps, t0 = 200, time.perf_counter()
-        for _ in range(reps):
-            torch.add(x, x)
-        launch = (time.perf_counter() - t0) / reps
-    finally:
-        torch.set_num_threads(prev)
-    return {"flops_per_thread": flops, "copy_bandwidth": bw, "launch_overhead": launch}
