@@ -22,7 +22,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxpipe.compiler.cluster import Cluster, read_json_file
+from fxpipe.compiler.cluster import Cluster
+from fxpipe.compiler.json_files import read_json_file
 from fxpipe.errors import FxpipeError, PlanError
 from fxpipe.passes.annotate_costs import CostTable, SharedTensor
 from fxpipe.passes.emit_schedule import Schedule
