@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -38,7 +37,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rank_launch import launch  # noqa: E402
+
 LIMIT = 150.0  # seconds the whole run may take before every rank is killed
 TIMEOUT = 10.0  # fxpipe's per-message timeout in the run
 
@@ -251,43 +252,8 @@ def _worker(cfg_path: str, rank: int) -> None:
 
 
 # ---- harness --------------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp_path: Path, world: int) -> list[dict]:
-    """Every rank's phases by name; every process is gone when this returns."""
-    from fxpipe.compiler.cluster import cpu_calibration
-
-    cpu_calibration()  # cached on disk first, so every rank plans alike
-    cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps({"world": world, "port": _free_port(), "dir": str(tmp_path)}))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, str(cfg), str(r)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=open(tmp_path / f"rank{r}.err", "w")) for r in range(world)]
-    t0 = time.monotonic()
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, LIMIT - (time.monotonic() - t0)))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    logs = []
-    for r in range(world):
-        f = tmp_path / f"rank{r}.json"
-        assert f.exists(), (tmp_path / f"rank{r}.err").read_text()[-3000:]
-        phases = {e["phase"]: e for e in json.loads(f.read_text())}
-        assert "end" in phases, (r, list(phases), (tmp_path / f"rank{r}.err").read_text()[-3000:])
-        logs.append(phases)
-    return logs
+    return launch(__file__, tmp_path, world, LIMIT)
 
 
 def test_batchnorm_modes_and_refusals_on_two_ranks(tmp_path):
