@@ -354,6 +354,33 @@ def test_ctrl_c_in_the_driver_mid_step_undoes_it_and_stops_the_workers(fresh) ->
     _grads_close(cm.model, ref)
 
 
+def test_ctrl_c_while_the_workers_start_stops_them(fresh, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C reaching the driver as the last worker's start returns (a fast last stage
+    interrupting at once): the workers already running used to be left running, and the next
+    call on the same model failed with a KeyError on its results (seen in CI)."""
+    import threading
+
+    cm, ref = fresh
+    x, t = _xt()
+    start = threading.Thread.start
+
+    def start_then_interrupt(self: threading.Thread) -> None:
+        start(self)
+        if self.name == "fxpipe-device-1":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", start_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        cm.step(x, target=t, loss_fn=F.mse_loss)
+    monkeypatch.undo()
+    assert not [th.name for th in threading.enumerate() if th.name.startswith("fxpipe-device")]
+    assert all(p.grad is None for p in cm.parameters())
+    torch.testing.assert_close(cm(x), ref(x))
+    cm.step(x, target=t, loss_fn=F.mse_loss)
+    F.mse_loss(ref(x), t).backward()
+    _grads_close(cm.model, ref)
+
+
 def test_copy_and_pickle_are_refused_clearly(pair) -> None:
     cm, _ = pair
     for fn in (copy.deepcopy, copy.copy, pickle.dumps):

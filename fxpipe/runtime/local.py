@@ -258,17 +258,21 @@ class LocalRuntime:
         workers = [threading.Thread(target=work, args=(d, p), name=f"fxpipe-device-{d}", daemon=True)
                    for d, p in enumerate(programs)]
         ok = False
+        attempted: list[threading.Thread] = []
         try:
-            for w in workers:
-                w.start()
             try:
+                # starting is inside: a Ctrl-C raised while or right after the last worker
+                # starts (a fast last stage) must stop the workers already running too
+                for w in workers:
+                    attempted.append(w)
+                    w.start()
                 for w in workers:
                     w.join()
             except BaseException:
                 # Ctrl-C in the driver: stop the workers at their next receive, then re-raise
                 self._abort()
-                for w in workers:
-                    w.join()
+                for w in attempted:
+                    _join_once_started(w)
                 raise
             for s in self.streams.values():
                 s.synchronize()
@@ -587,3 +591,18 @@ def measured_timeline(events: Sequence[Any], num_devices: int, peak_inflight: Se
         memory = tuple(mem)
         peak = tuple(max(b for _, b in steps) for steps in memory)
     return Timeline(tuple(events), step, tuple(busy), bubble, tuple(peak_inflight), memory, peak)
+
+
+def _join_once_started(w: threading.Thread, patience: float = 2.0) -> None:
+    """Join a worker whose start() was interrupted: the thread may already run (start() raised
+    while waiting for it to come up), in which case join() refuses for a moment ("cannot join
+    thread before it is started"); a start interrupted before the thread existed never runs."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            w.join()
+            return
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.001)
