@@ -82,6 +82,11 @@ class _Doubling(torch.nn.Module):
         return x * 2 if self.training else x
 
 
+def _linears() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)], torch.nn.Linear(8, 4))
+
+
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)
@@ -255,8 +260,7 @@ def _worker(cfg_path: str, rank: int) -> None:
     # loss_fn failing on the last rank mid-step: the same error on both ranks within the
     # timeout, .grad as before, and the next step works (before: rank 0 timed out waiting for
     # gradients, both marked the group broken and refused every later call)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)], torch.nn.Linear(8, 4))
+    model = _linears()
     ref = copy.deepcopy(model)
     cm = compile_(model, x, 2)
     cm.step(x, target=t, loss_fn=F.mse_loss)
@@ -281,6 +285,16 @@ def _worker(cfg_path: str, rank: int) -> None:
     grads = dict(ref.named_parameters())
     record("loss_after_eq", loss=None if loss is None else loss.item(), want=want.item(),
            grad_err=max((q.grad - grads[k].grad).abs().max().item() for k, q in cm.named_parameters()))
+
+    # the local CompiledModel's arguments (before: TypeError, no arguments taken)
+    def surface():
+        sd = cm.state_dict(prefix="m.", keep_vars=True)
+        own = dict(model.named_parameters())
+        return {"params": sorted(k for k, _ in cm.named_parameters(prefix="m")),
+                "top": len(list(cm.parameters(recurse=False))), "buffers": len(list(cm.named_buffers(prefix="m"))),
+                "sd": sorted(sd), "kept": sorted(k for k, v in sd.items() if v is own[k[2:]])}
+    sf = attempt("surface", surface)
+    record("surface_out", **(sf or {}))
     record("end")
     os._exit(0)  # no destroy: a broken group must not make exit hang
 
@@ -370,6 +384,15 @@ def test_batchnorm_modes_and_refusals_on_two_ranks(tmp_path):
         assert ph["loss_after"]["ok"], ph["loss_after"]
         e = ph["loss_after_eq"]
         assert abs(e["loss"] - e["want"]) < 1e-6 and e["grad_err"] < 1e-6, e
+
+    for r, ph in enumerate(logs):
+        assert ph["surface"]["ok"], ph["surface"]
+        e = ph["surface_out"]
+        assert e["params"] and all(k.startswith("m.") for k in e["params"]) and e["top"] == 0, e
+        assert e["buffers"] == 0, e
+        assert e["sd"] == ([f"m.{k}" for k in sorted(_linears().state_dict())] if r == 0 else []), e
+        # rank 0's own parameters as themselves (keep_vars), the others' copies
+        assert e["kept"] == (sorted(logs[0]["surface_out"]["params"]) if r == 0 else []), e
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ Contracts:
   (all_reduce on a subgroup of exactly those ranks) before `step` returns, so its copies
   stay equal under any deterministic optimizer.
 * `parameters()` / `buffers()` are this rank's stages' parameters / buffers only (feed the
-  parameters to the optimizer).
-* `state_dict()` gathers the original keys to rank 0 (each tensor from the lowest rank
-  whose stages use it; tensors no stage uses from rank 0); the other ranks get `{}`.
+  parameters to the optimizer); they and their named_ forms take nn.Module's arguments
+  (recurse=, prefix=, remove_duplicate=) as on the local CompiledModel.
+* `state_dict(prefix=, keep_vars=, destination=)` gathers the original keys to rank 0 (each
+  tensor from the lowest rank whose stages use it; tensors no stage uses from rank 0); the
+  other ranks get `{}`.
 * `__call__` (inference) returns the model's output on every rank.
 * `load_state_dict(sd)` is called on every rank with the same full state dict; each rank
   copies in only the tensors its stages use.
@@ -560,19 +562,25 @@ class DistributedCompiledModel(RankAgreement, RankState):
     def _mine(self, t: torch.Tensor) -> bool:
         return self.rank in self._users.get(id(t), ())
 
-    def parameters(self) -> Iterator[nn.Parameter]:
+    # The model's own arguments (recurse=, prefix=, remove_duplicate=), as on the local
+    # CompiledModel, filtered to this rank's stages' tensors.
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         """This rank's stages' parameters (each once, in the model's order)."""
-        return (q for q in self.model.parameters() if self._mine(q))
+        return (q for q in self.model.parameters(recurse=recurse) if self._mine(q))
 
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        return ((k, q) for k, q in self.model.named_parameters() if self._mine(q))
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((k, q) for k, q in self.model.named_parameters(prefix=prefix, recurse=recurse,
+                                                                remove_duplicate=remove_duplicate) if self._mine(q))
 
-    def buffers(self) -> Iterator[torch.Tensor]:
+    def buffers(self, recurse: bool = True) -> Iterator[torch.Tensor]:
         """This rank's stages' buffers (BatchNorm statistics live on the rank owning the stage)."""
-        return (b for b in self.model.buffers() if self._mine(b))
+        return (b for b in self.model.buffers(recurse=recurse) if self._mine(b))
 
-    def named_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return ((k, b) for k, b in self.model.named_buffers() if self._mine(b))
+    def named_buffers(self, prefix: str = "", recurse: bool = True,
+                      remove_duplicate: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        return ((k, b) for k, b in self.model.named_buffers(prefix=prefix, recurse=recurse,
+                                                             remove_duplicate=remove_duplicate) if self._mine(b))
 
     def train(self, mode: bool = True) -> "DistributedCompiledModel":
         """`model.train(mode)` on this rank (call it on every rank alike, as every step)."""
