@@ -21,7 +21,11 @@ group runs every phase, in order:
   refused on both ranks, the group stays usable (before: a stage failed midway and every
   later call was refused);
   `buffers()` / `named_buffers()` exist (this rank's), as on the local CompiledModel;
-* dropout with m = 2: a seeded distributed step equals the local backend's (same masks).
+* dropout with m = 2: a seeded distributed step equals the local backend's (same masks);
+* a loss_fn failing on the last rank (raises on the second microbatch, returns a non-scalar,
+  a float, a detached tensor): the same RuntimeMismatchError on both ranks at once, `.grad`
+  as before, and the next step equals eager (before: rank 0 failed with "rank 1 is gone",
+  both marked the group broken).
 """
 
 from __future__ import annotations
@@ -76,6 +80,11 @@ class _Doubling(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.tanh(self.lin(x))
         return x * 2 if self.training else x
+
+
+def _linears() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)], torch.nn.Linear(8, 4))
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,6 +256,45 @@ def _worker(cfg_path: str, rank: int) -> None:
     attempt("trace", lambda: cm.step(x, target=t, loss_fn=F.mse_loss, trace=str(folder / "run.json")))
     attempt("usable", lambda: cm(x))
     record("buffers", mine=sorted(k for k, _ in cm.named_buffers()), n=len(list(cm.buffers())))
+
+    # loss_fn failing on the last rank mid-step: the same error on both ranks within the
+    # timeout, .grad as before, and the next step works (before: rank 0 timed out waiting for
+    # gradients, both marked the group broken and refused every later call)
+    model = _linears()
+    ref = copy.deepcopy(model)
+    cm = compile_(model, x, 2)
+    cm.step(x, target=t, loss_fn=F.mse_loss)
+    before = {k: q.grad.clone() for k, q in cm.named_parameters()}
+    calls: list = []
+
+    def raising(o, tt):
+        calls.append(1)
+        if len(calls) % 2 == 0:  # the second microbatch: the first one's backward may have run
+            raise ValueError("no loss for this microbatch")
+        return F.mse_loss(o, tt)
+
+    bad = {"raises": raising, "nonscalar": lambda o, tt: F.mse_loss(o, tt, reduction="none"),
+           "nontensor": lambda o, tt: F.mse_loss(o, tt).item(), "detached": lambda o, tt: F.mse_loss(o, tt).detach()}
+    for name, fn in bad.items():
+        attempt(f"loss_{name}", lambda: cm.step(x, target=t, loss_fn=fn))
+        record(f"loss_{name}_grad", same=all(torch.equal(q.grad, before[k]) for k, q in cm.named_parameters()))
+    loss = attempt("loss_after", lambda: cm.step(x, target=t, loss_fn=F.mse_loss))
+    for _ in range(2):
+        want = F.mse_loss(ref(x), t)
+        want.backward()
+    grads = dict(ref.named_parameters())
+    record("loss_after_eq", loss=None if loss is None else loss.item(), want=want.item(),
+           grad_err=max((q.grad - grads[k].grad).abs().max().item() for k, q in cm.named_parameters()))
+
+    # the local CompiledModel's arguments (before: TypeError, no arguments taken)
+    def surface():
+        sd = cm.state_dict(prefix="m.", keep_vars=True)
+        own = dict(model.named_parameters())
+        return {"params": sorted(k for k, _ in cm.named_parameters(prefix="m")),
+                "top": len(list(cm.parameters(recurse=False))), "buffers": len(list(cm.named_buffers(prefix="m"))),
+                "sd": sorted(sd), "kept": sorted(k for k, v in sd.items() if v is own[k[2:]])}
+    sf = attempt("surface", surface)
+    record("surface_out", **(sf or {}))
     record("end")
     os._exit(0)  # no destroy: a broken group must not make exit hang
 
@@ -320,6 +368,31 @@ def test_batchnorm_modes_and_refusals_on_two_ranks(tmp_path):
         assert ph["buffers"]["n"] == len(ph["buffers"]["mine"])
     mine = logs[0]["buffers"]["mine"] + logs[1]["buffers"]["mine"]
     assert sorted(mine) == sorted(k for k, _ in _bn_model().named_buffers())
+
+    for name, what in (("raises", "raised ValueError: no loss for this microbatch"), ("nonscalar", "shape (8, 4)"),
+                       ("nontensor", "returned float"), ("detached", "does not require grad")):
+        msgs = set()
+        for r, ph in enumerate(logs):
+            e = ph[f"loss_{name}"]
+            assert not e["ok"] and e["type"] == "RuntimeMismatchError", (r, e)
+            assert "loss_fn" in e["msg"] and "rank 1" in e["msg"] and what in e["msg"], (r, e)
+            assert e["s"] < TIMEOUT, (r, e)  # told at once, not after a timeout
+            assert ph[f"loss_{name}_grad"]["same"], (r, name)
+            msgs.add(e["msg"])
+        assert len(msgs) == 1, msgs  # the same error on every rank
+    for ph in logs:
+        assert ph["loss_after"]["ok"], ph["loss_after"]
+        e = ph["loss_after_eq"]
+        assert abs(e["loss"] - e["want"]) < 1e-6 and e["grad_err"] < 1e-6, e
+
+    for r, ph in enumerate(logs):
+        assert ph["surface"]["ok"], ph["surface"]
+        e = ph["surface_out"]
+        assert e["params"] and all(k.startswith("m.") for k in e["params"]) and e["top"] == 0, e
+        assert e["buffers"] == 0, e
+        assert e["sd"] == ([f"m.{k}" for k in sorted(_linears().state_dict())] if r == 0 else []), e
+        # rank 0's own parameters as themselves (keep_vars), the others' copies
+        assert e["kept"] == (sorted(logs[0]["surface_out"]["params"]) if r == 0 else []), e
 
 
 if __name__ == "__main__":

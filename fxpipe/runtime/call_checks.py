@@ -1,6 +1,7 @@
 """Refusals before a pipelined call runs, shared by both backends: inputs unlike the
 planned ones (only the batch size may change), a training step under no_grad /
-inference_mode, and a training step with nothing to train.
+inference_mode, and a training step with nothing to train; and the loss_fn contract
+checked on the last stage (`_checked_loss_fn`).
 
 Each raises RuntimeMismatchError before any work, where the pipeline would otherwise fail
 midway or blame the wrong thing. Separate from the model classes because both use them.
@@ -8,9 +9,10 @@ midway or blame the wrong thing. Separate from the model classes because both us
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from fxpipe.compiler.capture import Captured
@@ -62,3 +64,36 @@ def _check_trainable(model: nn.Module, inputs: list[list[Any]]) -> None:
         "call the compiled model for inference instead (cm(x)), or set requires_grad=True on the parameters "
         "you want to train")
 
+
+def _checked_loss_fn(loss_fn: Callable[[Any, Any], torch.Tensor], name: str,
+                     where: Callable[[], str]) -> Callable[[Any, Any], torch.Tensor]:
+    """`loss_fn` wrapped so that a raise, a non-tensor, a non-scalar or a detached result is
+    a RuntimeMismatchError naming loss_fn and `where()` (stage, device or rank, instruction)."""
+
+    def checked(output: Any, target: Any) -> torch.Tensor:
+        try:
+            loss = loss_fn(output, target)
+        except Exception as e:
+            raise RuntimeMismatchError(
+                f"loss_fn {name} raised {type(e).__name__}: {e} {where()}; it is called once per microbatch "
+                f"with the model's output for that microbatch and its slice of target"
+                f"{' (target is None: step(..., target=None))' if target is None else ''}. The step was undone "
+                "(.grad is as before): fix loss_fn and call step again") from e
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise RuntimeMismatchError(
+                f"loss_fn {name} returned {got} {where()}; it must return a scalar tensor: reduce it inside "
+                "loss_fn (e.g. .mean() over the microbatch's samples)")
+        if torch.is_grad_enabled() and not loss.requires_grad:
+            outs = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
+            if outs and not any(t.requires_grad for t in outs):  # not loss_fn's doing
+                raise RuntimeMismatchError(
+                    f"the model's output does not require grad {where()}: it depends on no parameter that "
+                    "requires grad (the forward detaches it, computes it under torch.no_grad, or from buffers "
+                    "only), so there is nothing to train through it; use the compiled model for inference")
+            raise RuntimeMismatchError(
+                f"loss_fn {name} returned a tensor that does not require grad {where()}: it was detached "
+                "(.item(), .detach(), torch.no_grad or a new tensor); compute it from the model's output with torch ops")
+        return loss
+
+    return checked

@@ -17,7 +17,6 @@ import os
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
 from fxpipe.compiler.capture import Captured
@@ -30,7 +29,7 @@ from fxpipe.passes.emit_schedule import emit_schedule
 from fxpipe.passes.simulate_schedule import Timeline, _device_peak_inflight
 from fxpipe.passes.split_stages import StageGraph, build_stage_module, resolve_attr, split_stages
 from fxpipe.runtime.batching import _concat, _inference_outputs, _split_target, _unflatten
-from fxpipe.runtime.call_checks import _check_grad_enabled, _check_like_planned, _check_trainable
+from fxpipe.runtime.call_checks import _check_grad_enabled, _check_like_planned, _check_trainable, _checked_loss_fn
 from fxpipe.runtime.local import LocalRuntime, StageRunner, _StepState, measured_timeline
 from fxpipe.runtime.offload import keep_weights_on_host
 from fxpipe.runtime.program import compile_program
@@ -273,33 +272,7 @@ class CompiledModel:
             return (f"on the last stage (stage {last.index}, device {d} {self.plan.cluster.devices[d].name!r}) "
                     f"while running {rt.current[d]}")
 
-        def checked(output: Any, target: Any) -> torch.Tensor:
-            try:
-                loss = loss_fn(output, target)
-            except Exception as e:
-                raise RuntimeMismatchError(
-                    f"loss_fn {name} raised {type(e).__name__}: {e} {where()}; it is called once per microbatch "
-                    f"with the model's output for that microbatch and its slice of target"
-                    f"{' (target is None: step(..., target=None))' if target is None else ''}. The step was undone "
-                    "(.grad is as before): fix loss_fn and call step again") from e
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
-                raise RuntimeMismatchError(
-                    f"loss_fn {name} returned {got} {where()}; it must return a scalar tensor: reduce it inside "
-                    "loss_fn (e.g. .mean() over the microbatch's samples)")
-            if torch.is_grad_enabled() and not loss.requires_grad:
-                outs = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
-                if outs and not any(t.requires_grad for t in outs):  # not loss_fn's doing
-                    raise RuntimeMismatchError(
-                        f"the model's output does not require grad {where()}: it depends on no parameter that "
-                        "requires grad (the forward detaches it, computes it under torch.no_grad, or from buffers "
-                        "only), so there is nothing to train through it; use the compiled model for inference")
-                raise RuntimeMismatchError(
-                    f"loss_fn {name} returned a tensor that does not require grad {where()}: it was detached "
-                    "(.item(), .detach(), torch.no_grad or a new tensor); compute it from the model's output with torch ops")
-            return loss
-
-        return checked
+        return _checked_loss_fn(loss_fn, name, where)
 
     # ---- the nn.Module-like surface ----------------------------------------------------
     # The model's own methods, with their arguments (recurse=, prefix=, keep_vars=), so code

@@ -17,9 +17,11 @@ Contracts:
   (all_reduce on a subgroup of exactly those ranks) before `step` returns, so its copies
   stay equal under any deterministic optimizer.
 * `parameters()` / `buffers()` are this rank's stages' parameters / buffers only (feed the
-  parameters to the optimizer).
-* `state_dict()` gathers the original keys to rank 0 (each tensor from the lowest rank
-  whose stages use it; tensors no stage uses from rank 0); the other ranks get `{}`.
+  parameters to the optimizer); they and their named_ forms take nn.Module's arguments
+  (recurse=, prefix=, remove_duplicate=) as on the local CompiledModel.
+* `state_dict(prefix=, keep_vars=, destination=)` gathers the original keys to rank 0 (each
+  tensor from the lowest rank whose stages use it; tensors no stage uses from rank 0); the
+  other ranks get `{}`.
 * `__call__` (inference) returns the model's output on every rank.
 * `load_state_dict(sd)` is called on every rank with the same full state dict; each rank
   copies in only the tensors its stages use.
@@ -39,8 +41,11 @@ Contracts:
   call (`Captured.check_modes`); a module used by several stages is refused in a call that
   would update its running statistics; other buffers are updated once per microbatch in
   order on the rank owning their stage.
-* After a PipelineFailure (dead or hung peer, or any failure midway through a step) the
-  process group is unusable: later calls on this rank are refused; exit the process
+* A loss_fn failure on the last rank (raises, returns a non-scalar, a non-tensor or a
+  detached tensor) is the same RuntimeMismatchError on every rank, `.grad` is as before on
+  every rank and the model stays usable, as in the local runtime.
+* After a PipelineFailure (dead or hung peer, or any other failure midway through a step)
+  the process group is unusable: later calls on this rank are refused; exit the process
   (torchrun restarts the job).
 
 The model's parts by concern: the cross-rank agreement (plan and per-call checks, failures
@@ -59,6 +64,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 
 from fxpipe.compiler.pipeline import Compilation, microbatch_sizes
@@ -69,7 +75,7 @@ from fxpipe.passes.propagate_shapes import VAL
 from fxpipe.passes.split_stages import build_stage_module, resolve_attr, split_stages
 from fxpipe.runtime.batching import _concat, _inference_outputs, _split_target, _unflatten
 from fxpipe.runtime.boundary_shapes import BoundaryShapes
-from fxpipe.runtime.call_checks import _check_grad_enabled, _check_like_planned, _check_trainable
+from fxpipe.runtime.call_checks import _check_grad_enabled, _check_like_planned, _check_trainable, _checked_loss_fn
 from fxpipe.runtime.checkpoint import tensor_table
 from fxpipe.runtime.distributed import DistRuntime, PipelineFailure, requires_grad_flow
 from fxpipe.runtime.local import StageRunner, _StepState, _draws_random
@@ -380,6 +386,10 @@ class DistributedCompiledModel(RankAgreement, RankState):
 
         Same contract as `CompiledModel.step` (loss_fn is a per-sample mean over a microbatch;
         gradients accumulate into `.grad` as in eager); a failed step leaves `.grad` as it was.
+        A loss_fn that raises or returns anything but a scalar tensor requiring grad (checked on
+        the last rank as `CompiledModel.step` checks it) is the same RuntimeMismatchError on
+        every rank, naming loss_fn and the rank; the step is undone on every rank and the model
+        stays usable (the last rank finishes the step's messages with a zero stand-in loss).
         `trace` / `measure_memory` (recording a step) are the local backend's only: refused
         here by name rather than taken for model inputs, as they would be otherwise.
         """
@@ -407,7 +417,8 @@ class DistributedCompiledModel(RankAgreement, RankState):
         # every rank checks, then all agree before any message: a refusal is raised on every rank
         per_mb, sizes, b, targets = self._agree_on_call("step", args, kwargs, check)
         self._rt.needs_grad = self._boundary_grads(args, kwargs)
-        state = _StepState(inputs=per_mb, train=True, targets=targets, loss_fn=loss_fn,
+        loss_failed: list[RuntimeMismatchError] = []  # the last rank's first loss_fn failure
+        state = _StepState(inputs=per_mb, train=True, targets=targets, loss_fn=self._recovering_loss(loss_fn, loss_failed),
                            scales=[x / b for x in sizes], out_unflatten=lambda flat: _unflatten(self._cap.out_spec, flat))
         params = list(self.parameters())
         before = [q.grad for q in params]
@@ -416,12 +427,16 @@ class DistributedCompiledModel(RankAgreement, RankState):
         try:
             self._rt.run_program(self._train_prog[1], self._train_sched.programs, state, sizes)
             self._reduce_tied()
-            loss = self._broadcast_loss(state)
+            loss, failure = self._broadcast_loss(state, loss_failed)
         except BaseException as e:
             self._mark_broken(e)
             for q, g in zip(params, before):
                 q.grad = g
             raise
+        if failure is not None:  # every message of the step was exchanged: the group stays in step
+            for q, g in zip(params, before):
+                q.grad = g
+            raise failure
         with torch.no_grad():
             for q, g in zip(params, before):
                 if g is not None:
@@ -449,19 +464,61 @@ class DistributedCompiledModel(RankAgreement, RankState):
                     q.grad = flat[off:off + q.numel()].view_as(q).clone()
                     off += q.numel()
 
-    def _broadcast_loss(self, state: _StepState) -> torch.Tensor:
+    def _recovering_loss(self, loss_fn: Callable[[Any, Any], torch.Tensor],
+                         failed: list[RuntimeMismatchError]) -> Callable[[Any, Any], torch.Tensor]:
+        """`loss_fn` under the local backend's contract (`_checked_loss_fn`), that does not stop
+        the step: its first failure goes to `failed` and this and every later microbatch get a
+        zero stand-in loss, so the last rank still sends and receives every message of the step
+        (stopping would leave its peers waiting for gradients until the timeout, with messages
+        in flight that the next step's receives would take as theirs). `_broadcast_loss` then
+        tells every rank, and `step` undoes the step on all of them."""
+        last = self.plan.stages[-1]
+        name = getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
+
+        def where() -> str:
+            return (f"on the last stage (stage {last.index}, rank {self.rank}, device {self.device}) "
+                    f"while running {self._rt.current[self.rank]}")
+
+        checked = _checked_loss_fn(loss_fn, name, where)
+
+        def run(output: Any, target: Any) -> torch.Tensor:
+            if not failed:
+                try:
+                    return checked(output, target)
+                except RuntimeMismatchError as e:
+                    failed.append(e)
+            outs = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]
+            # zero, and connected to the outputs: the backward sends zero gradients, as planned
+            stand_in = sum((o.sum() * 0 for o in outs), torch.zeros((), device=self.device))
+            return stand_in if stand_in.requires_grad else torch.zeros((), device=self.device, requires_grad=True)
+
+        return run
+
+    def _broadcast_loss(self, state: _StepState, failed: list[RuntimeMismatchError]
+                        ) -> tuple[torch.Tensor | None, RuntimeMismatchError | None]:
+        """The loss from the last rank to every rank, and whether its loss_fn failed (then the
+        same error on every rank, and no loss)."""
         last = self._last_rank()
         codes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-        buf = torch.zeros(2, dtype=torch.float64)
+        buf = torch.zeros(3, dtype=torch.float64)
         if self.rank == last:
             loss = sum(l.detach() for l in state.losses.values())
             buf[0] = loss.double().cpu()
             buf[1] = codes.index(loss.dtype) if loss.dtype in codes else 1
+            buf[2] = 1.0 if failed else 0.0
         self._collective(lambda: dist.broadcast(buf, src=last, group=self._ctrl),
                          f"receiving the loss from rank {last}")
+        if buf[2].item():
+            msg = [str(failed[0]) if failed else None]
+            self._collective(lambda: dist.broadcast_object_list(msg, src=last, group=self._ctrl),
+                             f"learning why rank {last}'s loss_fn failed")
+            err = RuntimeMismatchError(msg[0])
+            if failed:
+                err.__cause__ = failed[0].__cause__
+            return None, err
         if self.rank == last:
-            return loss
-        return buf[0].to(codes[int(buf[1].item())]).to(self.device)
+            return loss, None
+        return buf[0].to(codes[int(buf[1].item())]).to(self.device), None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Pipelined inference on every rank: equals `model(*args, **kwargs)` on every rank."""
@@ -505,19 +562,25 @@ class DistributedCompiledModel(RankAgreement, RankState):
     def _mine(self, t: torch.Tensor) -> bool:
         return self.rank in self._users.get(id(t), ())
 
-    def parameters(self) -> Iterator[nn.Parameter]:
+    # The model's own arguments (recurse=, prefix=, remove_duplicate=), as on the local
+    # CompiledModel, filtered to this rank's stages' tensors.
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         """This rank's stages' parameters (each once, in the model's order)."""
-        return (q for q in self.model.parameters() if self._mine(q))
+        return (q for q in self.model.parameters(recurse=recurse) if self._mine(q))
 
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        return ((k, q) for k, q in self.model.named_parameters() if self._mine(q))
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((k, q) for k, q in self.model.named_parameters(prefix=prefix, recurse=recurse,
+                                                                remove_duplicate=remove_duplicate) if self._mine(q))
 
-    def buffers(self) -> Iterator[torch.Tensor]:
+    def buffers(self, recurse: bool = True) -> Iterator[torch.Tensor]:
         """This rank's stages' buffers (BatchNorm statistics live on the rank owning the stage)."""
-        return (b for b in self.model.buffers() if self._mine(b))
+        return (b for b in self.model.buffers(recurse=recurse) if self._mine(b))
 
-    def named_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return ((k, b) for k, b in self.model.named_buffers() if self._mine(b))
+    def named_buffers(self, prefix: str = "", recurse: bool = True,
+                      remove_duplicate: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        return ((k, b) for k, b in self.model.named_buffers(prefix=prefix, recurse=recurse,
+                                                             remove_duplicate=remove_duplicate) if self._mine(b))
 
     def train(self, mode: bool = True) -> "DistributedCompiledModel":
         """`model.train(mode)` on this rank (call it on every rank alike, as every step)."""

@@ -80,14 +80,17 @@ class RankState:
         return [k for k, t in self._table.tensors.items()
                 if self._mine(t) or (self.rank == 0 and id(t) not in self._users)]
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self, *, destination: dict[str, Any] | None = None, prefix: str = "",
+                   keep_vars: bool = False) -> dict[str, Any]:
         """The original model's state dict on rank 0 (each tensor from its owner rank); {} elsewhere.
 
-        Every rank must call it (it is a collective)."""
+        Every rank must call it (it is a collective). `destination`, `prefix` and `keep_vars`
+        as `nn.Module.state_dict`; with keep_vars=True rank 0's own tensors are the model's
+        (Parameters, not detached), those gathered from other ranks are copies."""
         self._check_usable()
         self._check_loaded("gather the state dict")
         objs = self._table.tensors
-        sd = self.model.state_dict()
+        sd = self.model.state_dict(keep_vars=keep_vars)
         per_rank: dict[int, list[str]] = {}
         for k, c in self._table.canonical.items():
             if k == c:
@@ -106,9 +109,11 @@ class RankState:
                 self._collective(lambda: dist.recv(buf, src=r, group=self._data), f"receiving the state of rank {r}")
                 for k, v in zip(ks, lay.unpack(buf)):
                     gathered[k] = v.clone()
+        out = {} if destination is None else destination
         if self.rank != 0:
-            return {}
-        return {k: gathered.get(self._table.canonical[k], v) if k in objs else v for k, v in sd.items()}
+            return out
+        out.update((prefix + k, gathered.get(self._table.canonical[k], v) if k in objs else v) for k, v in sd.items())
+        return out
 
     def load_state_dict(self, sd: dict[str, torch.Tensor], strict: bool = True) -> Any:
         """Load a full state dict, given on every rank; each rank copies only the tensors its
