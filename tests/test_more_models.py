@@ -36,7 +36,7 @@ from torch import nn
 
 import fxpipe
 from fxpipe import TraceError
-from test_equivalence import LOSS_TOL, assert_same_grads, assert_same_output, check_equivalence
+from test_equivalence import LOSS_TOL, assert_same_grads, check_equivalence
 
 
 # ---- buffers updated in forward ---------------------------------------------------------------

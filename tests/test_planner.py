@@ -13,7 +13,7 @@ import torch
 
 import fxpipe
 from fxpipe.cli import main
-from fxpipe.compiler.cluster import CUDA_PRESETS, Cluster, Device, Link, NodeLink
+from fxpipe.compiler.cluster import CUDA_PRESETS, Cluster, Device, NodeLink
 from fxpipe.compiler.pipeline import _problem
 from fxpipe.compiler.plan import Plan
 from fxpipe.errors import PlanError

@@ -24,7 +24,8 @@ from fxpipe.compiler.auto_plan import AUTO_MICROBATCHES, _plan_auto, auto_microb
 from fxpipe.compiler.capture import Captured, capture, samples_mixed
 from fxpipe.compiler.cluster import Cluster, Device
 from fxpipe.compiler.cut_refinement import _refine_cut, _step_among_tied_orders
-from fxpipe.compiler.plan import OPTIMIZER_STATE_FACTOR, Plan, graph_fingerprint
+from fxpipe.compiler.fingerprint import graph_fingerprint
+from fxpipe.compiler.plan import OPTIMIZER_STATE_FACTOR, Plan
 from fxpipe.compiler.plan_options import (MICROBATCHES_UNSET, SCHEDULES, _mode_for, _offload_for, _resolve_schedule,
                                           _stage_devices, check_options, custom_schedule, microbatch_sizes,
                                           normalize_inputs, offload_mode, recompute_mode, virtual_stage_count)
