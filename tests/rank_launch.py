@@ -14,8 +14,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
-__all__ = ["free_port", "launch"]
+__all__ = ["free_port", "launch", "rank_setup"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,3 +57,31 @@ def launch(script: str, tmp_path: Path, world: int, limit: float, **cfg: object)
         assert "end" in phases, (r, list(phases), (tmp_path / f"rank{r}.err").read_text()[-3000:])
         logs.append(phases)
     return logs
+
+
+def rank_setup(cfg_path: str, rank: int) -> tuple[dict, Callable[..., None], Callable[[str, Callable[[], Any]], Any]]:
+    """Worker side: (config, record, attempt). Sets the torch.distributed environment of
+    `rank`; `record(phase, **fields)` appends a phase to `dir/rank{r}.json` (rewritten each
+    time, so a killed rank leaves what it reached); `attempt(phase, fn)` runs fn and records
+    whether it raised (type, message) and how long it took, returning its value or None."""
+    cfg = json.loads(Path(cfg_path).read_text())
+    out = Path(cfg["dir"]) / f"rank{rank}.json"
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(cfg["port"]), "RANK": str(rank),
+                       "WORLD_SIZE": str(cfg["world"]), "LOCAL_RANK": str(rank)})
+    log: list = []
+
+    def record(phase: str, **kw: Any) -> None:
+        log.append({"phase": phase, **kw})
+        out.write_text(json.dumps(log))
+
+    def attempt(phase: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.monotonic()
+        try:
+            v = fn()
+            record(phase, ok=True, s=time.monotonic() - t0)
+            return v
+        except Exception as e:
+            record(phase, ok=False, type=type(e).__name__, msg=str(e), s=time.monotonic() - t0)
+            return None
+
+    return cfg, record, attempt

@@ -31,10 +31,8 @@ group runs every phase, in order:
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
-import time
 import traceback
 import warnings
 from pathlib import Path
@@ -42,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rank_launch import launch  # noqa: E402
+from rank_launch import launch, rank_setup  # noqa: E402
 
 LIMIT = 150.0  # seconds the whole run may take before every rank is killed
 TIMEOUT = 10.0  # fxpipe's per-message timeout in the run
@@ -114,27 +112,9 @@ def _worker(cfg_path: str, rank: int) -> None:
     import fxpipe
     from fxpipe.errors import MicrobatchStatisticsWarning
 
-    cfg = json.loads(Path(cfg_path).read_text())
+    cfg, record, attempt = rank_setup(cfg_path, rank)
     world, folder = cfg["world"], Path(cfg["dir"])
-    out = folder / f"rank{rank}.json"
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(cfg["port"]), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
     torch.set_num_threads(1)
-    log: list = []
-
-    def record(phase: str, **kw) -> None:
-        log.append({"phase": phase, **kw})
-        out.write_text(json.dumps(log))
-
-    def attempt(phase: str, fn) -> object:
-        t0 = time.monotonic()
-        try:
-            v = fn()
-            record(phase, ok=True, s=time.monotonic() - t0)
-            return v
-        except Exception as e:
-            record(phase, ok=False, type=type(e).__name__, msg=str(e), s=time.monotonic() - t0)
-            return None
 
     def compile_(model, x, m, capture_method="fx", **kw):
         return fxpipe.compile(model, ["cpu"] * world, (x,), microbatches=m, backend="distributed", timeout=TIMEOUT,

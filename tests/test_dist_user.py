@@ -27,7 +27,6 @@ torchrun, are refused naming the fix (the latter before any planning).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -38,7 +37,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rank_launch import free_port, launch  # noqa: E402
+from rank_launch import free_port, launch, rank_setup  # noqa: E402
 
 LIMIT = 75.0  # seconds a whole run may take before every rank is killed
 
@@ -59,25 +58,8 @@ def _worker(cfg_path: str, rank: int) -> None:
 
     import fxpipe
 
-    cfg = json.loads(Path(cfg_path).read_text())
-    world, out = cfg["world"], Path(cfg["dir"]) / f"rank{rank}.json"
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(cfg["port"]), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
-    log: list = []
-
-    def record(phase: str, **kw) -> None:
-        log.append({"phase": phase, **kw})
-        out.write_text(json.dumps(log))
-
-    def attempt(phase: str, fn) -> object:
-        t0 = time.monotonic()
-        try:
-            v = fn()
-            record(phase, ok=True, s=time.monotonic() - t0)
-            return v
-        except Exception as e:
-            record(phase, ok=False, type=type(e).__name__, msg=str(e), s=time.monotonic() - t0)
-            return None
+    cfg, record, attempt = rank_setup(cfg_path, rank)
+    world = cfg["world"]
 
     compile_ = lambda m, x, t=cfg["timeout"]: fxpipe.compile(m, ["cpu"] * world, (x,), microbatches=4,  # noqa: E731
                                                              backend="distributed", timeout=t)

@@ -31,7 +31,7 @@ from fxpipe.compiler.plan_options import (MICROBATCHES_UNSET, SCHEDULES, _mode_f
                                           normalize_inputs, offload_mode, recompute_mode, virtual_stage_count)
 from fxpipe.compiler.progress import _Progress
 from fxpipe.compiler.stage_pricing import (_problem, _simulate, _splits_backward, _stage_plans, plan_costs,
-                                           simulate_plan)
+                                           simulate_plan, timeline_figures)
 from fxpipe.errors import PlanError
 from fxpipe.passes.annotate_costs import CostTable, annotate_costs
 from fxpipe.passes.check_host_memory import HostUse, host_usage, over_host_memory
@@ -345,12 +345,7 @@ def _plan_one(kind: str, user: Schedule | None, m: int, stage_device: Sequence[i
     if over:  # within their shares the stages fit together; only rounding could get here
         raise PlanError(_host_message(over, PlanError("the shares add up to more than the host by rounding.")))
     predicted = {
-        "step_ms": tl.step_time * 1e3,
-        "bottleneck_ms": part.bottleneck * 1e3,
-        "bubble": sum(tl.bubble_fraction) / len(tl.bubble_fraction),
-        "bubble_per_device": list(tl.bubble_fraction),
-        "peak_memory_bytes": [s.memory_bytes for s in stages],
-        "peak_activation_bytes": list(tl.peak_memory or ()),
+        **timeline_figures(tl, part, stages),
         "cost_source": "measured" if costs.measured_fwd else "roofline",
         "fuse": fuse,
         "recompute": mode,

@@ -33,7 +33,8 @@ def restaged(plan: Plan) -> Plan:
     are kept as written), so they are recomputed with the planner's own functions; the plan
     records which stages changed in `predicted["restaged"]` and `summary()` says so.
     """
-    from fxpipe.compiler.stage_pricing import _problem, _simulate, _splits_backward, _stage_plans, plan_costs
+    from fxpipe.compiler.stage_pricing import (_problem, _simulate, _splits_backward, _stage_plans, plan_costs,
+                                               timeline_figures)
     from fxpipe.passes.emit_schedule import peak_inflight
     from fxpipe.passes.partition_problem import Partition
     from fxpipe.passes.partition_stages import stage_memory, stage_time
@@ -79,15 +80,6 @@ def restaged(plan: Plan) -> Plan:
         bad = "the predicted step"
     if bad is not None:
         raise PlanError(f"its cost table gives a non-finite {bad} for the stage cuts it holds")
-    predicted = {
-        **plan.predicted,
-        "step_ms": tl.step_time * 1e3,
-        "bottleneck_ms": part.bottleneck * 1e3,
-        "bubble": sum(tl.bubble_fraction) / len(tl.bubble_fraction),
-        "bubble_per_device": list(tl.bubble_fraction),
-        "peak_memory_bytes": [st.memory_bytes for st in fresh],
-        "peak_activation_bytes": list(tl.peak_memory or ()),
-        "restaged": changed,
-    }
+    predicted = {**plan.predicted, **timeline_figures(tl, part, fresh), "restaged": changed}
     return replace(plan, stages=tuple(fresh), predicted=predicted)
 

@@ -21,7 +21,7 @@ from fxpipe.passes.partition_stages import Partition, PartitionProblem
 from fxpipe.passes.simulate_schedule import Timeline, simulate_schedule
 from fxpipe.runtime.offload import DEFAULT_MIN_UNIT_BYTES
 
-__all__ = ["simulate_plan", "plan_costs", "_simulate", "_splits_backward", "_problem", "_combined_bytes",
+__all__ = ["timeline_figures", "simulate_plan", "plan_costs", "_simulate", "_splits_backward", "_problem", "_combined_bytes",
            "_streamed_bytes", "_stage_plans"]
 
 
@@ -174,3 +174,15 @@ def _stage_plans(part: Partition, costs: CostTable, cluster: Cluster, stage_devi
                              send_bytes=send_bytes, memory_bytes=part.stage_memory[s], inflight=int(inflight[s]),
                              recompute=rc, offload=off))
     return out
+
+
+def timeline_figures(tl: Timeline, part: Partition, stages: Sequence[StagePlan]) -> dict:
+    """The plan's `predicted` entries that come from the simulated step and the cut."""
+    return {
+        "step_ms": tl.step_time * 1e3,
+        "bottleneck_ms": part.bottleneck * 1e3,
+        "bubble": sum(tl.bubble_fraction) / len(tl.bubble_fraction),
+        "bubble_per_device": list(tl.bubble_fraction),
+        "peak_memory_bytes": [s.memory_bytes for s in stages],
+        "peak_activation_bytes": list(tl.peak_memory or ()),
+    }
